@@ -1,5 +1,112 @@
-"""dpfl: differential-privacy federated-learning primitives for PyTorch."""
+"""dpfl: differential-privacy federated-learning primitives for PyTorch.
+
+The top level re-exports the primitives most users need; each lives in its own module:
+
+- :mod:`dpfl.clip` — :class:`GlobalClip`, :class:`PerLayerClip`
+- :mod:`dpfl.noise` — :class:`GaussianMechanism`
+- :mod:`dpfl.aggregate` — :class:`DPAggregator`
+- :mod:`dpfl.accounting` — :class:`RDPAccountant`, :class:`PLDAccountant`, calibration, extrapolation
+- :mod:`dpfl.optim` — :class:`LAMB`, :class:`LARS`, :func:`layerwise_adam`, :func:`server_step`
+- :mod:`dpfl.simulation` — samplers, local and vectorized training, the round loop, checkpoints
+
+Names are imported lazily so that ``import dpfl.accounting`` stays free of torch.
+
+References:
+    Pelikan et al., "Enabling Differentially Private Federated Learning for Speech Recognition:
+    Benchmarks, Adaptive Optimizers and Gradient Clipping", arXiv 2310.00098.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+_EXPORTS: dict[str, str] = {
+    "ClipStats": "dpfl.clip",
+    "GlobalClip": "dpfl.clip",
+    "PerLayerClip": "dpfl.clip",
+    "GaussianMechanism": "dpfl.noise",
+    "DPAggregator": "dpfl.aggregate",
+    "ReleaseStats": "dpfl.aggregate",
+    "BudgetExceededError": "dpfl.accounting",
+    "Extrapolation": "dpfl.accounting",
+    "FixedCohortRound": "dpfl.accounting",
+    "PLDAccountant": "dpfl.accounting",
+    "PoissonRound": "dpfl.accounting",
+    "PrivacyBudget": "dpfl.accounting",
+    "RDPAccountant": "dpfl.accounting",
+    "calibrate_noise_multiplier": "dpfl.accounting",
+    "extrapolate": "dpfl.accounting",
+    "LAMB": "dpfl.optim",
+    "LARS": "dpfl.optim",
+    "layerwise_adam": "dpfl.optim",
+    "server_step": "dpfl.optim",
+}
+_SUBMODULES = ("accounting", "aggregate", "clip", "noise", "optim", "simulation")
+
+__all__ = [
+    "__version__",
+    "ClipStats",
+    "GlobalClip",
+    "PerLayerClip",
+    "GaussianMechanism",
+    "DPAggregator",
+    "ReleaseStats",
+    "BudgetExceededError",
+    "Extrapolation",
+    "FixedCohortRound",
+    "PLDAccountant",
+    "PoissonRound",
+    "PrivacyBudget",
+    "RDPAccountant",
+    "calibrate_noise_multiplier",
+    "extrapolate",
+    "LAMB",
+    "LARS",
+    "layerwise_adam",
+    "server_step",
+    "accounting",
+    "aggregate",
+    "clip",
+    "noise",
+    "optim",
+    "simulation",
+]
+
+if TYPE_CHECKING:
+    from dpfl import accounting, aggregate, clip, noise, optim, simulation
+    from dpfl.accounting import (
+        BudgetExceededError,
+        Extrapolation,
+        FixedCohortRound,
+        PLDAccountant,
+        PoissonRound,
+        PrivacyBudget,
+        RDPAccountant,
+        calibrate_noise_multiplier,
+        extrapolate,
+    )
+    from dpfl.aggregate import DPAggregator, ReleaseStats
+    from dpfl.clip import ClipStats, GlobalClip, PerLayerClip
+    from dpfl.noise import GaussianMechanism
+    from dpfl.optim import LAMB, LARS, layerwise_adam, server_step
+
+
+assert set(__all__) == {"__version__", *_EXPORTS, *_SUBMODULES}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"dpfl.{name}")
+    else:
+        raise AttributeError(f"module 'dpfl' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

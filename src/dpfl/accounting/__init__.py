@@ -1,0 +1,42 @@
+"""Privacy accounting for DP federated learning, built on Google's ``dp_accounting``.
+
+Round specifications (:class:`PoissonRound`, :class:`FixedCohortRound`), ledger accountants
+(:class:`RDPAccountant`, :class:`PLDAccountant`) with an optional :class:`PrivacyBudget`, noise
+calibration and population extrapolation. This package imports neither torch nor model code.
+
+References:
+    Pelikan et al., arXiv 2310.00098, section 2.4.
+"""
+
+from dpfl.accounting.accountants import (
+    DEFAULT_VALUE_DISCRETIZATION_INTERVAL,
+    PLDAccountant,
+    RDPAccountant,
+)
+from dpfl.accounting.budget import BudgetExceededError, PrivacyBudget
+from dpfl.accounting.calibration import calibrate_noise_multiplier, epsilon_for
+from dpfl.accounting.events import (
+    ADD_OR_REMOVE_ONE,
+    REPLACE_ONE,
+    FixedCohortRound,
+    PoissonRound,
+    round_from_dict,
+)
+from dpfl.accounting.extrapolation import Extrapolation, extrapolate
+
+__all__ = [
+    "ADD_OR_REMOVE_ONE",
+    "DEFAULT_VALUE_DISCRETIZATION_INTERVAL",
+    "REPLACE_ONE",
+    "BudgetExceededError",
+    "Extrapolation",
+    "FixedCohortRound",
+    "PLDAccountant",
+    "PoissonRound",
+    "PrivacyBudget",
+    "RDPAccountant",
+    "calibrate_noise_multiplier",
+    "epsilon_for",
+    "extrapolate",
+    "round_from_dict",
+]

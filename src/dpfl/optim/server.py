@@ -1,0 +1,149 @@
+"""Apply a released mean model update to the server model as one optimizer step.
+
+dpfl's sign convention for a model update is ``Δ = θ_user − θ_server``, so the server optimizer's
+pseudo-gradient is ``g = −Δ``: with plain SGD at ``lr=1`` one :func:`server_step` gives ``θ + Δ``
+(FedAvg); with :class:`~dpfl.optim.LAMB` it is the paper's adaptive, layer-wise-normalized server.
+
+References:
+    Pelikan et al., arXiv 2310.00098 (DP-FedAvg with a LAMB server optimizer);
+    Reddi et al., arXiv 2003.00295 (adaptive federated optimization, pseudo-gradients).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["server_step"]
+
+
+def _named_trainable(named_params: Mapping[str, Tensor] | nn.Module) -> dict[str, Tensor]:
+    if isinstance(named_params, nn.Module):
+        return {n: p for n, p in named_params.named_parameters() if p.requires_grad}
+    if not isinstance(named_params, Mapping):
+        raise TypeError(
+            "named_params must be an nn.Module or a mapping {name: parameter}, got "
+            f"{type(named_params).__name__}"
+        )
+    return {n: p for n, p in named_params.items() if p.requires_grad}
+
+
+def _validate(
+    optimizer: torch.optim.Optimizer,
+    params: dict[str, Tensor],
+    update: Mapping[str, Tensor],
+    check_finite: bool,
+) -> None:
+    if not isinstance(update, Mapping):
+        raise TypeError(f"update must be a mapping {{name: tensor}}, got {type(update).__name__}")
+    missing = [k for k in params if k not in update]
+    if missing:
+        raise ValueError(
+            f"update is missing key {missing[0]!r} ({len(missing)} missing in all); it must have "
+            "one tensor per trainable parameter"
+        )
+    extra = [k for k in update if k not in params]
+    if extra:
+        raise ValueError(
+            f"update has unexpected key {extra[0]!r} ({len(extra)} extra in all); it is not a "
+            "trainable parameter of the model"
+        )
+    managed = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for name, p in params.items():
+        u = update[name]
+        if not isinstance(u, Tensor):
+            raise TypeError(f"update[{name!r}] must be a tensor, got {type(u).__name__}")
+        if u.shape != p.shape:
+            raise ValueError(
+                f"update[{name!r}] has shape {tuple(u.shape)} but parameter {name!r} has shape "
+                f"{tuple(p.shape)}"
+            )
+        if id(p) not in managed:
+            raise ValueError(
+                f"parameter {name!r} is not in optimizer.param_groups; build the optimizer "
+                "from the same model's parameters"
+            )
+    if check_finite:
+        _check_finite(update, list(params))
+
+
+def _check_finite(update: Mapping[str, Tensor], names: list[str]) -> None:
+    """Raise naming the first key whose tensor has NaN/inf (one read pass via norms)."""
+    names = [n for n in names if update[n].is_floating_point() or update[n].is_complex()]
+    tensors = [update[n].detach() for n in names]
+    norms = [n.float() for n in torch._foreach_norm(tensors)] if tensors else []
+    for name, t, norm in zip(names, tensors, norms, strict=True):
+        # A non-finite norm is either a NaN/inf entry or an overflow of huge finite entries.
+        if not bool(torch.isfinite(norm)) and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"update[{name!r}] contains NaN or infinite values")
+
+
+def server_step(
+    optimizer: torch.optim.Optimizer,
+    named_params: Mapping[str, Tensor] | nn.Module,
+    update: Mapping[str, Tensor],
+    *,
+    check_finite: bool = True,
+) -> None:
+    """Take one server optimizer step with pseudo-gradient ``g = −update``.
+
+    Everything is validated before any state changes. Then, for every parameter the optimizer
+    manages, the existing ``.grad`` is set aside; the trainable parameters of ``named_params``
+    get ``.grad = −update[name]`` (cast to the parameter's dtype and device), all others get
+    ``.grad = None`` (so the optimizer leaves them alone); ``optimizer.step()`` runs; finally
+    every ``.grad`` is restored to what it was before the call (None in the usual server loop,
+    i.e. the gradients are cleared). ``update`` itself is never modified.
+
+    Args:
+        optimizer: Any ``torch.optim.Optimizer`` over the model's parameters (e.g.
+            :class:`~dpfl.optim.LAMB`, ``torch.optim.SGD``).
+        named_params: The server model (``nn.Module``) or a ``{name: parameter}`` mapping.
+            Parameters with ``requires_grad=False`` are frozen and must not appear in ``update``.
+        update: The mean model update ``{name: Δ}`` with ``Δ = θ_user − θ_server`` (e.g. the
+            noised mean released by ``DPAggregator.release``), one tensor per trainable
+            parameter with the parameter's shape.
+        check_finite: Reject updates containing NaN/inf (default True; costs one read pass).
+
+    Raises:
+        ValueError: If ``update`` misses a trainable parameter, has an extra key, has a tensor of
+            the wrong shape or non-finite values, or a parameter is not managed by the optimizer;
+            the message names the key. Parameters, grads and optimizer state are then unchanged.
+        TypeError: If an argument has the wrong type.
+
+    Warning:
+        The update must already be the privatized (clipped, noised, fixed-denominator) mean;
+        this function adds no privacy. Stepping on a non-private mean releases it through the
+        model.
+
+    Examples:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        >>> delta = {n: torch.full_like(p, 0.5) for n, p in model.named_parameters()}
+        >>> before = model.bias.detach().clone()
+        >>> server_step(opt, model, delta)
+        >>> bool(torch.allclose(model.bias, before + 0.5)), model.bias.grad is None
+        (True, True)
+
+    References:
+        Pelikan et al., arXiv 2310.00098.
+    """
+    params = _named_trainable(named_params)
+    _validate(optimizer, params, update, check_finite)
+    all_params = [p for g in optimizer.param_groups for p in g["params"]]
+    saved = [p.grad for p in all_params]
+    try:
+        for p in all_params:
+            p.grad = None
+        with torch.no_grad():
+            for name, p in params.items():
+                u = update[name].detach()
+                if u.dtype == p.dtype and u.device == p.device:
+                    p.grad = torch.neg(u)
+                else:
+                    p.grad = u.to(device=p.device, dtype=p.dtype, copy=True).neg_()
+        optimizer.step()
+    finally:
+        for p, g in zip(all_params, saved, strict=True):
+            p.grad = g

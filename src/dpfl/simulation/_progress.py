@@ -1,0 +1,256 @@
+"""Reporting for the round loop: round records, run result, JSON-lines log, progress display.
+
+:class:`RoundRecord` and :class:`RunResult` are public through :mod:`dpfl.simulation.rounds`;
+:class:`RunLog` writes one JSON object per line and repairs the log when a run resumes from a
+checkpoint; :class:`Progress` shows a tqdm bar on terminals and plain lines elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TextIO
+
+__all__ = ["Progress", "RoundRecord", "RunLog", "RunResult", "StopReason", "evaluate"]
+
+StopReason = Literal["completed", "budget"]
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What happened in one completed round (one JSON line with ``"event": "round"`` in the log).
+
+    Attributes:
+        round: 1-based index of the round (counted across resumes).
+        num_users: users whose clipped updates entered the sum (all ranks together).
+        num_dropped: users dropped for a non-finite update (only with ``drop_nonfinite=True``).
+        fraction_clipped: fraction of the users whose update was scaled down by the clipper.
+        mean_norm: mean L2 norm of the users' updates before clipping.
+        epsilon: ε spent so far (after this round) at ``delta``, from the accountant.
+        delta: the δ at which ``epsilon`` is reported.
+        time_s: wall-clock seconds of the round (sampling to accounting; no eval/checkpoint).
+        timings: seconds per phase: ``sample``, ``train``, ``aggregate`` (clip, sum, all-reduce,
+            noise), ``server_step``, ``account``, and ``eval`` when evaluation ran.
+        eval: the metrics returned by ``eval_fn`` after this round, or ``None``.
+
+    Warning:
+        ``num_users``, ``fraction_clipped`` and ``mean_norm`` come from raw user updates and are
+        **not** differentially private: use them for monitoring, do not publish them.
+    """
+
+    round: int
+    num_users: int
+    num_dropped: int
+    fraction_clipped: float
+    mean_norm: float
+    epsilon: float
+    delta: float
+    time_s: float
+    timings: dict[str, float] = field(default_factory=dict)
+    eval: dict[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the record as a dict with ``"event": "round"`` first (what the log holds)."""
+        return {"event": "round", **asdict(self)}
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Outcome of :func:`run_rounds`.
+
+    Attributes:
+        rounds_completed: rounds completed in total, including rounds restored from a checkpoint.
+        records: the records of the rounds run by this call (not the restored ones).
+        stop_reason: ``"completed"`` when ``rounds`` rounds are done; ``"budget"`` when the next
+            round would have exceeded the accountant's (ε, δ) budget and was not run.
+        stop_message: a human-readable explanation (also logged with ``"event": "stop"``).
+        epsilon: ε spent at the end of the run, at ``delta``.
+        delta: the δ at which ``epsilon`` is reported.
+        resumed_from: the round index restored from a checkpoint, or ``None`` for a fresh start.
+    """
+
+    rounds_completed: int
+    records: tuple[RoundRecord, ...]
+    stop_reason: StopReason
+    stop_message: str
+    epsilon: float
+    delta: float
+    resumed_from: int | None = None
+
+
+def evaluate(record: RoundRecord, eval_fn: Callable[[Any], Any], model: Any) -> RoundRecord:
+    """Run ``eval_fn(model)`` and return ``record`` with its metrics and ``eval`` timing added.
+
+    Raises:
+        TypeError: If ``eval_fn`` does not return a mapping of numbers.
+    """
+    clock = time.perf_counter()
+    metrics = eval_fn(model)
+    if not isinstance(metrics, Mapping):
+        raise TypeError(
+            f"eval_fn must return a mapping metric -> number, got {type(metrics).__name__}"
+        )
+    values = {str(k): float(v) for k, v in metrics.items()}
+    timings = {**record.timings, "eval": time.perf_counter() - clock}
+    return RoundRecord(**{**asdict(record), "timings": timings, "eval": values})
+
+
+class Progress:
+    """Show round progress on ``stream`` (stderr by default).
+
+    Args:
+        total: Total number of rounds of the run.
+        initial: Rounds already done (restored from a checkpoint).
+        enabled: ``None``: a tqdm bar if tqdm is installed and ``stream`` is a terminal, else a
+            plain line every ``every`` rounds; ``True``: the same choice but never silent;
+            ``False``: nothing.
+        every: Cadence of the plain lines, in rounds.
+        stream: Where to write.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        initial: int,
+        *,
+        enabled: bool | None,
+        every: int,
+        stream: TextIO | None = None,
+    ) -> None:
+        self._stream = stream if stream is not None else sys.stderr
+        self._total = total
+        self._every = every
+        self._enabled = enabled is not False
+        self._bar: Any = None
+        if self._enabled and _isatty(self._stream):
+            try:
+                from tqdm import tqdm
+            except ImportError:  # pragma: no cover - tqdm is optional
+                tqdm = None
+            if tqdm is not None:
+                self._bar = tqdm(
+                    total=total,
+                    initial=initial,
+                    unit="round",
+                    file=self._stream,
+                    dynamic_ncols=True,
+                )
+
+    def update(self, round_index: int, *, num_users: int, epsilon: float, time_s: float) -> None:
+        """Report that round ``round_index`` (1-based) finished."""
+        if not self._enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(users=num_users, eps=f"{epsilon:.3g}", refresh=False)
+        elif round_index % self._every == 0 or round_index == self._total:
+            print(
+                f"dpfl: round {round_index}/{self._total}  users {num_users}  "
+                f"epsilon {epsilon:.4g}  {time_s:.3f}s/round",
+                file=self._stream,
+                flush=True,
+            )
+
+    def message(self, text: str) -> None:
+        """Print a one-off line (e.g. the stop reason) without breaking the bar."""
+        if not self._enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(f"dpfl: {text}", file=self._stream)
+        else:
+            print(f"dpfl: {text}", file=self._stream, flush=True)
+
+    def close(self) -> None:
+        """Close the bar (if any)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _jsonable(obj: Any) -> Any:
+    """Make ``obj`` strict JSON: non-finite floats become the strings "inf", "-inf", "nan"."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+class RunLog:
+    """The JSON-lines run log: one object per line, each with ``"event"`` and ``"round"``.
+
+    Args:
+        path: The log file, or ``None`` for no log (every method is then a no-op).
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None) -> None:
+        self.path = None if path is None else Path(path)
+
+    def begin(self, start: int, *, world_size: int, config: dict[str, Any]) -> None:
+        """Open the log of a run starting after round ``start`` (0: fresh, else a resume).
+
+        A fresh run empties the log and writes a ``start`` event with the configuration; a
+        resumed run drops the events after round ``start`` (see :meth:`truncate_after`) and writes
+        a ``resume`` event.
+        """
+        if start > 0:
+            self.truncate_after(start)
+            self.write({"event": "resume", "round": start, "world_size": world_size})
+        else:
+            self.reset()
+            self.write({"event": "start", "round": 0, "world_size": world_size, "config": config})
+
+    def reset(self) -> None:
+        """Start an empty log (a fresh run)."""
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+
+    def write(self, event: dict[str, Any]) -> None:
+        """Append one event as a line and flush it."""
+        if self.path is None:
+            return
+        line = json.dumps(_jsonable(event), allow_nan=False)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+
+    def truncate_after(self, round_index: int) -> None:
+        """Keep only the events of rounds <= ``round_index`` (dropping its stale ``stop`` event).
+
+        Used on resume from the checkpoint of round ``round_index``: events written after that
+        checkpoint (and a partial last line of a killed process) are removed, atomically, so each
+        round appears exactly once in the final log.
+        """
+        if self.path is None or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                event = json.loads(line)
+                r = int(event["round"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if r < round_index or (r == round_index and event.get("event") != "stop"):
+                kept.append(line + "\n")
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)

@@ -1,0 +1,499 @@
+"""The DP-FedAvg round loop: sample, train locally, clip+sum+noise, server step, account.
+
+Public API:
+
+* :func:`run_rounds` runs DP federated averaging on a model, in place, with a JSON-lines log,
+  evaluation hooks, atomic checkpoints and resume, stop-before-budget and ``torch.distributed``
+  sharding of the cohort.
+* :class:`RoundRecord` is the per-round record (also one JSON line per round in the log).
+* :class:`RunResult` is what :func:`run_rounds` returns.
+
+References: Pelikan et al., *Enabling Differentially Private Federated Learning for Speech
+Recognition*, arXiv 2310.00098 (DP-FedAvg with user-level DP and a server optimizer).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dpfl._checks import require_int, require_non_negative, require_positive, require_probability
+from dpfl.aggregate import DPAggregator
+from dpfl.noise import GaussianMechanism
+from dpfl.optim import server_step
+from dpfl.simulation._progress import (
+    Progress,
+    RoundRecord,
+    RunLog,
+    RunResult,
+    StopReason,
+    evaluate,
+)
+from dpfl.simulation.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    restore_run,
+    save_checkpoint,
+)
+from dpfl.simulation.distributed import DistContext
+from dpfl.simulation.local import NonFiniteLossError, train_local
+from dpfl.simulation.vectorized import train_cohort_vectorized
+
+__all__ = ["CHECKPOINT_FILE", "RoundRecord", "RunResult", "StopReason", "run_rounds"]
+
+#: Name of the checkpoint file inside ``checkpoint_dir``.
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def _derive_seed(seed: int, *key: int) -> int:
+    """A 63-bit seed derived from ``seed`` and ``key`` (independent streams per key)."""
+    words = np.random.SeedSequence(entropy=seed, spawn_key=key).generate_state(2, np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+def _require_methods(name: str, obj: Any, methods: tuple[str, ...], what: str) -> None:
+    missing = [m for m in methods if not callable(getattr(obj, m, None))]
+    if missing:
+        raise TypeError(f"{name} must be {what}; it lacks the method(s) {missing}")
+
+
+def run_rounds(
+    model: nn.Module,
+    dataset: Any,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    *,
+    sampler: Any,
+    clipper: Any,
+    noise_multiplier: float,
+    server_optimizer: torch.optim.Optimizer,
+    accountant: Any,
+    rounds: int,
+    local_lr: float,
+    local_steps: int | None = None,
+    local_epochs: int | None = None,
+    local_max_grad_norm: float | None = 1.0,
+    vectorized: bool = False,
+    seed: int | None = None,
+    delta: float,
+    lr_scheduler: Any = None,
+    drop_nonfinite: bool = False,
+    secure_noise: bool = False,
+    checkpoint_dir: str | PathLike[str] | None = None,
+    checkpoint_every: int = 10,
+    resume: bool = False,
+    log_path: str | PathLike[str] | None = None,
+    eval_fn: Callable[[nn.Module], Mapping[str, float]] | None = None,
+    eval_every: int = 10,
+    progress: bool | None = None,
+    progress_every: int = 10,
+    dist: DistContext | None = None,
+) -> RunResult:
+    """Run DP-FedAvg rounds on ``model`` in place, with logging, checkpoints and budget stop.
+
+    One round t (1-based):
+
+    1. Stop-before-budget: if ``accountant.would_exceed(sampler.round_spec(noise_multiplier))``
+       the round is **not** run (nothing is sampled, trained, released or accounted); the reason
+       is logged (``"event": "stop"``) and returned with ``stop_reason="budget"``.
+    2. ``sampler.sample()`` draws the cohort. With ``dist`` every rank draws the same cohort from
+       the same sampler state and trains the shard ``cohort[rank::world_size]``.
+    3. Each user trains a copy of the server model with :func:`~dpfl.simulation.train_local`
+       (or :func:`~dpfl.simulation.train_cohort_vectorized` if ``vectorized``); its local
+       generator is seeded from ``(seed, t, position of the user in the cohort)``, so the result
+       depends neither on which rank trains the user nor on restarts.
+    4. A :class:`~dpfl.aggregate.DPAggregator` clips each update with ``clipper`` and sums it;
+       ``release`` all-reduces the sums across ranks (``reduce=`` hook), adds Gaussian noise of
+       std ``noise_multiplier * clipper.sensitivity`` **once** to the global sum and divides by
+       ``sampler.expected_cohort_size``. The noise comes from a
+       :class:`~dpfl.noise.GaussianMechanism` seeded from ``seed``; every rank holds the same
+       generator and adds the identical noise after the all-reduce, so all ranks keep identical
+       models without a broadcast. With ``secure_noise`` (unseeded) rank 0's noised mean is
+       broadcast instead.
+    5. :func:`~dpfl.optim.server_step` applies the noised mean with ``server_optimizer`` (then
+       ``lr_scheduler.step()`` if given).
+    6. ``accountant.add_rounds(sampler.round_spec(noise_multiplier))`` charges the round.
+    7. The record is logged; ``eval_fn`` runs when ``t % eval_every == 0``; a checkpoint is written
+       when ``t % checkpoint_every == 0``, after the last round and on a budget stop.
+
+    A checkpoint holds the complete state *after* round t (model, optimizer, scheduler, ledger
+    including round t, sampler, noise generator, seed, round index); the log line of round t is
+    written before it. Resuming continues with round t + 1 using exactly the randomness of an
+    uninterrupted run: the final model (bitwise on CPU) and the ledger equal those of an
+    uninterrupted run, and no round is lost or counted twice. A round interrupted before its
+    checkpoint is re-run identically (same cohort, same noise), so the repeat reveals nothing new.
+
+    Args:
+        model: the server model; trained **in place**.
+        dataset: a :class:`~dpfl.simulation.FederatedDataset` (``user_ids()``, ``user_data(uid)``).
+        loss_fn: ``loss_fn(model, batch) -> scalar loss`` for local training.
+        sampler: a :class:`~dpfl.simulation.PoissonSampler` or
+            :class:`~dpfl.simulation.FixedCohortSampler` over ``dataset``'s user ids; advanced in
+            place and checkpointed.
+        clipper: :class:`~dpfl.clip.GlobalClip` or :class:`~dpfl.clip.PerLayerClip`.
+        noise_multiplier: z; the noise std on the sum is ``z * clipper.sensitivity``.
+        server_optimizer: a ``torch.optim.Optimizer`` over ``model``'s parameters.
+        accountant: an :class:`~dpfl.accounting.RDPAccountant` or ``PLDAccountant`` whose
+            adjacency matches the sampler; charged in place. Give it a ``budget`` to enable
+            stop-before-budget.
+        rounds: total number of rounds, counted across resumes.
+        local_lr: local SGD learning rate.
+        local_steps: local steps per user (give exactly one of ``local_steps``/``local_epochs``).
+        local_epochs: local epochs per user (not with ``vectorized``).
+        local_max_grad_norm: per-step gradient-norm clip of local training (``None``: off).
+        vectorized: train each rank's shard with ``train_cohort_vectorized`` (``torch.func``).
+        seed: base seed of the noise and local-training generators; ``None`` draws one from OS
+            entropy (broadcast from rank 0 under ``dist``; stored in checkpoints).
+        delta: the δ at which ε is reported.
+        lr_scheduler: optional ``torch.optim.lr_scheduler`` of ``server_optimizer``, stepped once
+            per round and checkpointed.
+        drop_nonfinite: drop users with a NaN/inf update instead of raising.
+        secure_noise: hardened, unseeded noise (:class:`~dpfl.noise.GaussianMechanism`
+            ``secure=True``); needs ``seed=None`` for the noise, so resumed runs are not bitwise
+            reproducible.
+        checkpoint_dir: directory of ``checkpoint.pt``; ``None`` disables checkpoints.
+        checkpoint_every: checkpoint cadence in rounds.
+        resume: restore ``checkpoint_dir/checkpoint.pt`` if it exists (fresh start otherwise).
+            Without ``resume`` an existing checkpoint there is an error (never overwritten).
+        log_path: JSON-lines log. A fresh start truncates it; a resume drops the lines of rounds
+            after the checkpoint so every round appears once. ``None``: no log.
+        eval_fn: ``eval_fn(model) -> {metric: value}``, called on rank 0 after every
+            ``eval_every``-th round; the metrics land in the record.
+        eval_every: evaluation cadence in rounds.
+        progress: ``None``: a tqdm bar if tqdm is installed and stderr is a terminal, else a plain
+            line every ``progress_every`` rounds; ``False``: silent; ``True``: never silent.
+        progress_every: cadence of the plain progress lines.
+        dist: a :class:`~dpfl.simulation.distributed.DistContext` (from ``init_distributed``) or
+            ``None`` for one process. Only rank 0 writes logs and checkpoints; all ranks must get
+            the same arguments and read the same checkpoint directory.
+
+    Returns:
+        A :class:`RunResult` (rounds completed, records, stop reason, final ε).
+
+    Raises:
+        ValueError: invalid arguments, an empty population, a user without data or with a
+            non-finite loss (the message names the user), a non-finite update (unless
+            ``drop_nonfinite``), or an existing checkpoint without ``resume``. A failed round
+            leaves model, optimizer, sampler, noise generator and ledger as they were.
+        CheckpointError: a corrupt, truncated or mismatched checkpoint (names the file).
+        DistributedError: a peer rank died or did not answer within the timeout.
+
+    Warning:
+        Privacy: seeded noise is reproducible from ``seed`` (and from the generator state inside
+        checkpoints): keep both as secret as raw updates, or use ``secure_noise=True``. The mean
+        is always divided by the *expected* cohort size. The per-round statistics in the log are
+        not private.
+
+    Examples:
+        >>> result = run_rounds(model, dataset, loss_fn, sampler=sampler,   # doctest: +SKIP
+        ...     clipper=GlobalClip(0.1), noise_multiplier=1.0, server_optimizer=opt,
+        ...     accountant=RDPAccountant(), rounds=100, local_lr=0.1, local_steps=10,
+        ...     seed=0, delta=1e-6, log_path="run.jsonl", checkpoint_dir="ckpt", resume=True)
+        >>> result.stop_reason, result.epsilon                              # doctest: +SKIP
+    """
+    args = dict(locals())  # exactly the arguments above, by name; validated by _RoundLoop
+    return _RoundLoop(args).run()
+
+
+class _RoundLoop:
+    """State and phases of one :func:`run_rounds` call (validated in the constructor)."""
+
+    def __init__(self, kw: dict[str, Any]) -> None:
+        model, dataset, loss_fn, sampler = kw["model"], kw["dataset"], kw["loss_fn"], kw["sampler"]
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        _require_methods("dataset", dataset, ("user_ids", "user_data"), "a FederatedDataset")
+        if len(dataset.user_ids()) == 0:
+            raise ValueError("dataset has no users (empty population); give it at least one user")
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable as loss_fn(model, batch) -> scalar tensor")
+        methods = ("sample", "round_spec", "state_dict", "load_state_dict")
+        _require_methods("sampler", sampler, methods, "a PoissonSampler or FixedCohortSampler")
+        if not isinstance(kw["server_optimizer"], torch.optim.Optimizer):
+            raise TypeError(
+                "server_optimizer must be a torch.optim.Optimizer over model's parameters"
+            )
+        self.model, self.dataset, self.loss_fn = model, dataset, loss_fn
+        self.sampler, self.clipper, self.accountant = sampler, kw["clipper"], kw["accountant"]
+        self.optimizer, self.scheduler = kw["server_optimizer"], kw["lr_scheduler"]
+        self.progress = kw["progress"]
+        self.progress_every = require_int("progress_every", kw["progress_every"], minimum=1)
+        self.z = require_non_negative("noise_multiplier", kw["noise_multiplier"])
+        self.rounds = require_int("rounds", kw["rounds"], minimum=1)
+        self.lr = require_positive("local_lr", kw["local_lr"])
+        steps, epochs = kw["local_steps"], kw["local_epochs"]
+        if (steps is None) == (epochs is None):
+            raise ValueError("give exactly one of local_steps and local_epochs")
+        self.steps = None if steps is None else require_int("local_steps", steps, minimum=1)
+        self.epochs = None if epochs is None else require_int("local_epochs", epochs, minimum=1)
+        self.vectorized = bool(kw["vectorized"])
+        if self.vectorized and self.steps is None:
+            raise ValueError(
+                "vectorized=True needs local_steps (train_cohort_vectorized has no epochs)"
+            )
+        mgn = kw["local_max_grad_norm"]
+        self.max_grad_norm = None if mgn is None else require_positive("local_max_grad_norm", mgn)
+        self.local: dict[str, Any] = {
+            "lr": self.lr,
+            "steps": self.steps,
+            "max_grad_norm": self.max_grad_norm,
+        }
+        self.delta = require_probability("delta", kw["delta"], high_open=True)
+        self.drop_nonfinite, self.secure = bool(kw["drop_nonfinite"]), bool(kw["secure_noise"])
+        seed = kw["seed"]
+        self.user_seed = None if seed is None else require_int("seed", seed, minimum=0)
+        if self.user_seed is not None and self.user_seed >= 2**63:
+            raise ValueError(f"seed must be < 2**63, got {seed}")
+        self.ckpt_every = require_int("checkpoint_every", kw["checkpoint_every"], minimum=1)
+        self.eval_every = require_int("eval_every", kw["eval_every"], minimum=1)
+        self.eval_fn = kw["eval_fn"]
+        self.dist: DistContext | None = kw["dist"]
+        self.is_main = self.dist is None or self.dist.is_main
+        ckdir = kw["checkpoint_dir"]
+        self.ckpt_path = None if ckdir is None else Path(ckdir) / CHECKPOINT_FILE
+        self.resume = bool(kw["resume"])
+        if self.resume and self.ckpt_path is None:
+            raise ValueError("resume=True needs checkpoint_dir (where the checkpoint lives)")
+        self.log = RunLog(kw["log_path"] if self.is_main else None)
+        self.config = {
+            "noise_multiplier": self.z,
+            "sensitivity": float(self.clipper.sensitivity),
+            "clipper": type(self.clipper).__name__,
+            "sampler": type(sampler).__name__,
+            "expected_cohort_size": float(sampler.expected_cohort_size),
+            "accountant": type(self.accountant).__name__,
+            "server_optimizer": type(self.optimizer).__name__,
+            "local_lr": self.lr,
+            "local_steps": self.steps,
+            "local_epochs": self.epochs,
+            "local_max_grad_norm": self.max_grad_norm,
+            "vectorized": self.vectorized,
+            "drop_nonfinite": self.drop_nonfinite,
+            "secure_noise": self.secure,
+            "lr_scheduler": None if self.scheduler is None else type(self.scheduler).__name__,
+        }
+        self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.scratch = copy.deepcopy(model)
+
+    # ------------------------------------------------------------------ set-up and resume
+    def _parts(self) -> dict[str, Any]:
+        """The stateful objects a checkpoint holds besides the model, by checkpoint key."""
+        parts = {
+            "sampler": self.sampler,
+            "accountant": self.accountant,
+            "mechanism": self.mechanism,
+            "optimizer": self.optimizer,
+        }
+        return parts if self.scheduler is None else {**parts, "scheduler": self.scheduler}
+
+    def _setup(self) -> int:
+        """Resolve the seed, build the mechanism, restore a checkpoint; return the start round."""
+        self.accountant.would_exceed(self.sampler.round_spec(self.z))  # wrong adjacency raises now
+        state = None
+        if self.ckpt_path is not None and self.ckpt_path.exists():
+            if not self.resume:
+                raise ValueError(
+                    f"checkpoint_dir already holds {self.ckpt_path}; pass resume=True to continue "
+                    "that run, or choose an empty checkpoint_dir (it is never overwritten)"
+                )
+            state = load_checkpoint(self.ckpt_path)
+        seed = self.user_seed
+        if seed is None:
+            stored = None if state is None else state.get("seed")
+            if state is not None and (not isinstance(stored, int) or stored < 0):
+                raise CheckpointError(f"{self.ckpt_path}: invalid seed {stored!r}")
+            seed = stored if isinstance(stored, int) else secrets.randbits(62)
+            if self.dist is not None:
+                seed = self.dist.broadcast_int(seed)
+        self.seed = seed
+        noise_seed = None if self.secure else _derive_seed(seed, 0)
+        self.mechanism = GaussianMechanism(
+            self.z, self.clipper.sensitivity, seed=noise_seed, secure=self.secure
+        )
+        start = 0
+        if state is not None:
+            assert self.ckpt_path is not None
+            kw: dict[str, Any] = {"config": self.config, "seed": self.user_seed}
+            start = restore_run(self.ckpt_path, state, model=self.model, parts=self._parts(), **kw)
+        if self.dist is not None:
+            shapes = {k: list(v.shape) for k, v in self.model.state_dict().items()}
+            self.dist.check_same("run configuration", (self.config, shapes, seed, start))
+        return start
+
+    # ------------------------------------------------------------------ one round
+    def _generator(self, t: int, position: int) -> torch.Generator:
+        return torch.Generator().manual_seed(_derive_seed(self.seed, 1, t, position))
+
+    def _train_and_add(
+        self, t: int, cohort: list[Any], agg: DPAggregator, timings: dict[str, float]
+    ) -> None:
+        """Train this rank's shard of the cohort and add the updates to ``agg``."""
+        world, rank = (1, 0) if self.dist is None else (self.dist.world_size, self.dist.rank)
+        mine = list(range(len(cohort)))[rank::world]
+        users = [cohort[i] for i in mine]
+        clock = time.perf_counter()
+        datas = [self.dataset.user_data(uid) for uid in users]
+        if self.vectorized and users:
+            assert self.steps is not None
+            try:
+                gens = [self._generator(t, i) for i in mine]
+                updates = train_cohort_vectorized(
+                    self.model, datas, self.loss_fn, generator=gens, user_ids=users, **self.local
+                )
+            except NonFiniteLossError:
+                if not self.drop_nonfinite:
+                    raise
+                updates = None  # find and drop the offending users one by one below
+            if updates is not None:
+                timings["train"] += time.perf_counter() - clock
+                clock = time.perf_counter()
+                for uid, update in zip(users, updates, strict=True):
+                    self._add(agg, update, uid, t)
+                timings["aggregate"] += time.perf_counter() - clock
+                return
+        for uid, data, i in zip(users, datas, mine, strict=True):
+            user_kw = {"user_id": uid, "scratch": self.scratch, **self.local}
+            try:
+                gen = self._generator(t, i)
+                update = train_local(
+                    self.model, data, self.loss_fn, epochs=self.epochs, generator=gen, **user_kw
+                )
+            except NonFiniteLossError:
+                if not self.drop_nonfinite:
+                    raise
+                # A non-finite update makes the aggregator drop the user and count it, on every
+                # rank alike, so num_dropped stays correct after the all-reduce.
+                update = {n: torch.full_like(p, math.nan) for n, p in self.trainable.items()}
+            now = time.perf_counter()
+            timings["train"] += now - clock
+            self._add(agg, update, uid, t)
+            clock = time.perf_counter()
+            timings["aggregate"] += clock - now
+
+    @staticmethod
+    def _add(agg: DPAggregator, update: dict[str, torch.Tensor], uid: Any, t: int) -> None:
+        try:
+            agg.add(update)
+        except ValueError as exc:
+            raise ValueError(f"round {t}, user {uid!r}: update rejected: {exc}") from exc
+
+    def _round(self, t: int, spec: Any) -> RoundRecord:
+        timings = dict.fromkeys(("sample", "train", "aggregate", "server_step", "account"), 0.0)
+        start = time.perf_counter()
+        saved = (self.sampler.state_dict(), self.mechanism.state_dict())
+        try:
+            cohort = list(self.sampler.sample())
+            timings["sample"] = time.perf_counter() - start
+            agg = DPAggregator(
+                self.clipper,
+                self.mechanism,
+                expected_cohort_size=self.sampler.expected_cohort_size,
+                drop_nonfinite=self.drop_nonfinite,
+                template=self.trainable,
+            )
+            self._train_and_add(t, cohort, agg, timings)
+            clock = time.perf_counter()
+            reduce = None if self.dist is None else self.dist.all_reduce_sum_
+            mean, stats = agg.release(reduce=reduce, allow_empty=True)
+            if self.dist is not None and self.secure:
+                self.dist.broadcast_(list(mean.values()))
+            timings["aggregate"] += time.perf_counter() - clock
+        except BaseException:
+            self.sampler.load_state_dict(saved[0])
+            self.mechanism.load_state_dict(saved[1])
+            raise
+        clock = time.perf_counter()
+        server_step(self.optimizer, self.model, mean)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        timings["server_step"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        self.accountant.add_rounds(spec)
+        epsilon = float(self.accountant.epsilon(self.delta))
+        timings["account"] = time.perf_counter() - clock
+        return RoundRecord(
+            round=t,
+            num_users=stats.num_users,
+            num_dropped=stats.num_dropped,
+            fraction_clipped=stats.fraction_clipped,
+            mean_norm=stats.mean_norm,
+            epsilon=epsilon,
+            delta=self.delta,
+            time_s=time.perf_counter() - start,
+            timings=timings,
+        )
+
+    # ------------------------------------------------------------------ the loop
+    def _checkpoint(self, t: int) -> None:
+        if self.ckpt_path is None or not self.is_main:
+            return
+        parts = {key: obj.state_dict() for key, obj in self._parts().items()}
+        meta = {"round": t, "seed": self.seed, "config": self.config}
+        save_checkpoint(self.ckpt_path, {**meta, "model": self.model.state_dict(), **parts})
+
+    def run(self) -> RunResult:
+        start = self._setup()
+        world = 1 if self.dist is None else self.dist.world_size
+        self.log.begin(start, world_size=world, config=self.config)
+        bar = Progress(
+            self.rounds,
+            start,
+            enabled=self.progress if self.is_main else False,
+            every=self.progress_every,
+        )
+        records: list[RoundRecord] = []
+        reason: StopReason = "completed"
+        message = f"completed {self.rounds} rounds"
+        last_saved, t = start, start
+        try:
+            while t < self.rounds:
+                spec = self.sampler.round_spec(self.z)
+                if self.accountant.would_exceed(spec):
+                    reason = "budget"
+                    budget = self.accountant.budget
+                    message = (
+                        f"stopped before round {t + 1}: it would exceed the privacy budget "
+                        f"epsilon={budget.epsilon:g} at delta={budget.delta:g} "
+                        f"(spent so far: {self.accountant.epsilon(budget.delta):.6g} after {t} rounds)"
+                    )
+                    break
+                t += 1
+                record = self._round(t, spec)
+                if self.eval_fn is not None and self.is_main and t % self.eval_every == 0:
+                    record = evaluate(record, self.eval_fn, self.model)
+                records.append(record)
+                self.log.write(record.to_dict())
+                bar.update(
+                    t, num_users=record.num_users, epsilon=record.epsilon, time_s=record.time_s
+                )
+                if t % self.ckpt_every == 0 or t == self.rounds:
+                    self._checkpoint(t)
+                    last_saved = t
+            epsilon = float(self.accountant.epsilon(self.delta))
+            self.log.write(
+                {"event": "stop", "round": t, "reason": reason, "message": message}
+                | {"epsilon": epsilon, "delta": self.delta}
+            )
+            if last_saved != t:
+                self._checkpoint(t)
+            bar.message(message)
+        finally:
+            bar.close()
+        return RunResult(
+            rounds_completed=t,
+            records=tuple(records),
+            stop_reason=reason,
+            stop_message=message,
+            epsilon=epsilon,
+            delta=self.delta,
+            resumed_from=start if start > 0 else None,
+        )

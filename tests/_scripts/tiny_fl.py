@@ -1,0 +1,161 @@
+"""A tiny federated problem (an MLP on synthetic users) shared by the round-loop tests.
+
+Also a command-line training script: the resume test starts it as a real subprocess, kills it
+(SIGKILL) after some round and starts it again with ``--resume``; the distributed tests start it
+as several ``torch.distributed`` ranks.
+
+Usage: ``python tests/_scripts/tiny_fl.py OUT_DIR --rounds N [--resume] [--dist]
+[--checkpoint-every K] [--slow S] [--timeout T]``. Writes ``OUT_DIR/log.jsonl``, ``OUT_DIR/ckpt/``,
+``OUT_DIR/progress.txt`` (one line per finished round, from ``eval_fn`` on rank 0), and the final
+``model.pt`` and ``ledger.json`` (accountant state) in ``OUT_DIR`` or, with ``--dist``, in
+``OUT_DIR/rank<r>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Hashable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dpfl.accounting import PrivacyBudget, RDPAccountant
+from dpfl.clip import GlobalClip
+from dpfl.optim import LAMB
+from dpfl.simulation import InMemoryFederatedDataset, PoissonSampler
+from dpfl.simulation.rounds import RunResult, run_rounds
+
+IN, HIDDEN, OUT = 4, 8, 2
+#: Integer RDP orders: much faster to evaluate than dp_accounting's default fractional orders.
+ORDERS = tuple(range(2, 129))
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    """A 2-layer MLP with deterministic initial weights."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, OUT))
+
+
+def make_dataset(num_users: int = 12, seed: int = 0) -> InMemoryFederatedDataset:
+    """Users with 1-3 batches of 5 examples each, from a fixed generator."""
+    g = torch.Generator().manual_seed(seed)
+    data: dict[Hashable, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for u in range(num_users):
+        batches = int(torch.randint(1, 4, (1,), generator=g))
+        data[f"u{u}"] = [
+            (torch.randn(5, IN, generator=g), torch.randint(0, OUT, (5,), generator=g))
+            for _ in range(batches)
+        ]
+    return InMemoryFederatedDataset(data)
+
+
+def loss_fn(model: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def run(
+    out: Path,
+    *,
+    rounds: int,
+    resume: bool = False,
+    checkpoint_every: int = 1,
+    dist: Any = None,
+    slow: float = 0.0,
+    budget: float | None = None,
+    noise_multiplier: float = 1.0,
+    crash_at: int = 0,
+    scheduler: bool = False,
+    **kwargs: Any,
+) -> tuple[nn.Module, RDPAccountant, RunResult]:
+    """Build the tiny problem and run it; returns (model, accountant, result).
+
+    ``crash_at=k`` makes the run raise right after round ``k`` was computed, before it is logged
+    or checkpointed (the in-process analogue of killing the process there).
+    """
+    model = make_model()
+    dataset = make_dataset()
+    sampler = PoissonSampler(dataset.user_ids(), 0.5, seed=11)
+    accountant = RDPAccountant(
+        budget=None if budget is None else PrivacyBudget(budget, 1e-5), orders=ORDERS
+    )
+    optimizer = LAMB(model.parameters(), lr=0.01)
+    if scheduler:
+        kwargs["lr_scheduler"] = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.8)
+    progress_file = out / "progress.txt"
+
+    def eval_fn(m: nn.Module) -> dict[str, float]:
+        if accountant.rounds == crash_at:  # simulate a crash after the round, before its log
+            raise RuntimeError(f"simulated crash after round {crash_at}")
+        with progress_file.open("a") as f:
+            f.write(f"{accountant.rounds}\n")
+        if slow:
+            time.sleep(slow)
+        return {"weight_sum": float(sum(float(p.detach().sum()) for p in m.parameters()))}
+
+    result = run_rounds(
+        model,
+        dataset,
+        loss_fn,
+        sampler=sampler,
+        clipper=GlobalClip(0.5),
+        noise_multiplier=noise_multiplier,
+        server_optimizer=optimizer,
+        accountant=accountant,
+        rounds=rounds,
+        local_lr=0.1,
+        local_steps=3,
+        seed=1234,
+        delta=1e-5,
+        checkpoint_dir=out / "ckpt",
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        log_path=out / "log.jsonl",
+        eval_fn=eval_fn,
+        eval_every=1,
+        progress=False,
+        dist=dist,
+        **kwargs,
+    )
+    return model, accountant, result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--rounds", type=int, required=True)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--dist", action="store_true", help="join a gloo group (torchrun env)")
+    parser.add_argument("--checkpoint-every", type=int, default=1)
+    parser.add_argument("--slow", type=float, default=0.0, help="seconds to sleep per round")
+    parser.add_argument("--timeout", type=float, default=30.0, help="collective timeout (s)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    ctx = None
+    if args.dist:
+        from dpfl.simulation.distributed import init_distributed
+
+        ctx = init_distributed(backend="gloo", timeout_s=args.timeout)
+    results = args.out / f"rank{ctx.rank}" if ctx is not None else args.out
+    results.mkdir(parents=True, exist_ok=True)
+    model, accountant, result = run(
+        args.out,
+        rounds=args.rounds,
+        resume=args.resume,
+        checkpoint_every=args.checkpoint_every,
+        dist=ctx,
+        slow=args.slow,
+    )
+    torch.save(model.state_dict(), results / "model.pt")
+    (results / "ledger.json").write_text(json.dumps(accountant.state_dict()))
+    print(f"done: {result.rounds_completed} rounds, epsilon {result.epsilon:.4f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

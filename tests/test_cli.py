@@ -1,0 +1,275 @@
+"""The ``dpfl`` console script: ``dpfl privacy epsilon|calibrate|extrapolate``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpfl.accounting.calibration import epsilon_for
+from dpfl.accounting.extrapolation import extrapolate
+from dpfl.cli import main
+
+REQUIRED_KEYS = {"epsilon", "delta", "noise_multiplier", "sample_rate", "rounds", "accountant"}
+
+
+def _dpfl_script() -> str:
+    beside_python = Path(sys.executable).with_name("dpfl")
+    found = str(beside_python) if beside_python.exists() else shutil.which("dpfl")
+    assert found, "the dpfl console script is not installed (pip install -e .)"
+    return found
+
+
+def _run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --------------------------------------------------------------------------- real subprocesses
+def test_installed_script_prints_json_epsilon() -> None:
+    proc = subprocess.run(
+        [
+            _dpfl_script(),
+            "privacy",
+            "epsilon",
+            "--noise-multiplier",
+            "1.1",
+            "--sample-rate",
+            "0.01",
+            "--rounds",
+            "500",
+            "--delta",
+            "1e-6",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert REQUIRED_KEYS <= set(data)
+    assert data["epsilon"] == pytest.approx(epsilon_for(1.1, 0.01, 500, 1e-6), rel=1e-12)
+    assert (data["noise_multiplier"], data["sample_rate"], data["rounds"]) == (1.1, 0.01, 500)
+    assert data["accountant"] == "rdp" and data["delta"] == 1e-6
+
+
+def test_installed_script_rejects_bad_argument_with_status_2() -> None:
+    proc = subprocess.run(
+        [
+            _dpfl_script(),
+            "privacy",
+            "epsilon",
+            "--noise-multiplier",
+            "1.0",
+            "--sample-rate",
+            "1.5",
+            "--rounds",
+            "10",
+            "--delta",
+            "1e-6",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "--sample-rate" in proc.stderr
+    assert proc.stdout == ""
+
+
+# --------------------------------------------------------------------------- in process
+def test_epsilon_human_output(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run_main(
+        capsys,
+        "privacy",
+        "epsilon",
+        "--noise-multiplier",
+        "2.0",
+        "--sample-rate",
+        "0.05",
+        "--rounds",
+        "100",
+        "--delta",
+        "1e-5",
+    )
+    assert code == 0
+    expected = epsilon_for(2.0, 0.05, 100, 1e-5)
+    assert f"epsilon = {expected:.4f}" in out
+    assert "rdp" in out
+
+
+def test_epsilon_with_pld(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run_main(
+        capsys,
+        "privacy",
+        "epsilon",
+        "--noise-multiplier",
+        "2.0",
+        "--sample-rate",
+        "0.05",
+        "--rounds",
+        "100",
+        "--delta",
+        "1e-5",
+        "--accountant",
+        "pld",
+        "--json",
+    )
+    assert code == 0
+    data = json.loads(out)
+    assert data["accountant"] == "pld"
+    assert data["epsilon"] == pytest.approx(
+        epsilon_for(2.0, 0.05, 100, 1e-5, accountant="pld"), rel=1e-12
+    )
+
+
+def test_calibrate_json_meets_target(capsys: pytest.CaptureFixture[str]) -> None:
+    # full participation (q = 1) keeps each RDP evaluation in closed form, so this stays fast
+    argv = "privacy calibrate --epsilon 3.0 --sample-rate 1 --rounds 200 --delta 1e-6 --json"
+    code, out, _ = _run_main(capsys, *argv.split(), "--rtol", "1e-2")
+    assert code == 0
+    data = json.loads(out)
+    assert REQUIRED_KEYS <= set(data)
+    assert data["epsilon"] <= 3.0
+    assert epsilon_for(data["noise_multiplier"] / 1.01, 1.0, 200, 1e-6) > 3.0
+    assert data["target_epsilon"] == 3.0
+    assert data["sample_rate"] == 1.0 and data["rounds"] == 200
+
+
+def test_extrapolate_json_matches_library(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run_main(
+        capsys,
+        "privacy",
+        "extrapolate",
+        "--sigma-dp",
+        "1e-5",
+        "--cohort",
+        "204800",
+        "--population",
+        "6.95e6",
+        "--rounds",
+        "2006",
+        "--delta",
+        "1e-9",
+        "--json",
+    )
+    assert code == 0
+    data = json.loads(out)
+    ref = extrapolate(sigma_dp=1e-5, cohort_size=204800, population=6.95e6, rounds=2006, delta=1e-9)
+    assert REQUIRED_KEYS <= set(data)
+    assert data["epsilon"] == pytest.approx(ref.epsilon, rel=1e-12)
+    assert data["noise_multiplier"] == pytest.approx(ref.noise_multiplier)
+    assert data["population"] == 6.95e6
+
+
+def test_extrapolate_human_output(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run_main(
+        capsys,
+        "privacy",
+        "extrapolate",
+        "--sigma-dp",
+        "1e-3",
+        "--cohort",
+        "100",
+        "--population",
+        "1e4",
+        "--rounds",
+        "50",
+        "--delta",
+        "1e-6",
+    )
+    assert code == 0 and "sigma_dp" in out and "epsilon =" in out
+
+
+def test_zero_noise_json_epsilon_is_null(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run_main(
+        capsys,
+        "privacy",
+        "epsilon",
+        "--noise-multiplier",
+        "0",
+        "--sample-rate",
+        "0.5",
+        "--rounds",
+        "3",
+        "--delta",
+        "1e-6",
+        "--json",
+    )
+    assert code == 0 and json.loads(out)["epsilon"] is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (
+            "privacy epsilon --noise-multiplier -1 --sample-rate 0.1 --rounds 5 --delta 1e-6".split(),
+            "--noise-multiplier",
+        ),
+        (
+            "privacy epsilon --noise-multiplier 1 --sample-rate 0.1 --rounds 5 --delta 2".split(),
+            "--delta",
+        ),
+        (
+            "privacy epsilon --noise-multiplier 1 --sample-rate 0.1 --rounds -5 --delta 1e-6".split(),
+            "--rounds",
+        ),
+        (
+            "privacy epsilon --noise-multiplier 1 --sample-rate 0.1 --rounds 2.5 --delta 1e-6".split(),
+            "--rounds",
+        ),
+        ("privacy epsilon --noise-multiplier 1 --sample-rate 0.1 --rounds 5".split(), "--delta"),
+        (
+            "privacy epsilon --noise-multiplier 1 --sample-rate 0.1 --rounds 5 --delta 1e-6 --accountant moments".split(),
+            "--accountant",
+        ),
+        (
+            "privacy calibrate --epsilon 0 --sample-rate 0.1 --rounds 5 --delta 1e-6".split(),
+            "--epsilon",
+        ),
+        (
+            "privacy calibrate --epsilon 1 --sample-rate 0 --rounds 5 --delta 1e-6".split(),
+            "--sample-rate",
+        ),
+        (
+            "privacy calibrate --epsilon 1e-6 --sample-rate 1 --rounds 100 --delta 1e-9 --max-noise-multiplier 10".split(),
+            "cannot be met",
+        ),
+        (
+            "privacy extrapolate --sigma-dp 1e-3 --cohort 500 --population 100 --rounds 5 --delta 1e-6".split(),
+            "--cohort",
+        ),
+        (
+            "privacy extrapolate --sigma-dp 0 --cohort 5 --population 100 --rounds 5 --delta 1e-6".split(),
+            "--sigma-dp",
+        ),
+        (
+            "privacy extrapolate --sigma-dp 1e-3 --cohort 5 --population -100 --rounds 5 --delta 1e-6".split(),
+            "--population",
+        ),
+    ],
+)
+def test_bad_arguments_exit_2_naming_the_option(
+    capsys: pytest.CaptureFixture[str], argv: list[str], option: str
+) -> None:
+    code, out, err = _run_main(capsys, *argv)
+    assert code == 2
+    assert option in err
+    assert out == ""
+
+
+@pytest.mark.parametrize("argv", [[], ["privacy"], ["nonsense"]])
+def test_missing_command_exits_2(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    code, _, err = _run_main(capsys, *argv)
+    assert code == 2 and "usage" in err
+
+
+def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run_main(capsys, "privacy", "calibrate", "--help")
+    assert code == 0 and "--sample-rate" in out
