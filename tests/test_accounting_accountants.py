@@ -417,3 +417,10 @@ def test_accounting_package_does_not_import_torch() -> None:
             assert not any(n == "torch" or n.startswith("torch.") for n in names), path
     code = "import sys, dpfl.accounting; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fixed_cohort_without_noise_is_infinite_epsilon() -> None:
+    """z = 0 with a non-empty fixed cohort releases users exactly: ε must be ∞, not an error."""
+    acc = RDPAccountant(adjacency="replace_one")
+    acc.add_rounds(FixedCohortRound(noise_multiplier=0.0, cohort_size=10, population=100))
+    assert acc.epsilon(1e-6) == math.inf

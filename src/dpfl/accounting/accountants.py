@@ -330,6 +330,11 @@ class RDPAccountant(_LedgerAccountant):
         """The RDP curve of one round at :attr:`orders`, computed by dp_accounting (cached)."""
         self._extended(round, 1)  # validates the round for this accountant
         curve = self._curves.get(round)
+        if curve is None and round.noise_multiplier == 0 and round.sample_rate > 0:
+            # No noise: any round that can include a user releases it exactly (ε = ∞). Some
+            # dp_accounting paths divide by z here instead of returning infinity.
+            curve = np.full(len(self._orders), np.inf)
+            self._curves[round] = curve
         if curve is None:
             backend = rdp_privacy_accountant.RdpAccountant(
                 orders=list(self._orders), neighboring_relation=_RELATIONS[self._adjacency]
