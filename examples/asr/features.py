@@ -1,0 +1,290 @@
+"""Log-mel features, SpecAugment with explicit randomness, and an on-disk feature cache.
+
+API:
+    ``log_mel(waveform) -> Tensor[T, 80]``: 80 log-mel filterbanks of 16 kHz audio, 25 ms
+    window, 10 ms hop, normalised per utterance (each mel bin has mean 0 and standard deviation
+    1 over the utterance's frames).
+    ``SpecAugmentConfig`` / ``SpecAugment(config)``: ``augment(features, generator) -> Tensor``.
+    ``cached_features(utterances, *, cache_dir=None, dtype=torch.float32) -> dict[id, Tensor]``:
+    features of every utterance, computed once and stored in a ``.pt`` file (loaded with
+    ``weights_only=True``) keyed by the files' paths, sizes and modification times.
+
+Filterbanks come from ``torchaudio.transforms.MelSpectrogram`` (power spectrum, 400-point FFT,
+Hann window, centred frames, natural log with a 1e-10 floor); it used about 1.6x less CPU than
+``torchaudio.compliance.kaldi.fbank`` here (1.2 ms vs 1.9 ms per 1.5 s utterance, one thread,
+including the per-utterance normalisation).
+
+References:
+    Pelikan et al., "Enabling Differentially Private Federated Learning for Speech Recognition:
+    Benchmarks, Adaptive Optimizers and Gradient Clipping", arXiv:2310.00098, section 5
+    (features and SpecAugment settings); Park et al., "SpecAugment", arXiv:1904.08779.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torchaudio
+from torch import Tensor
+
+from dpfl._checks import require_int, require_probability
+from examples.asr.data import SAMPLE_RATE, Utterance, load_audio
+
+__all__ = [
+    "FEATURE_VERSION",
+    "HOP_LENGTH",
+    "N_MELS",
+    "SpecAugment",
+    "SpecAugmentConfig",
+    "cached_features",
+    "compute_features",
+    "log_mel",
+]
+
+N_MELS = 80
+WIN_LENGTH = 400  # 25 ms at 16 kHz
+HOP_LENGTH = 160  # 10 ms at 16 kHz
+FEATURE_VERSION = "logmel80-v1"
+"""Identifies the feature definition inside cache keys; change it when :func:`log_mel` changes."""
+_LOG_FLOOR = 1e-10
+_STD_FLOOR = 1e-5
+
+
+@lru_cache(maxsize=1)
+def _mel_transform() -> torchaudio.transforms.MelSpectrogram:
+    return torchaudio.transforms.MelSpectrogram(
+        sample_rate=SAMPLE_RATE, n_fft=WIN_LENGTH, win_length=WIN_LENGTH,
+        hop_length=HOP_LENGTH, n_mels=N_MELS, power=2.0,
+    )
+
+
+def log_mel(waveform: Tensor) -> Tensor:
+    """80 log-mel filterbanks of a 16 kHz waveform, normalised per utterance.
+
+    Args:
+        waveform: 1-D float tensor of samples at 16 kHz (use :func:`examples.asr.data.load_audio`).
+
+    Returns:
+        A float32 ``(frames, 80)`` tensor, ``frames = 1 + len(waveform) // 160``; every column
+        has mean 0 and standard deviation 1 over the frames (a constant column stays 0).
+
+    Raises:
+        ValueError: if ``waveform`` is not 1-D, is empty, or holds non-finite values.
+
+    Examples:
+        >>> log_mel(torch.randn(16000)).shape
+        torch.Size([101, 80])
+    """
+    if not isinstance(waveform, Tensor) or waveform.dim() != 1 or waveform.numel() == 0:
+        shape = tuple(waveform.shape) if isinstance(waveform, Tensor) else type(waveform).__name__
+        raise ValueError(f"waveform must be a non-empty 1-D tensor of samples, got {shape}")
+    if not torch.isfinite(waveform).all():
+        raise ValueError("waveform contains NaN or infinite samples")
+    with torch.no_grad():
+        mel = _mel_transform()(waveform.float())
+        feats = mel.clamp_min(_LOG_FLOOR).log().T.contiguous()
+        mean = feats.mean(dim=0, keepdim=True)
+        std = feats.std(dim=0, unbiased=False, keepdim=True)
+        return (feats - mean) / std.clamp_min(_STD_FLOOR)
+
+
+@dataclass(frozen=True)
+class SpecAugmentConfig:
+    """SpecAugment settings; the defaults are the paper's (no time warping).
+
+    Attributes:
+        freq_masks: number of frequency masks.
+        max_freq_width: each frequency mask covers ``[0, max_freq_width]`` bins, uniformly
+            (paper: width < 30, i.e. 29).
+        time_masks: number of time masks.
+        max_time_width: cap on each time mask's frames (paper: 50).
+        max_time_ratio: each time mask also covers at most ``floor(max_time_ratio * T)`` frames
+            (paper: 0.1).
+        mask_value: value written into masked cells (0 is the mean of normalised features).
+    """
+
+    freq_masks: int = 2
+    max_freq_width: int = 29
+    time_masks: int = 10
+    max_time_width: int = 50
+    max_time_ratio: float = 0.1
+    mask_value: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("freq_masks", "max_freq_width", "time_masks", "max_time_width"):
+            require_int(name, getattr(self, name))
+        require_probability("max_time_ratio", self.max_time_ratio, low_open=False)
+        if not isinstance(self.mask_value, (int, float)) or isinstance(self.mask_value, bool):
+            raise TypeError(f"mask_value must be a float, got {self.mask_value!r}")
+
+    @classmethod
+    def small(cls) -> SpecAugmentConfig:
+        """Milder masking for small models trained briefly: 2 x 10 bins, 4 x 20 frames."""
+        return cls(freq_masks=2, max_freq_width=10, time_masks=4, max_time_width=20)
+
+
+class SpecAugment:
+    """Frequency and time masking of ``(frames, bins)`` features with an explicit generator.
+
+    torchaudio's ``FrequencyMasking``/``TimeMasking`` draw from torch's global RNG, which dpfl
+    never uses, so the masks are drawn here from the given ``torch.Generator`` with the same
+    semantics (width uniform in ``[0, max]``, start uniform over valid positions, masks may
+    overlap).
+
+    Args:
+        config: the masking settings (default: the paper's).
+
+    Examples:
+        >>> aug = SpecAugment(SpecAugmentConfig())
+        >>> out = aug(torch.randn(300, 80), torch.Generator().manual_seed(0))
+        >>> out.shape
+        torch.Size([300, 80])
+    """
+
+    def __init__(self, config: SpecAugmentConfig | None = None) -> None:
+        config = SpecAugmentConfig() if config is None else config
+        if not isinstance(config, SpecAugmentConfig):
+            raise TypeError(f"config must be a SpecAugmentConfig, got {type(config).__name__}")
+        self.config = config
+
+    def __call__(self, features: Tensor, generator: torch.Generator) -> Tensor:
+        """Return a masked copy of ``features`` (the input is not modified).
+
+        Args:
+            features: ``(frames, bins)`` tensor.
+            generator: the only source of randomness (a CPU ``torch.Generator``).
+
+        Returns:
+            A tensor like ``features`` with the masked cells set to ``config.mask_value``.
+
+        Raises:
+            ValueError: if ``features`` is not 2-D.
+            TypeError: if ``generator`` is not a ``torch.Generator``.
+        """
+        if not isinstance(features, Tensor) or features.dim() != 2:
+            raise ValueError("features must be a 2-D (frames, bins) tensor")
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        frames, bins = features.shape
+        cfg = self.config
+        time_cap = min(cfg.max_time_width, int(cfg.max_time_ratio * frames))
+        keep_freq = self._keep(bins, cfg.freq_masks, min(cfg.max_freq_width, bins), generator)
+        keep_time = self._keep(frames, cfg.time_masks, time_cap, generator)
+        keep = keep_time[:, None] & keep_freq[None, :]
+        return torch.where(keep, features, torch.tensor(cfg.mask_value, dtype=features.dtype))
+
+    @staticmethod
+    def _keep(size: int, count: int, max_width: int, generator: torch.Generator) -> Tensor:
+        """Boolean ``(size,)`` vector, False inside any of ``count`` random masks."""
+        if count == 0 or max_width <= 0 or size == 0:
+            return torch.ones(size, dtype=torch.bool)
+        widths = torch.randint(0, max_width + 1, (count,), generator=generator)
+        starts = (torch.rand(count, generator=generator) * (size - widths + 1)).long()
+        pos = torch.arange(size)[None, :]
+        masked = (pos >= starts[:, None]) & (pos < (starts + widths)[:, None])
+        return ~masked.any(dim=0)
+
+
+def compute_features(utterances: Sequence[Utterance]) -> dict[str, Tensor]:
+    """``log_mel`` of every utterance's audio, keyed by ``utterance_id`` (no caching).
+
+    Raises:
+        examples.asr.data.DataError: if an audio file cannot be read (names the file).
+        ValueError: if two utterances share an ``utterance_id``.
+    """
+    _check_unique(utterances)
+    return {u.utterance_id: log_mel(load_audio(u.audio_path)) for u in utterances}
+
+
+def _check_unique(utterances: Sequence[Utterance]) -> None:
+    ids = [u.utterance_id for u in utterances]
+    if len(set(ids)) != len(ids):
+        raise ValueError("utterances must have distinct utterance_id values")
+
+
+def _cache_key(utterances: Sequence[Utterance]) -> str:
+    digest = hashlib.sha256(FEATURE_VERSION.encode())
+    for u in utterances:
+        stat = Path(u.audio_path).stat()
+        record = [u.utterance_id, str(Path(u.audio_path).resolve()), stat.st_size, stat.st_mtime_ns]
+        digest.update(json.dumps(record).encode())
+    return digest.hexdigest()[:20]
+
+
+def _default_cache_dir(utterances: Sequence[Utterance]) -> Path:
+    common = Path(os.path.commonpath([str(Path(u.audio_path).resolve()) for u in utterances]))
+    if common.is_file():
+        common = common.parent
+    candidate = common / ".dpfl-features"
+    try:
+        candidate.mkdir(exist_ok=True)
+        if os.access(candidate, os.W_OK):
+            return candidate
+    except OSError:
+        pass
+    env = os.environ.get("DPFL_CACHE")
+    return (Path(env) if env else Path.home() / ".cache" / "dpfl") / "features"
+
+
+def cached_features(
+    utterances: Sequence[Utterance],
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Tensor]:
+    """Features of ``utterances``, computed once and then loaded from a ``.pt`` cache file.
+
+    The cache file ``features-<key>.pt`` holds float16 features of all utterances (one
+    concatenated tensor plus lengths and ids) and is written atomically; ``<key>`` hashes
+    :data:`FEATURE_VERSION` and every utterance's id, resolved path, size and modification
+    time, so edited audio or a different utterance list gets a new file.
+
+    Args:
+        utterances: the utterances (distinct ``utterance_id`` values).
+        cache_dir: where to store the file; default ``.dpfl-features/`` in the directory that
+            contains all the audio files (next to the corpus), or ``$DPFL_CACHE/features``
+            (``~/.cache/dpfl/features``) when that is not writable.
+        dtype: dtype of the returned tensors (stored as float16 either way).
+
+    Returns:
+        ``utterance_id -> (frames, 80)`` tensor, in the order of ``utterances``.
+
+    Raises:
+        ValueError: if ``utterances`` is empty or has duplicate ids.
+        examples.asr.data.DataError: if an audio file cannot be read (names the file).
+    """
+    if not utterances:
+        raise ValueError("utterances must not be empty")
+    _check_unique(utterances)
+    directory = Path(cache_dir) if cache_dir is not None else _default_cache_dir(utterances)
+    path = directory / f"features-{_cache_key(utterances)}.pt"
+    if path.is_file():
+        return _unpack(torch.load(path, weights_only=True), dtype)
+    feats = compute_features(utterances)
+    ids = list(feats)
+    lengths = torch.tensor([feats[i].shape[0] for i in ids], dtype=torch.long)
+    blob = {"version": FEATURE_VERSION, "ids": ids, "lengths": lengths,
+            "features": torch.cat([feats[i] for i in ids]).to(torch.float16)}
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-features-", suffix=".pt", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(blob, handle)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return _unpack(blob, dtype)  # the float16-rounded values, identical to a later cache hit
+
+
+def _unpack(blob: dict, dtype: torch.dtype) -> dict[str, Tensor]:
+    chunks = torch.split(blob["features"].to(dtype), blob["lengths"].tolist())
+    return dict(zip(blob["ids"], chunks, strict=True))

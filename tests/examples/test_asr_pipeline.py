@@ -1,0 +1,143 @@
+"""Tests of the ASR pipeline: FL glue (noise resolution, optimizers, clippers) and `--quick` run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Hashable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dpfl.accounting import epsilon_for
+from dpfl.clip import GlobalClip, PerLayerClip
+from dpfl.optim import LAMB
+from dpfl.simulation import InMemoryFederatedDataset
+from examples.asr.federated import (
+    FederatedConfig,
+    make_clipper,
+    make_server_optimizer,
+    resolve_noise,
+    run_federated,
+)
+from examples.asr.model import CTCTransformer, get_config
+from examples.asr.text import CharTokenizer
+from examples.asr.train import make_batches
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "examples" / "asr_librispeech.py"
+
+
+@given(
+    st.floats(1e-6, 1e-1), st.integers(1, 5000), st.sampled_from(["noise_multiplier", "sigma_dp"])
+)
+def test_noise_parameterisations_agree(value: float, cohort: int, which: str) -> None:
+    """z = σ_DP · S whichever of the two is given."""
+    z, sigma = resolve_noise(
+        noise_multiplier=value if which == "noise_multiplier" else None,
+        sigma_dp=value if which == "sigma_dp" else None,
+        target_epsilon=None, cohort_size=cohort, population=10 * cohort, rounds=10, delta=1e-6,
+    )
+    assert math.isclose(z, sigma * cohort, rel_tol=1e-12)
+    assert math.isclose(z if which == "noise_multiplier" else sigma, value, rel_tol=1e-12)
+
+
+def test_target_epsilon_is_calibrated_one_sided() -> None:
+    z, sigma = resolve_noise(noise_multiplier=None, sigma_dp=None, target_epsilon=5.0,
+                             cohort_size=20, population=400, rounds=30, delta=1e-6)
+    assert z > 0 and math.isclose(sigma, z / 20)
+    assert epsilon_for(z, 20 / 400, 30, 1e-6) <= 5.0 * (1 + 1e-9)
+    assert epsilon_for(0.95 * z, 20 / 400, 30, 1e-6) > 5.0
+
+
+def test_noise_options_are_mutually_exclusive_and_default_to_no_noise() -> None:
+    with pytest.raises(ValueError, match="at most one"):
+        resolve_noise(noise_multiplier=1.0, sigma_dp=1e-3, target_epsilon=None,
+                      cohort_size=10, population=100, rounds=5, delta=1e-6)
+    assert resolve_noise(noise_multiplier=None, sigma_dp=None, target_epsilon=None,
+                         cohort_size=10, population=100, rounds=5, delta=1e-6) == (0.0, 0.0)
+
+
+def test_server_optimizer_decays_its_learning_rate_and_keeps_it_in_state_dict() -> None:
+    model = torch.nn.Linear(3, 2)
+    opt = make_server_optimizer(model, "lamb", lr=0.01, lr_decay=0.5)
+    assert isinstance(opt, LAMB)
+    for _ in range(3):
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**3)
+    fresh = make_server_optimizer(model, "lamb", lr=0.01, lr_decay=0.5)
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.param_groups[0]["lr"] == pytest.approx(0.00125)
+    for name in ("adam", "sgd"):
+        assert make_server_optimizer(model, name, lr=0.1).param_groups[0]["lr_decay"] == 1.0
+    with pytest.raises(ValueError, match="lr_decay"):
+        make_server_optimizer(model, "lamb", lr=0.1, lr_decay=1.5)
+    with pytest.raises(ValueError, match="server optimizer"):
+        make_server_optimizer(model, "rmsprop", lr=0.1)  # type: ignore[arg-type]
+
+
+def test_clipper_choice() -> None:
+    assert isinstance(make_clipper("global", 0.5), GlobalClip)
+    clipper = make_clipper("per-layer", 0.5, allocation="uniform")
+    assert isinstance(clipper, PerLayerClip) and clipper.allocation == "uniform"
+    with pytest.raises(ValueError, match="clip"):
+        make_clipper("per-user", 0.5)  # type: ignore[arg-type]
+
+
+def test_federated_round_with_dp_changes_the_model_and_spends_epsilon(tmp_path: Path) -> None:
+    """Two DP-FedAvg rounds on random-feature users through dpfl's round loop."""
+    tok = CharTokenizer()
+    g = torch.Generator().manual_seed(0)
+    users: dict[Hashable, Any] = {
+        f"u{i}": make_batches([torch.randn(40, 80, generator=g) for _ in range(2)], ["ab c", "d e"],
+                              tok, batch_size=1)
+        for i in range(6)
+    }
+    torch.manual_seed(0)
+    model = CTCTransformer(get_config("tiny"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = FederatedConfig(rounds=2, cohort_size=3, local_steps=2, local_lr=0.05,
+                             clip_bound=0.1, noise_multiplier=0.5, server_lr=0.01, seed=1)
+    result = run_federated(model, InMemoryFederatedDataset(users), config,
+                           log_path=tmp_path / "log.jsonl", progress=False)
+    assert result.rounds_completed == 2
+    assert 0 < result.epsilon < math.inf
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert sum(x.get("event") == "round" for x in lines) == 2
+
+
+def test_quick_pipeline_end_to_end(tmp_path: Path) -> None:
+    """`--quick` generates its corpus, trains, fine-tunes with and without DP, writes the table."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--cache-dir",
+         str(tmp_path / "cache"), "--output-dir", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    for name in ("seed", "fl_no_noise", "fl_dp"):
+        assert math.isfinite(results[name]["wer"]) and results[name]["wer"] >= 0
+        assert 0 <= results[name]["cer"]
+    assert results["fl_no_noise"]["epsilon"] == "inf"
+    assert 0 < results["fl_dp"]["epsilon"] < math.inf
+    assert 0 < results["extrapolated"]["epsilon"] < results["fl_dp"]["epsilon"]
+    assert results["fl_dp"]["noise_multiplier"] == pytest.approx(
+        results["fl_dp"]["sigma_dp"] * results["fl_dp"]["cohort_size"])
+    for name in ("fl_no_noise", "fl_dp"):
+        rounds = [json.loads(x) for x in (out / f"{name}.jsonl").read_text().splitlines()]
+        assert sum(r.get("event") == "round" for r in rounds) == results[name]["rounds"] > 0
+    assert (out / "seed_model.pt").is_file()
+    assert "FL + DP" in proc.stdout and "seed model" in proc.stdout
+    assert (out / "results.md").read_text().strip() in proc.stdout
