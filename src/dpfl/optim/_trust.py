@@ -180,6 +180,26 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
             raise
 
     @staticmethod
+    def _evaluate(closure: Callable[[], float] | None) -> float | None:
+        """Run ``closure`` with gradients enabled (``step`` itself runs under ``no_grad``)."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    def _params_with_grad(self, group: Mapping[str, Any]) -> list[tuple[Tensor, Tensor]]:
+        """``(param, grad)`` for the group's parameters that have a gradient.
+
+        Raises:
+            RuntimeError: if any gradient is sparse (checked before any state changes).
+        """
+        pairs = [(p, p.grad) for p in group["params"] if p.grad is not None]
+        for _, grad in pairs:
+            if grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        return pairs
+
+    @staticmethod
     def _use_foreach(group: Mapping[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:
         """``foreach`` if set, else True when every tensor is dense and on CPU or CUDA."""
         if group["foreach"] is not None:

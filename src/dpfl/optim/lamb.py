@@ -121,17 +121,10 @@ class LAMB(_LayerwiseOptimizer):
         Raises:
             RuntimeError: If a gradient is sparse.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate(closure)
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("LAMB does not support sparse gradients")
+            for p, grad in self._params_with_grad(group):
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
@@ -139,7 +132,7 @@ class LAMB(_LayerwiseOptimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
                 params.append(p)
-                grads.append(p.grad)
+                grads.append(grad)
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_sqs.append(state["exp_avg_sq"])
                 steps.append(int(state["step"]))

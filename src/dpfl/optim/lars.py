@@ -122,19 +122,12 @@ class LARS(_LayerwiseOptimizer):
         Raises:
             RuntimeError: If a gradient is sparse.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate(closure)
         for group in self.param_groups:
             params, grads, bufs = [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("LARS does not support sparse gradients")
+            for p, grad in self._params_with_grad(group):
                 params.append(p)
-                grads.append(p.grad)
+                grads.append(grad)
                 bufs.append(self.state[p].get("momentum_buffer"))
             if not params:
                 continue
