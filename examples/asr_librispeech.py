@@ -396,7 +396,15 @@ def format_table(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse ``argv`` (default ``sys.argv``), run the pipeline and return its results."""
-    return run_pipeline(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.sampling == "fixed" and args.accountant == "pld":
+        parser.error("--sampling fixed needs --accountant rdp (fixed cohorts are accounted under "
+                     "replace-one adjacency, which the PLD accountant does not support)")
+    if args.sampling == "fixed" and args.target_epsilon is not None:
+        parser.error("--target-epsilon calibrates for Poisson sampling; use --sampling poisson "
+                     "or give --noise-multiplier / --sigma-dp with --sampling fixed")
+    return run_pipeline(args)
 
 
 if __name__ == "__main__":

@@ -171,13 +171,30 @@ def resolve_noise(
     return 0.0, 0.0
 
 
-def make_accountant(name: Literal["rdp", "pld"]) -> RDPAccountant | PLDAccountant:
-    """A fresh :class:`dpfl.accounting.RDPAccountant` or ``PLDAccountant``."""
-    if name == "rdp":
-        return RDPAccountant()
-    if name == "pld":
-        return PLDAccountant()
-    raise ValueError(f"accountant must be 'rdp' or 'pld', got {name!r}")
+def make_accountant(
+    name: Literal["rdp", "pld"], *, sampling: Literal["poisson", "fixed"] = "poisson"
+) -> RDPAccountant | PLDAccountant:
+    """A fresh accountant whose adjacency matches the sampling that is actually run.
+
+    Poisson cohorts are accounted under add/remove-one-user adjacency (RDP or PLD); fixed-size
+    cohorts drawn without replacement only under replace-one adjacency, which dp_accounting
+    supports with RDP alone.
+
+    Raises:
+        ValueError: for an unknown name or sampling, or ``"pld"`` with ``"fixed"`` sampling.
+    """
+    if name not in ("rdp", "pld"):
+        raise ValueError(f"accountant must be 'rdp' or 'pld', got {name!r}")
+    if sampling == "poisson":
+        return RDPAccountant() if name == "rdp" else PLDAccountant()
+    if sampling == "fixed":
+        if name == "pld":
+            raise ValueError(
+                "--sampling fixed needs --accountant rdp: fixed cohorts are accounted under "
+                "replace-one adjacency, which the PLD accountant does not support"
+            )
+        return RDPAccountant(adjacency="replace_one")
+    raise ValueError(f"sampling must be 'poisson' or 'fixed', got {sampling!r}")
 
 
 @dataclass(frozen=True)
@@ -294,7 +311,7 @@ def run_federated(
         clipper=make_clipper(config.clip, config.clip_bound, allocation=config.clip_allocation),
         noise_multiplier=config.noise_multiplier,
         server_optimizer=optimizer,
-        accountant=make_accountant(config.accountant),
+        accountant=make_accountant(config.accountant, sampling=config.sampling),
         rounds=config.rounds,
         local_lr=config.local_lr,
         local_steps=config.local_steps,

@@ -141,3 +141,24 @@ def test_quick_pipeline_end_to_end(tmp_path: Path) -> None:
     assert (out / "seed_model.pt").is_file()
     assert "FL + DP" in proc.stdout and "seed model" in proc.stdout
     assert (out / "results.md").read_text().strip() in proc.stdout
+
+
+def test_accountant_matches_the_sampling_that_is_run() -> None:
+    """Fixed cohorts need a replace-one RDP accountant; PLD cannot account them."""
+    from dpfl.accounting import FixedCohortRound, PoissonRound
+    from examples.asr.federated import make_accountant
+
+    fixed = make_accountant("rdp", sampling="fixed")
+    fixed.add_rounds(FixedCohortRound(noise_multiplier=1.0, cohort_size=10, population=400))
+    assert 0 < fixed.epsilon(1e-6) < float("inf")
+    make_accountant("pld").add_rounds(PoissonRound(noise_multiplier=1.0, sample_rate=0.025))
+    with pytest.raises(ValueError, match="replace-one"):
+        make_accountant("pld", sampling="fixed")
+
+
+def test_cli_rejects_fixed_sampling_with_pld_before_any_work() -> None:
+    from examples.asr_librispeech import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--sampling", "fixed", "--accountant", "pld"])
+    assert exc.value.code == 2
