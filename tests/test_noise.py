@@ -167,3 +167,100 @@ def test_non_tensor_input_is_rejected_before_noise():
     with pytest.raises(TypeError, match="'bad'"):
         mech.add_noise_({"good": good, "bad": [1.0, 2.0]})  # type: ignore[dict-item]
     assert not good.any()
+
+
+# ----------------------------------------------------------------- sampler, threads, dtypes (#9)
+def test_noise_is_the_documented_sampler_on_the_state_key():
+    """The released noise equals Box–Muller (float64 reference) on the AES-256-CTR keystream
+    whose key and release counter state_dict() exposes: no other sampler is on the path."""
+    from test_sampler import reference_normals, reference_words
+
+    mech = GaussianMechanism(1.0, 2.0, seed=4)
+    mech.add_noise({"w": torch.zeros(3)})  # advance to release 1
+    raw = bytes(mech.state_dict()["generator"].tolist())
+    key, release = raw[16:48], int.from_bytes(raw[48:], "little")
+    assert release == 1
+    noised = mech.add_noise({"a": torch.zeros(40), "b": torch.zeros(6, dtype=torch.float64)})
+    # 40 float32 coordinates: 20 pairs, 20 int64 radius + 20 int32 angle words = 30 words;
+    # then 6 float64 coordinates: 4 pairs (a multiple of 4), 4 + 4 int64 words.
+    z_a = reference_normals(reference_words(key, 1, 0, 30), 20, float64=False)
+    z_b = reference_normals(reference_words(key, 1, 30, 8), 4, float64=True)
+    torch.testing.assert_close(
+        noised["a"].double(), 2.0 * torch.from_numpy(z_a[:40]), rtol=2e-5, atol=2e-5
+    )
+    torch.testing.assert_close(noised["b"], 2.0 * torch.from_numpy(z_b[:6]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("secure", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_sums_get_noise_of_std_z_c(secure, dtype):
+    """float16/bfloat16 sums: std check as above (rounding adds < 1e-6 relative variance)."""
+    mech = GaussianMechanism(1.0, 0.5, secure=secure)
+    noised = mech.add_noise({"h": torch.zeros(N, dtype=dtype)})
+    assert noised["h"].dtype == dtype
+    assert_gaussian(noised["h"], 0.5)
+
+
+@given(st.integers(0, 2**64 - 1))
+def test_same_seed_same_noise_for_any_num_threads(seed):
+    x = {"w": torch.zeros(70_001), "b": torch.zeros(5, dtype=torch.float64)}
+    runs = [GaussianMechanism(1.0, 1.0, seed=seed, num_threads=k).add_noise(x) for k in (1, 2, 3)]
+    assert all(torch.equal(r[k], runs[0][k]) for r in runs[1:] for k in x)
+
+
+def test_non_contiguous_tensors_are_noised_in_place():
+    base = torch.zeros(400, 500)
+    view = base.t()
+    GaussianMechanism(1.0, 1.0, seed=2).add_noise_({"w": view})
+    assert base.abs().min() > 0  # every coordinate of the underlying storage got noise
+    assert_gaussian(base, 1.0)
+
+
+def test_std_not_representable_in_the_dtype_is_rejected_before_any_change():
+    """GaussianMechanism(1, 1e300) on float32 used to release inf noise silently (issue 11)."""
+    mech = GaussianMechanism(1.0, 1e300, seed=0)
+    ok, bad = torch.zeros(4, dtype=torch.float64), torch.zeros(4)
+    with pytest.raises(ValueError, match=r"std.*'w'.*float32"):
+        mech.add_noise_({"ok": ok, "w": bad})
+    assert not ok.any() and not bad.any()
+    with pytest.raises(ValueError, match="'h'.*float16"):
+        GaussianMechanism(1.0, 1e4).add_noise_({"h": torch.zeros(2, dtype=torch.float16)})
+    out = mech.add_noise({"ok": ok})["ok"]  # float64 can hold it, and the failed call drew nothing
+    again = GaussianMechanism(1.0, 1e300, seed=0).add_noise({"ok": ok})["ok"]
+    assert torch.isfinite(out).all() and torch.equal(out, again)
+
+
+@pytest.mark.parametrize(
+    "generator",
+    [
+        torch.zeros(5056, dtype=torch.uint8),  # a torch mt19937 state (older dpfl)
+        torch.zeros(56, dtype=torch.uint8),  # right size, wrong format tag
+        torch.zeros(56, dtype=torch.int64),
+        torch.zeros(2, 28, dtype=torch.uint8),
+        "not a tensor",
+    ],
+)
+def test_malformed_generator_state_raises_value_error_and_keeps_state(generator):
+    mech = GaussianMechanism(1.0, 1.0, seed=5)
+    bad = {**mech.state_dict(), "generator": generator}
+    with pytest.raises(ValueError, match="generator"):
+        mech.load_state_dict(bad)
+    x = {"w": torch.zeros(8)}
+    assert torch.equal(
+        mech.add_noise(x)["w"], GaussianMechanism(1.0, 1.0, seed=5).add_noise(x)["w"]
+    )
+
+
+def test_secure_mode_rekeys_every_release_and_saves_no_key():
+    mech = GaussianMechanism(1.0, 1.0, secure=True)
+    keys = []
+    for _ in range(3):
+        mech.add_noise({"w": torch.zeros(4)})
+        keys.append(mech._key)
+    assert len(set(keys)) == 3
+    assert "generator" not in mech.state_dict()
+
+
+def test_num_threads_is_validated():
+    with pytest.raises(ValueError, match="num_threads"):
+        GaussianMechanism(1.0, 1.0, num_threads=0)
