@@ -8,11 +8,14 @@ times, interleaved and as the median of several repeats:
   every layer clipped: the worst case, one distinct scale per tensor);
 * alternatives for the per-layer scaled add (materialised ``_foreach_mul`` + ``_foreach_add_``);
 * a straightforward per-tensor Python loop (clone, norm, mul, add);
-* the noise release (``GaussianMechanism.add_noise_`` on the sum, standard and secure) beside a
-  per-tensor ``randn_like`` loop.
+* the noise release (``GaussianMechanism.add_noise_`` on a float32 and a float64 sum, plain and
+  secure, 1 and 2 threads) beside the release before the fix (a fresh CPU ``normal_`` buffer per
+  tensor, whose float32 draws stop at 5.77σ), and a figure of the sampler's attainable tail
+  (``results/noise_tail.png``).
 
 Writes ``benchmarks/results/primitives.md`` and prints the table.
-Usage: ``python benchmarks/primitives.py [--scale 0.1] [--repeats 7] [--noise-repeats 3]``.
+Usage: ``python benchmarks/primitives.py [--scale 0.1] [--repeats 7] [--noise-repeats 3]
+[--only-noise]`` (``--only-noise`` reruns just the noise section of the results file).
 
 References: Pelikan et al., arXiv 2310.00098 (model shape, per-layer clipping).
 """
@@ -144,28 +147,165 @@ def clip_cases(update: dict[str, torch.Tensor], bound: float) -> dict[str, Calla
     }
 
 
-def noise_cases(update: dict[str, torch.Tensor]) -> dict[str, Callable[[], object]]:
+# ------------------------------------------------------------------------------------ noise
+NOISE_STD = 0.01
+NOISE_BEGIN, NOISE_END = "<!-- noise:begin -->", "<!-- noise:end -->"
+TAIL_FIGURE = RESULTS.with_name("noise_tail.png")
+
+
+def normal_release_(acc: dict[str, torch.Tensor], gen: torch.Generator) -> None:
+    """The release before the fix: per tensor a fresh CPU ``normal_`` buffer (float32 unless the
+    sum is float64; Box–Muller on 24-bit uniforms, so never beyond 5.77σ), moved and added."""
+    for t in acc.values():
+        dtype = t.dtype if t.dtype == torch.float64 else torch.float32
+        noise = torch.empty(t.shape, dtype=dtype).normal_(0.0, NOISE_STD, generator=gen)
+        t.add_(noise.to(t.device))
+
+
+def noise_cases(
+    update: dict[str, torch.Tensor], dtype: torch.dtype
+) -> dict[str, Callable[[], object]]:
+    """Noise releases on a sum of ``dtype`` shaped like ``update``, beside the before-fix one."""
     tensors = list(update.values())
-    acc = {k: torch.zeros_like(v) for k, v in update.items()}
-    acc_list = list(acc.values())
-    mech = GaussianMechanism(1.0, 0.01, seed=0)
-    secure = GaussianMechanism(1.0, 0.01, secure=True)
+    acc = {k: torch.zeros_like(v, dtype=dtype) for k, v in update.items()}
     gen = torch.Generator().manual_seed(0)
+    name = "float32" if dtype == torch.float32 else "float64"
+    cases: dict[str, Callable[[], object]] = {}
+    if dtype == torch.float32:
+        acc_list = list(acc.values())
 
-    def floor() -> None:
-        torch._foreach_norm(tensors)
-        torch._foreach_add_(acc_list, tensors)
+        def floor() -> None:
+            torch._foreach_norm(tensors)
+            torch._foreach_add_(acc_list, tensors)
 
-    def naive() -> None:
-        for t in acc_list:
-            t.add_(torch.randn(t.shape, generator=gen) * 0.01)
+        cases["clipping floor: _foreach_norm + _foreach_add_"] = floor
+    cases[f"before: {name} normal_ per tensor (max 5.77σ)"] = lambda: normal_release_(acc, gen)
+    for secure in (False, True):
+        for threads in (1, 2):
+            seed = None if secure else 0
+            mech = GaussianMechanism(1.0, NOISE_STD, seed=seed, secure=secure, num_threads=threads)
+            label = "secure, 4 draws" if secure else "plain"
+            cases[
+                f"GaussianMechanism.add_noise_ ({label}, {threads} thread{'s' * (threads > 1)})"
+            ] = lambda m=mech: m.add_noise_(acc)
+    return cases
 
-    return {
-        "floor: _foreach_norm + _foreach_add_": floor,
-        "GaussianMechanism.add_noise_": lambda: mech.add_noise_(acc),
-        "GaussianMechanism.add_noise_ (secure, 4 draws)": lambda: secure.add_noise_(acc),
-        "naive loop (randn * std, add)": naive,
-    }
+
+def _noise_times(
+    cases: dict[str, Callable[[], object]], repeats: int
+) -> dict[str, tuple[float, float]]:
+    """Median (wall, process CPU) seconds per case, interleaved, after one warm-up each."""
+    for fn in cases.values():
+        fn()
+    walls: dict[str, list[float]] = {k: [] for k in cases}
+    cpus: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(repeats):
+        for k, fn in cases.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            walls[k].append(time.perf_counter() - wall)
+            cpus[k].append(time.process_time() - cpu)
+    return {k: (statistics.median(walls[k]), statistics.median(cpus[k])) for k in cases}
+
+
+def noise_table(title: str, times: dict[str, tuple[float, float]]) -> list[str]:
+    base_key = next(k for k in times if k.startswith("before"))
+    base_wall, base_cpu = times[base_key]
+    lines = [
+        f"### {title}",
+        "",
+        "| operation | wall (s) | wall / before | CPU (s) | CPU / before |",
+        "|---|---|---|---|---|",
+    ]
+    for k, (wall, cpu) in times.items():
+        lines.append(
+            f"| {k} | {wall:.3f} | {wall / base_wall:.2f}x | {cpu:.3f} | {cpu / base_cpu:.2f}x |"
+        )
+    return [*lines, ""]
+
+
+def tail_figure(path: Path) -> str:
+    """Plot the largest attainable |draw|/σ against -log2(u1): dpfl's transform (fed the radius
+    word that gives each u1) and Box–Muller on 24-bit uniforms (torch's float32 ``normal_``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dpfl._sampler import MAX_ABS_NORMAL, box_muller_
+
+    k = torch.linspace(0.0, 64.0, 513, dtype=torch.float64)
+    words = torch.clamp(torch.round(2.0 ** (63.0 - k) - 0.5), 0, 2.0**63 - 2**10).to(torch.int64)
+    words = torch.cat([words, words[:3]])  # a multiple of 4 pairs
+    p = words.numel()
+    radius = {}
+    for dtype, angle_dtype in ((torch.float32, torch.int32), (torch.float64, torch.int64)):
+        out = torch.empty(2 * p, dtype=dtype)
+        box_muller_(
+            words,
+            torch.zeros(p, dtype=angle_dtype),
+            out,
+            torch.empty(p, dtype=dtype),
+            torch.empty(p, dtype=dtype),
+        )
+        radius[dtype] = out[: k.numel()].double()
+    u24 = torch.clamp(2.0**-k, min=2.0**-24)
+    old = torch.sqrt(-2 * torch.log(u24))
+    old_max = float(old.max())
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(k, radius[torch.float32], label="dpfl transform, float32 math (64-bit words)")
+    ax.plot(k, radius[torch.float64], "--", label="dpfl transform, float64 math")
+    ax.plot(k, old, label="Box–Muller on 24-bit uniforms (torch float32 normal_)")
+    ax.axhline(old_max, color="gray", lw=0.8, ls=":")
+    ax.axhline(MAX_ABS_NORMAL, color="gray", lw=0.8, ls=":")
+    ax.axhline(8.0, color="red", lw=0.8, ls="--", label="8σ (required)")
+    ax.text(1, old_max + 0.15, f"{old_max:.4f}σ: P(|Z| beyond) = 8e-9", fontsize=8)
+    ax.text(1, MAX_ABS_NORMAL + 0.15, f"{MAX_ABS_NORMAL:.4f}σ: P(|Z| beyond) = 4.5e-21", fontsize=8)
+    ax.set_xlabel("-log2(u1)  (u1: the radius uniform)")
+    ax.set_ylabel("radius r = sqrt(-2 ln u1) = largest |draw| / σ")
+    ax.set_ylim(0, 10.5)
+    ax.set_title("Attainable noise magnitude: dpfl sampler vs float32 normal_")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return (
+        f"![tail check]({path.name}) — the transform evaluated on the radius word of each u1: "
+        f"largest attainable |draw| {float(radius[torch.float32].max()):.4f}σ (float32 math), "
+        f"{float(radius[torch.float64].max()):.4f}σ (float64), against {old_max:.4f}σ for "
+        "Box–Muller on 24-bit uniforms."
+    )
+
+
+def noise_section(update: dict[str, torch.Tensor], repeats: int, figure: Path) -> list[str]:
+    n_params = sum(t.numel() for t in update.values())
+    f32 = _noise_times(noise_cases(update, torch.float32), repeats)
+    f64 = _noise_times(noise_cases(update, torch.float64), repeats)
+    return [
+        NOISE_BEGIN,
+        "## Noise release (once per round, on the sum)",
+        "",
+        f"{n_params:,} coordinates in {len(update)} tensors, std {NOISE_STD:g}; median of "
+        f"{repeats} interleaved repeats after one warm-up. Wall and process CPU time (all "
+        "threads); ratios to the before-fix release measured in the same run. The machine is "
+        "shared: where the load average exceeds the core count, CPU time is the steadier "
+        "measure of work and wall time shows what two threads obtained.",
+        "",
+        *noise_table("Float32 sum", f32),
+        *noise_table("Float64 sum", f64),
+        tail_figure(figure),
+        "",
+        NOISE_END,
+    ]
+
+
+def splice_noise_section(text: str, section: list[str]) -> str:
+    """Replace the noise section of an existing results file (or append it)."""
+    block = "\n".join(section)
+    if NOISE_BEGIN in text and NOISE_END in text:
+        head, rest = text.split(NOISE_BEGIN, 1)
+        return head + block + rest.split(NOISE_END, 1)[1]
+    return text.rstrip("\n") + "\n\n" + block + "\n"
 
 
 def machine_info() -> str:
@@ -204,12 +344,25 @@ def main() -> None:
     parser.add_argument("--noise-repeats", type=int, default=3, help="repeats of the noise cases")
     parser.add_argument("--bound", type=float, default=0.01, help="clipping bound C")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--only-noise", action="store_true", help="rerun only the noise section of --output"
+    )
     args = parser.parse_args()
+
+    if args.only_noise:
+        update = make_update(args.scale)
+        section = noise_section(update, args.noise_repeats, args.output.with_name(TAIL_FIGURE.name))
+        old = args.output.read_text() if args.output.exists() else "# dpfl primitives benchmark\n"
+        text = splice_noise_section(
+            old, [*section[:3], f"Machine: {machine_info()}.", *section[3:]]
+        )
+        args.output.write_text(text)
+        print(text)
+        return
 
     update = make_update(args.scale)
     n_params = sum(t.numel() for t in update.values())
     clip_times = _median_times(clip_cases(update, args.bound), args.repeats)
-    noise_times = _median_times(noise_cases(update), args.noise_repeats, warmup=False)
     lines = [
         "# dpfl primitives benchmark",
         "",
@@ -220,8 +373,8 @@ def main() -> None:
         "interleaved repeats; ratios are to the floor measured in the same run.",
         "",
         *table("Per-user clip and accumulate", clip_times),
-        *table("Noise release (once per round, on the sum)", noise_times),
     ]
+    lines += noise_section(update, args.noise_repeats, args.output.with_name(TAIL_FIGURE.name))
     text = "\n".join(lines)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
