@@ -244,3 +244,26 @@ def test_pieces_stay_below_the_intra_op_grain():
     assert PIECE <= 32768
     assert 2 * sampler._pairs(PIECE, False) <= 32768
     assert 2 * sampler._pairs(PIECE // sampler.SECURE_DRAWS, True) <= 32768
+
+
+def _noise_in_child(queue) -> None:
+    x = torch.zeros(3 * PIECE)
+    add_gaussian_([x], key=KEY, release=0, scale=1.0, secure=False, workers=2)
+    queue.put(float(x.std()))
+
+
+def test_thread_pool_works_in_a_forked_child():
+    """A child forked after the pool exists gets fresh workers instead of waiting forever."""
+    import multiprocessing
+
+    add_gaussian_([torch.zeros(3 * PIECE)], key=KEY, release=0, scale=1.0, secure=False, workers=2)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_noise_in_child, args=(queue,))
+    child.start()
+    child.join(120)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung and child.exitcode == 0
+    assert 0.9 < queue.get(timeout=10) < 1.1
