@@ -44,8 +44,9 @@ class GaussianMechanism:
     **Sampler.** Every coordinate (float16, bfloat16, float32 or float64, on any device) gets
     ``std · Z`` with ``Z`` from Box–Muller on 64-bit random words: ``u1 = (|b1| + 1/2)·2^-63``
     reaches ``2^-64``, so the largest attainable ``|Z|`` is ``sqrt(128 ln 2) ≈ 9.419``
-    (:data:`MAX_ABS_NORMAL`; secure mode: ``2 × 9.419``), and the tail is Gaussian to within a
-    relative ``1e-4`` out to 8.5σ. (torch's float32 ``normal_``, used before, is Box–Muller on
+    (:data:`MAX_ABS_NORMAL`; secure mode: ``2 × 9.419``); ``P(|Z| > t)`` matches the Gaussian
+    tail to a relative ``2e-5`` for ``t <= 8`` and ``1e-3`` for ``t <= 8.5`` (the ``2^-63``
+    spacing of ``u1``). (torch's float32 ``normal_``, used before, is Box–Muller on
     24-bit uniforms and never exceeds 5.77σ: a released coordinate beyond that could only come
     from the neighbouring dataset, an unaccounted privacy failure.) The transform runs in float64
     for float64 tensors and in float32 otherwise; noise is generated on the tensor's device,
