@@ -285,7 +285,8 @@ def noise_section(update: dict[str, torch.Tensor], repeats: int, figure: Path) -
         NOISE_BEGIN,
         "## Noise release (once per round, on the sum)",
         "",
-        f"{n_params:,} coordinates in {len(update)} tensors, std {NOISE_STD:g}; median of "
+        f"{n_params:,} coordinates in {len(update)} tensors ({n_params / 255_800_862:.2g} of the "
+        f"paper model), std {NOISE_STD:g}; median of "
         f"{repeats} interleaved repeats after one warm-up. Wall and process CPU time (all "
         "threads); ratios to the before-fix release measured in the same run. The machine is "
         "shared: where the load average exceeds the core count, CPU time is the steadier "
