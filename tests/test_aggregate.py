@@ -262,3 +262,62 @@ def test_sensitivity_mismatch_is_an_error():
         DPAggregator(GlobalClip(0.0), GaussianMechanism(1.0, 1.0), expected_cohort_size=2)
     with pytest.raises(ValueError, match="noise_multiplier"):
         DPAggregator(GlobalClip(1.0), GaussianMechanism(-1.0, 1.0), expected_cohort_size=2)
+
+
+# --- degenerate inputs (issue 11): a clear error naming the problem, no state change -----------
+
+
+def _fresh(**kwargs) -> DPAggregator:
+    return DPAggregator(
+        PerLayerClip(1.0), GaussianMechanism(0.0, 1.0), expected_cohort_size=2, **kwargs
+    )
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "culprit"),
+    [
+        ({}, ValueError, "update is empty"),
+        ({"w": torch.zeros(0), "v": torch.zeros(0, 3)}, ValueError, "no elements"),
+        ({"w": torch.ones(3).to_sparse()}, TypeError, "'w' must be a dense"),
+        ({"w": torch.ones(3, device="meta")}, TypeError, "'w' .*meta"),
+        ({1: torch.ones(3)}, TypeError, "keys must be str.*1"),
+    ],
+)
+def test_degenerate_first_update_is_rejected_and_fixes_no_schema(bad, error, culprit):
+    agg = _fresh()
+    with pytest.raises(error, match=culprit):
+        agg.add(bad)
+    assert agg.num_users == 0
+    with pytest.raises(ValueError, match="no schema"):
+        agg.release(allow_empty=True)  # the bad update fixed no schema
+    agg.add({"w": torch.ones(3)})
+    assert agg.num_users == 1
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "culprit"),
+    [
+        ({}, ValueError, "update is empty"),
+        ({"w": torch.ones(3).to_sparse()}, TypeError, "'w' must be a dense"),
+    ],
+)
+def test_degenerate_later_update_is_rejected_and_leaves_the_sum_unchanged(bad, error, culprit):
+    agg = _fresh()
+    agg.add({"w": torch.full((3,), 0.25)})
+    with pytest.raises(error, match=culprit):
+        agg.add(bad)
+    mean, stats = agg.release()
+    assert stats.num_users == 1 and torch.equal(mean["w"], torch.full((3,), 0.125))
+
+
+@pytest.mark.parametrize(
+    ("template", "culprit"),
+    [
+        ({}, "template is empty"),
+        ({"w": torch.zeros(0)}, "template .*no elements"),
+        ({"w": torch.zeros(2).to_sparse()}, "template tensor 'w' must be a dense"),
+    ],
+)
+def test_degenerate_template_is_rejected(template, culprit):
+    with pytest.raises((ValueError, TypeError), match=culprit):
+        _fresh(template=template)

@@ -65,8 +65,9 @@ class DPAggregator:
             (``allow_empty=True``) or for a worker that may receive no user before ``reduce``.
 
     Raises:
-        ValueError: if the sensitivities differ, ``expected_cohort_size < 1`` or
-            ``accumulate_dtype`` is not float32/float64.
+        ValueError: if the sensitivities differ, ``expected_cohort_size < 1``,
+            ``accumulate_dtype`` is not float32/float64, or ``template`` is empty or holds no
+            element.
 
     Warning:
         The mean is divided by ``expected_cohort_size``, never by the realised number of users:
@@ -141,6 +142,13 @@ class DPAggregator:
         """Validate ``update`` against the schema without changing any state."""
         if not isinstance(update, Mapping):
             raise TypeError(f"update must be a mapping str -> Tensor, got {type(update).__name__}")
+        if not update:
+            raise ValueError(
+                "update is empty (no tensors): a user must send a model update; drop the user "
+                "instead of adding an empty mapping"
+            )
+        for name, t in update.items():
+            _check_tensor(name, t, "update")
         schema = self._schema if self._schema is not None else _schema_of(update, "update")
         missing = [k for k in schema if k not in update]
         extra = [k for k in update if k not in schema]
@@ -170,10 +178,12 @@ class DPAggregator:
             non-finite values (``drop_nonfinite=True``).
 
         Raises:
-            ValueError: missing/extra keys, shape/dtype/device mismatch with the schema, or
-                non-finite values (unless dropped); the message names the tensor. The aggregator
-                is unchanged after any error.
-            TypeError: if ``update`` is not a mapping of floating-point tensors.
+            ValueError: an empty update (``{}``) or, for the first update without a template,
+                one whose tensors hold no element at all; missing/extra keys, shape/dtype/device
+                mismatch with the schema, or non-finite values (unless dropped); the message
+                names the tensor. The aggregator is unchanged after any error.
+            TypeError: if ``update`` is not a mapping from str to dense floating-point tensors
+                holding data (sparse and meta tensors are rejected).
         """
         self._check(update)
         schema = self._schema if self._schema is not None else _schema_of(update, "update")
@@ -254,12 +264,33 @@ def _schema_of(
 ) -> dict[str, tuple[torch.Size, torch.dtype, torch.device]]:
     if not isinstance(update, Mapping):
         raise TypeError(f"{what} must be a mapping str -> Tensor, got {type(update).__name__}")
+    if not update:
+        raise ValueError(f"{what} is empty (no tensors): it must hold the model's parameters")
     schema = {}
     for name, t in update.items():
-        if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise TypeError(f"{what} tensor {name!r} must be a floating-point torch.Tensor")
+        _check_tensor(name, t, what)
         schema[name] = (t.shape, t.dtype, t.device)
+    if all(shape.numel() == 0 for shape, _, _ in schema.values()):
+        raise ValueError(
+            f"{what} has no elements (every tensor is empty: {sorted(schema)}); it must hold "
+            "the model's parameters"
+        )
     return schema
+
+
+def _check_tensor(name: object, t: object, what: str) -> None:
+    """Reject non-str keys, non-tensors and tensors without dense floating-point data."""
+    if not isinstance(name, str):
+        raise TypeError(f"{what} keys must be str (parameter names), got {name!r}")
+    if not isinstance(t, Tensor) or not t.is_floating_point():
+        raise TypeError(f"{what} tensor {name!r} must be a floating-point torch.Tensor")
+    if t.layout != torch.strided:
+        raise TypeError(
+            f"{what} tensor {name!r} must be a dense (strided) tensor, got layout {t.layout}; "
+            "convert it with .to_dense()"
+        )
+    if t.is_meta:
+        raise TypeError(f"{what} tensor {name!r} is on the meta device and holds no data")
 
 
 def _zeros(

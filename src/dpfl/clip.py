@@ -12,12 +12,21 @@ Every clipper offers ``clip`` (returns a clipped copy), ``clip_`` (in place) and
 ``clip_and_accumulate_`` (adds the clipped update into an accumulator without materialising the
 clipped copy: one norm pass plus one fused scaled-add pass). All three return :class:`ClipStats`.
 
-Guarantee: for finite inputs of any magnitude and dtype (float16, bfloat16, float32, float64), the
-clipped output measured in float64 never exceeds the bound (per layer and globally). Scale factors
-are shrunk by :data:`dpfl._clip_kernels.SAFETY_MARGIN` (2^-16 relative) to absorb float32 norm and
-output rounding errors; an update whose norm is within the bound is returned unchanged (the
-decision is made on a float64 norm near the boundary). Inputs with inf/NaN raise ``ValueError``
-(:class:`~dpfl._clip_kernels.NonFiniteUpdateError`) naming the tensor.
+Guarantee: for finite inputs of any length, magnitude and dtype (float16, bfloat16, float32,
+float64), the clipped output measured exactly never exceeds the bound, globally and per layer (and
+in normalize mode), for ``clip``, ``clip_`` and ``clip_and_accumulate_`` (there: the contribution
+rounded to the accumulator's dtype). Norms that decide clipping come with a stated error bound
+(a float32 pass over 128-element rows combined in float64, or a float64 pass; relative error below
+8e-6 for a tensor of any length), and each scale factor is shrunk by a margin *derived* from that
+bound and from the rounding of the scale and the output (about 1.6e-5 for float32 updates, about
+``6 n 2^-53`` for float64 ones); see :mod:`dpfl._clip_kernels` for the derivation. An update
+whose norm is within the bound is returned unchanged; only when its norm lies within the float64
+error bound (about ``n 2^-52`` relative) of the bound is it scaled down by that much. A kept
+update narrowed into a smaller accumulator dtype is rounded toward zero where rounding to nearest
+could push it past the bound. Inputs with inf/NaN raise ``ValueError``
+(:class:`~dpfl._clip_kernels.NonFiniteUpdateError`) naming the tensor. Tested by
+``tests/test_clip.py`` and ``tests/test_clip_long.py`` (10⁷ and 3·10⁷ elements by default,
+10⁸ elements and the paper-shaped update with ``-m slow``), measuring outputs exactly.
 
 References: Pelikan et al., "Enabling Differentially Private Federated Learning for Speech
 Recognition: Benchmarks, Adaptive Optimizers and Gradient Clipping", arXiv 2310.00098.
@@ -35,9 +44,16 @@ from torch import Tensor
 
 from dpfl._checks import require_positive
 from dpfl._clip_kernels import (
-    SAFETY_MARGIN,
+    U64,
     NonFiniteUpdateError,
     accumulate_scaled_,
+    combine_errors,
+    fast_path_ok,
+    keep_natively,
+    margin,
+    output_roundoff,
+    precise_error,
+    precise_norms,
     scale_,
     scaled_copy,
     tensor_norms,
@@ -45,9 +61,6 @@ from dpfl._clip_kernels import (
 from dpfl._clip_layers import LayerPlan, plan_layers
 
 __all__ = ["ClipStats", "GlobalClip", "NonFiniteUpdateError", "PerLayerClip"]
-
-# Norms within this relative distance of their bound are recomputed in float64 before deciding.
-_DECISION_WINDOW = 2.0**-12
 
 
 @dataclass(frozen=True)
@@ -72,20 +85,98 @@ def _validate_update(update: Mapping[str, Tensor]) -> tuple[list[str], list[Tens
     names = list(update)
     tensors = list(update.values())
     for name, t in zip(names, tensors, strict=True):
+        if not isinstance(name, str):
+            raise TypeError(f"update keys must be str (parameter names), got {name!r}")
         if not isinstance(t, Tensor):
             raise TypeError(
                 f"update tensor {name!r} must be a torch.Tensor, got {type(t).__name__}"
             )
         if not t.is_floating_point():
             raise TypeError(f"update tensor {name!r} must have a floating dtype, got {t.dtype}")
+        if t.layout != torch.strided or t.is_meta:
+            raise TypeError(
+                f"update tensor {name!r} must be a dense (strided) tensor holding data, got "
+                f"layout {t.layout} on device {t.device}"
+            )
     return names, tensors
 
 
-def _limit_scale(bound: float, norm: float) -> float:
-    """Scale that brings ``norm`` to just below ``bound`` (safety margin applied)."""
-    if bound == 0.0:
-        return 0.0
-    return min(bound / norm * (1.0 - SAFETY_MARGIN), 1e300)
+@dataclass
+class _Plan:
+    """Per-tensor scale factors and paths (``exact``: float64 product rounded toward zero)."""
+
+    scales: list[float]
+    exact: list[bool]
+
+
+class _Groups:
+    """Norms of groups of tensors (layers, or the whole update) with error bounds.
+
+    Tensor norms come from the fast pass of :func:`~dpfl._clip_kernels.tensor_norms`; a group
+    whose norm is too close to its bound to decide is recomputed by the float64 pass
+    (:func:`~dpfl._clip_kernels.precise_norms`) before deciding again (see ``_clip_kernels``).
+    """
+
+    def __init__(self, names: list[str], tensors: list[Tensor]) -> None:
+        self.names = names
+        self.tensors = tensors
+        self.norms, self.errs = tensor_norms(names, tensors)
+
+    def norm(self, idx: Sequence[int]) -> tuple[float, float]:
+        """Norm ``N̂`` of the group and its relative error bound ``e``."""
+        return math.hypot(*(self.norms[i] for i in idx)), combine_errors(
+            [self.errs[i] for i in idx]
+        )
+
+    def numel(self, idx: Sequence[int]) -> int:
+        return sum(self.tensors[i].numel() for i in idx)
+
+    def exceeds(self, idx: Sequence[int], bound: float) -> bool:
+        """Whether the group's exact norm exceeds ``bound`` (``True`` when too close to call)."""
+        verdict = _verdict(*self.norm(idx), bound)
+        if verdict is None:
+            sub = [i for i in idx if self.tensors[i].numel() > 0]
+            norms, errs = precise_norms(
+                [self.names[i] for i in sub], [self.tensors[i] for i in sub]
+            )
+            for i, v, e in zip(sub, norms, errs, strict=True):
+                self.norms[i], self.errs[i] = v, e
+            verdict = _verdict(*self.norm(idx), bound)
+        return verdict is not False
+
+    def scale_group(
+        self, plan: _Plan, idx: Sequence[int], bound: float, out_dtypes: Sequence[torch.dtype]
+    ) -> None:
+        """Set the scale bringing the group's norm just below ``bound`` (margin derived)."""
+        norm, err = self.norm(idx)
+        if norm == 0.0:
+            return
+        numel = self.numel(idx)
+        rho = max(output_roundoff(out_dtypes[i]) for i in idx)
+        mu = margin(err, rho, precise_error(numel))
+        scale = 0.0 if bound == 0.0 else min(bound / norm * (1.0 - mu), 1e300)
+        for i in idx:
+            plan.scales[i] = scale
+            plan.exact[i] = not fast_path_ok(out_dtypes[i], scale, bound, numel)
+
+    def keep_group(
+        self, plan: _Plan, idx: Sequence[int], bound: float, out_dtypes: Sequence[torch.dtype]
+    ) -> None:
+        """Keep the group (scale 1); narrowing conversions round toward zero near the bound."""
+        norm, err = self.norm(idx)
+        numel = self.numel(idx)
+        for i in idx:
+            src = self.tensors[i].dtype
+            plan.exact[i] = not keep_natively(src, out_dtypes[i], norm, err, bound, numel)
+
+
+def _verdict(norm: float, err: float, bound: float) -> bool | None:
+    """``False``: exact norm <= bound; ``True``: exact norm > bound; ``None``: too close."""
+    if math.isinf(bound) or norm * (1 + 2 * err + 4 * U64) <= bound:
+        return False
+    if norm * (1 - 2 * err - 4 * U64) > bound:
+        return True
+    return None
 
 
 class _Clipper:
@@ -98,7 +189,9 @@ class _Clipper:
         """L2 sensitivity of the sum of clipped updates (add/remove one user): the bound."""
         return self.bound
 
-    def _plan(self, names: list[str], tensors: list[Tensor]) -> tuple[list[float], ClipStats]:
+    def _plan(
+        self, names: list[str], tensors: list[Tensor], out_dtypes: list[torch.dtype]
+    ) -> tuple[_Plan, ClipStats]:
         raise NotImplementedError
 
     def clip(self, update: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], ClipStats]:
@@ -107,18 +200,21 @@ class _Clipper:
         Raises:
             ValueError: if a tensor holds inf/NaN (the message names it) or the layers do not match
                 an explicit per-layer allocation.
-            TypeError: if ``update`` is not a mapping of floating-point tensors.
+            TypeError: if ``update`` is not a mapping from str to dense floating-point tensors.
         """
         names, tensors = _validate_update(update)
-        scales, stats = self._plan(names, tensors)
-        out = {n: scaled_copy(t, s) for n, t, s in zip(names, tensors, scales, strict=True)}
+        plan, stats = self._plan(names, tensors, [t.dtype for t in tensors])
+        out = {
+            n: scaled_copy(t, s, exact=ex)
+            for n, t, s, ex in zip(names, tensors, plan.scales, plan.exact, strict=True)
+        }
         return out, stats
 
     def clip_(self, update: dict[str, Tensor]) -> ClipStats:
         """Clip ``update`` in place and return its :class:`ClipStats` (same errors as ``clip``)."""
         names, tensors = _validate_update(update)
-        scales, stats = self._plan(names, tensors)
-        scale_(tensors, scales)
+        plan, stats = self._plan(names, tensors, [t.dtype for t in tensors])
+        scale_(tensors, plan.scales, plan.exact)
         return stats
 
     def clip_and_accumulate_(
@@ -126,39 +222,33 @@ class _Clipper:
     ) -> ClipStats:
         """Add the clipped ``update`` into ``accumulator`` in place, without a clipped copy.
 
-        ``accumulator[k] += clip(update)[k]`` for every key, in the accumulator's dtype. The
-        update is validated and its norms computed before the accumulator is touched, so an error
-        leaves the accumulator unchanged.
+        ``accumulator[k] += clip(update)[k]`` for every key, in the accumulator's dtype; the
+        contribution itself, rounded to that dtype, stays within the bounds (a kept float64 update
+        added to a float32 sum is rounded toward zero where rounding to nearest could exceed
+        them). The update is validated and its norms computed before the accumulator is touched,
+        so an error leaves the accumulator unchanged.
 
         Raises:
             ValueError: as ``clip``, or if ``accumulator`` lacks a key of ``update`` or a shape
                 differs.
+            TypeError: as ``clip``, or if an accumulator entry is not a floating-point tensor.
         """
         names, tensors = _validate_update(update)
         for name, t in zip(names, tensors, strict=True):
             if name not in accumulator:
                 raise ValueError(f"accumulator has no entry for update tensor {name!r}")
-            if accumulator[name].shape != t.shape:
+            acc = accumulator[name]
+            if not isinstance(acc, Tensor) or not acc.is_floating_point():
+                raise TypeError(f"accumulator entry {name!r} must be a floating-point tensor")
+            if acc.shape != t.shape:
                 raise ValueError(
                     f"update tensor {name!r} has shape {tuple(t.shape)} but the accumulator "
-                    f"entry has shape {tuple(accumulator[name].shape)}"
+                    f"entry has shape {tuple(acc.shape)}"
                 )
-        scales, stats = self._plan(names, tensors)
-        accumulate_scaled_([accumulator[n] for n in names], tensors, scales)
+        accs = [accumulator[n] for n in names]
+        plan, stats = self._plan(names, tensors, [a.dtype for a in accs])
+        accumulate_scaled_(accs, tensors, plan.scales, plan.exact)
         return stats
-
-
-def _exact_norms_near(
-    norms: list[float], bound: float, names: Sequence[str], tensors: Sequence[Tensor]
-) -> list[float]:
-    """Recompute the tensor norms in float64 if ``hypot(norms)`` is too close to ``bound`` to call."""
-    total = math.hypot(*norms)
-    if math.isfinite(bound) and abs(total - bound) <= _DECISION_WINDOW * bound:
-        return [
-            float(torch.linalg.vector_norm(t.detach().to(torch.float64))) if t.numel() else 0.0
-            for t in tensors
-        ]
-    return norms
 
 
 class GlobalClip(_Clipper):
@@ -193,13 +283,19 @@ class GlobalClip(_Clipper):
         """Return ``{"__all__": bound}``: the whole update is one layer."""
         return {"__all__": self.bound}
 
-    def _plan(self, names: list[str], tensors: list[Tensor]) -> tuple[list[float], ClipStats]:
-        norms = _exact_norms_near(tensor_norms(names, tensors), self.bound, names, tensors)
-        total = math.hypot(*norms)
-        clipped = total > self.bound
-        scale = _limit_scale(self.bound, total) if clipped else 1.0
-        stats = ClipStats(norm=total, layer_norms={"__all__": total}, clipped=clipped)
-        return [scale] * len(tensors), stats
+    def _plan(
+        self, names: list[str], tensors: list[Tensor], out_dtypes: list[torch.dtype]
+    ) -> tuple[_Plan, ClipStats]:
+        groups = _Groups(names, tensors)
+        everything = range(len(tensors))
+        plan = _Plan([1.0] * len(tensors), [False] * len(tensors))
+        clipped = groups.exceeds(everything, self.bound)
+        if clipped:
+            groups.scale_group(plan, everything, self.bound, out_dtypes)
+        else:
+            groups.keep_group(plan, everything, self.bound, out_dtypes)
+        total = groups.norm(everything)[0]
+        return plan, ClipStats(norm=total, layer_norms={"__all__": total}, clipped=clipped)
 
 
 class PerLayerClip(_Clipper):
@@ -308,32 +404,31 @@ class PerLayerClip(_Clipper):
         names, tensors = _validate_update(update)
         return dict(self._layer_plan(names, tensors).bounds)
 
-    def _plan(self, names: list[str], tensors: list[Tensor]) -> tuple[list[float], ClipStats]:
-        plan = self._layer_plan(names, tensors)
-        norms = tensor_norms(names, tensors)
-        layer_norms: dict[str, float] = {}
-        for layer, members in plan.members.items():
-            sub = [norms[i] for i in members]
-            sub = _exact_norms_near(sub, plan.bounds[layer], names, [tensors[i] for i in members])
-            for i, v in zip(members, sub, strict=True):
-                norms[i] = v
-            layer_norms[layer] = math.hypot(*sub)
-        total = math.hypot(*layer_norms.values())
+    def _plan(
+        self, names: list[str], tensors: list[Tensor], out_dtypes: list[torch.dtype]
+    ) -> tuple[_Plan, ClipStats]:
+        layout = self._layer_plan(names, tensors)
+        groups = _Groups(names, tensors)
+        plan = _Plan([1.0] * len(tensors), [False] * len(tensors))
+        everything = range(len(tensors))
         if self.normalize:
-            total = math.hypot(*_exact_norms_near(norms, self.bound, names, tensors))
-            clipped = total > self.bound
-            layer_scale = {
-                h: (_limit_scale(plan.bounds[h], n) if clipped and n > 0 else 1.0)
-                for h, n in layer_norms.items()
-            }
+            clipped = groups.exceeds(everything, self.bound)
+            for layer, idx in layout.members.items():
+                if clipped:
+                    groups.scale_group(plan, idx, layout.bounds[layer], out_dtypes)
+            if not clipped:
+                groups.keep_group(plan, everything, self.bound, out_dtypes)
         else:
-            layer_scale = {
-                h: (_limit_scale(plan.bounds[h], n) if n > plan.bounds[h] else 1.0)
-                for h, n in layer_norms.items()
-            }
-            clipped = any(s != 1.0 for s in layer_scale.values())
-        scales = [layer_scale[plan.layer_of[i]] for i in range(len(names))]
-        return scales, ClipStats(norm=total, layer_norms=layer_norms, clipped=clipped)
+            clipped = False
+            for layer, idx in layout.members.items():
+                if groups.exceeds(idx, layout.bounds[layer]):
+                    clipped = True
+                    groups.scale_group(plan, idx, layout.bounds[layer], out_dtypes)
+                else:
+                    groups.keep_group(plan, idx, layout.bounds[layer], out_dtypes)
+        layer_norms = {layer: groups.norm(idx)[0] for layer, idx in layout.members.items()}
+        total = groups.norm(everything)[0]
+        return plan, ClipStats(norm=total, layer_norms=layer_norms, clipped=clipped)
 
 
 def _validate_explicit(allocation: Mapping[str, float], bound: float | None) -> dict[str, float]:
