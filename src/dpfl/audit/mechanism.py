@@ -200,16 +200,20 @@ def audit_aggregator(
     canary = canary_update(template, aggregator.clipper, gen)
     direction = _unit(canary)
     c = aggregator.clipper.sensitivity
-    offset = sum((_dot(aggregator.clipper.clip(b)[0], direction) for b in background), start=0.0)
+    names = list(direction)
+    flat_dir = torch.cat([direction[k].reshape(-1) for k in names])
+    offset = sum((_dot(aggregator.clipper.clip(b)[0], flat_dir, names) for b in background), 0.0)
     size = aggregator.expected_cohort_size
+    scores: dict[bool, list[float]] = {True: [], False: []}
     for i in range(trials):
         for b in background:
             aggregator.add(b)
         if i % 2 == 0:
             aggregator.add(canary)
         mean, _ = aggregator.release(allow_empty=True)
-        score = (_dot(mean, direction) * size - offset) / c
-        audit.observe(torch.tensor([score]), canary=i % 2 == 0)
+        scores[i % 2 == 0].append((_dot(mean, flat_dir, names) * size - offset) / c)
+    for kind, values in scores.items():
+        audit.observe(values, canary=kind)
     return audit.bound(delta, confidence=confidence)
 
 
@@ -221,8 +225,9 @@ def _entropy() -> int:
 
 def _unit(update: Mapping[str, Tensor]) -> dict[str, Tensor]:
     norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in update.values()))
-    return {k: t.double() / norm for k, t in update.items()}
+    return {k: t.detach().to("cpu", torch.float64) / norm for k, t in update.items()}
 
 
-def _dot(a: Mapping[str, Any], b: Mapping[str, Tensor]) -> float:
-    return float(sum(float((a[k].double() * b[k].to(a[k].device)).sum()) for k in b))
+def _dot(a: Mapping[str, Any], flat_b: Tensor, names: list[str]) -> float:
+    flat_a = torch.cat([a[k].detach().reshape(-1).to("cpu", torch.float64) for k in names])
+    return float(flat_a @ flat_b)
