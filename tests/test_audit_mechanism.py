@@ -140,7 +140,9 @@ TEMPLATE = {"w": torch.zeros(6, 5), "b": torch.zeros(5), "g": torch.zeros(3)}
 
 def _background(seed: int) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [{k: 3 * torch.randn(v.shape, generator=g) for k, v in TEMPLATE.items()} for _ in range(2)]
+    return [
+        {k: 3 * torch.randn(v.shape, generator=g) for k, v in TEMPLATE.items()} for _ in range(2)
+    ]
 
 
 @pytest.mark.parametrize(
