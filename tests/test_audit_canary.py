@@ -11,6 +11,8 @@ import argparse
 import functools
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -83,7 +85,7 @@ def dp_fedavg_with_canaries(
     return result, accounted_epsilon(z_acc, sample_rate, rounds, "pld")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def accounted_epsilon(z: float, q: float, rounds: int, kind: str) -> float:
     acc = PLDAccountant() if kind == "pld" else RDPAccountant()
     acc.add_rounds(PoissonRound(noise_multiplier=z, sample_rate=q), rounds)
@@ -373,3 +375,12 @@ def test_cli_bound_from_counts():
                 "1e-5",
             ]
         )
+
+
+def test_cli_parser_and_gdp_maths_do_not_import_torch():
+    code = (
+        "import sys, dpfl.audit._cli; from dpfl.audit import gaussian_epsilon; "
+        "gaussian_epsilon(1.0, 1e-5); assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

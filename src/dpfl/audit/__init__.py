@@ -16,27 +16,52 @@ References:
     Jagielski, Ullman & Oprea, arXiv 2006.07709; Dong, Roth & Su, arXiv 1905.02383.
 """
 
-from dpfl.audit.bounds import (
-    AuditBound,
-    ThresholdAudit,
-    clopper_pearson_upper,
-    epsilon_from_rates,
-)
-from dpfl.audit.canary import (
-    CanaryAudit,
-    CanaryEstimate,
-    CosineEstimate,
-    canary_update,
-    estimate_from_cosines,
-)
-from dpfl.audit.gaussian import gaussian_delta, gaussian_epsilon
-from dpfl.audit.mechanism import (
-    NoiseRelease,
-    audit_aggregator,
-    audit_gaussian_mechanism,
-    gaussian_mechanism_trials,
-    tail_thresholds,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    "AuditBound": "dpfl.audit.bounds",
+    "ThresholdAudit": "dpfl.audit.bounds",
+    "clopper_pearson_upper": "dpfl.audit.bounds",
+    "epsilon_from_rates": "dpfl.audit.bounds",
+    "CanaryAudit": "dpfl.audit.canary",
+    "CanaryEstimate": "dpfl.audit.canary",
+    "CosineEstimate": "dpfl.audit.canary",
+    "canary_update": "dpfl.audit.canary",
+    "estimate_from_cosines": "dpfl.audit.canary",
+    "gaussian_delta": "dpfl.audit.gaussian",
+    "gaussian_epsilon": "dpfl.audit.gaussian",
+    "NoiseRelease": "dpfl.audit.mechanism",
+    "audit_aggregator": "dpfl.audit.mechanism",
+    "audit_gaussian_mechanism": "dpfl.audit.mechanism",
+    "gaussian_mechanism_trials": "dpfl.audit.mechanism",
+    "tail_thresholds": "dpfl.audit.mechanism",
+}
+
+if TYPE_CHECKING:
+    from dpfl.audit.bounds import (
+        AuditBound,
+        ThresholdAudit,
+        clopper_pearson_upper,
+        epsilon_from_rates,
+    )
+    from dpfl.audit.canary import (
+        CanaryAudit,
+        CanaryEstimate,
+        CosineEstimate,
+        canary_update,
+        estimate_from_cosines,
+    )
+    from dpfl.audit.gaussian import gaussian_delta, gaussian_epsilon
+    from dpfl.audit.mechanism import (
+        NoiseRelease,
+        audit_aggregator,
+        audit_gaussian_mechanism,
+        gaussian_mechanism_trials,
+        tail_thresholds,
+    )
 
 __all__ = [
     "AuditBound",
@@ -56,3 +81,19 @@ __all__ = [
     "gaussian_mechanism_trials",
     "tail_thresholds",
 ]
+
+
+assert set(__all__) == set(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: ``dpfl.audit.gaussian`` and the CLI parser stay free of torch until needed.
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dpfl.audit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -9,7 +9,9 @@ Wired into the ``dpfl`` command by :func:`add_audit_parser`::
 ``--cosines`` reads the JSON written from :meth:`dpfl.audit.CanaryAudit.cosines` (keys ``final``
 and optionally ``all_iterates``, each ``{"canary": [...], "unseen": [...]}``).
 
-Handlers return a dict; ``dpfl.cli.main`` prints it (``--json``) or formats it.
+Handlers return a dict; ``dpfl.cli.main`` prints it (``--json``) or formats it with the
+parser's ``formatter`` default. Importing this module does not import torch (handlers import
+what they need), so ``dpfl privacy`` keeps its start-up time.
 """
 
 from __future__ import annotations
@@ -18,9 +20,6 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
-
-from dpfl.audit.bounds import clopper_pearson_upper, epsilon_from_rates
-from dpfl.audit.canary import estimate_from_cosines
 
 __all__ = ["add_audit_parser", "format_audit"]
 
@@ -56,6 +55,8 @@ def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _estimate(args: argparse.Namespace) -> dict[str, Any]:
+    from dpfl.audit.canary import estimate_from_cosines
+
     try:
         data = json.loads(Path(args.cosines).read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -81,6 +82,8 @@ def _estimate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _bound(args: argparse.Namespace) -> dict[str, Any]:
+    from dpfl.audit.bounds import clopper_pearson_upper, epsilon_from_rates
+
     for name in ("false_positives", "trials_out", "false_negatives", "trials_in"):
         if getattr(args, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(args, name)}")
