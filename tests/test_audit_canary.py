@@ -295,6 +295,8 @@ def test_estimate_from_cosines_fits_two_gaussians():
         1.0,
     )
     assert estimate_from_cosines(unseen, unseen, delta=DELTA).epsilon == 0.0
+    # canaries scoring *lower* than unseen directions are no evidence of leakage
+    assert estimate_from_cosines(unseen, canary, delta=DELTA).mu == 0.0
     with pytest.raises(ValueError, match="canary"):
         estimate_from_cosines([1.0], unseen, delta=DELTA)
     with pytest.raises(ValueError, match="unseen"):

@@ -5,7 +5,7 @@ is a fixed random direction at the clip bound, take part in the run like users �
 run's rate, clipped, summed and noised by the same aggregator. At the end, the cosine between the
 model's total change and each canary direction is compared with the cosines of ``k`` random
 directions that were never inserted; Gaussians fitted to the two samples give
-``μ = |mean difference| / pooled std`` and the estimate is the ε of μ-GDP at δ
+``μ = (canary mean − unseen mean) / pooled std`` (0 if negative) and the estimate is the ε of μ-GDP at δ
 (:func:`~dpfl.audit.gaussian.gaussian_epsilon`). With every released iterate observed, the
 statistic of a direction is its largest cosine with any one round's model change.
 
@@ -117,7 +117,7 @@ class CosineEstimate:
 
     Attributes:
         epsilon: ε of μ-GDP at ``delta`` with ``mu``.
-        mu: ``|canary_mean − unseen_mean| / pooled std``.
+        mu: ``max(0, canary_mean − unseen_mean) / pooled std``.
         canary_mean, canary_std: Fit of the inserted canaries' statistics.
         unseen_mean, unseen_std: Fit of the unseen directions' statistics.
         count: Number of canaries (and of unseen directions).
@@ -137,8 +137,12 @@ def estimate_from_cosines(
 ) -> CosineEstimate:
     """Estimate ε from saved canary and unseen-direction cosines (Andrew et al., ICLR 2024).
 
-    Fits a Gaussian to each sample (mean, unbiased std), sets ``μ = |m_c − m_u| / s`` with the
-    pooled std ``s = √((s_c² + s_u²)/2)`` and returns the ε of μ-GDP at ``delta``.
+    Fits a Gaussian to each sample (mean, unbiased std), sets ``μ = max(0, m_c − m_u) / s`` with
+    the pooled std ``s = √((s_c² + s_u²)/2)`` and returns the ε of μ-GDP at ``delta``. The
+    difference is signed: a canary pushes the model *towards* its direction, so canaries scoring
+    lower than unseen directions are no evidence of leakage (taking ``|m_c − m_u|`` would turn
+    pure sampling noise into a positive estimate twice as often). The sampling error of ``μ`` is
+    about ``√(2/k)`` for ``k`` canaries: estimates below ``ε(2·√(2/k))`` are noise.
 
     Args:
         canary: Statistic (cosine) of each inserted canary; at least 2 finite values.
@@ -159,7 +163,7 @@ def estimate_from_cosines(
     mc, mu_ = float(c.mean()), float(u.mean())
     sc, su = float(c.std(ddof=1)), float(u.std(ddof=1))
     pooled = math.sqrt((sc * sc + su * su) / 2)
-    gap = abs(mc - mu_)
+    gap = max(0.0, mc - mu_)
     mu = gap / pooled if pooled > 0 else (math.inf if gap > 0 else 0.0)
     return CosineEstimate(gaussian_epsilon(mu, delta), mu, mc, sc, mu_, su, int(c.size))
 
