@@ -134,25 +134,30 @@ def write_table(rows, args, elapsed: float) -> None:
         f"√(2/k) ≈ {se:.2f}.",
         "",
         "| run | z added | z accounted | ε RDP | ε PLD | empirical ε, final model (μ) "
-        "| empirical ε, all iterates (μ) | test accuracy |",
-        "|---|---|---|---|---|---|---|---|",
+        "| empirical ε, all iterates (μ) | above PLD ε? | test accuracy |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, z_real, z_acc, r in rows:
+        flagged = max(r["empirical_final"], r["empirical_all"]) > r["pld"]
         lines.append(
             f"| {label} | {z_real:g} | {z_acc:g} | {r['rdp']:.2f} | {r['pld']:.2f} "
             f"| {r['empirical_final']:.2f} ({r['mu_final']:.2f}) "
-            f"| {r['empirical_all']:.2f} ({r['mu_all']:.2f}) | {r['accuracy']:.3f} |"
+            f"| {r['empirical_all']:.2f} ({r['mu_all']:.2f}) | {'yes' if flagged else 'no'} "
+            f"| {r['accuracy']:.3f} |"
         )
     lines += [
         "",
         "Reading: the accountants prove an upper bound for every user; the empirical ε is what "
         "one attack (cosine of the model change with the canary direction) achieves against "
-        "canaries, under a Gaussian fit: a lower-bound-style estimate, not a guarantee. Honest "
-        "runs stay well below the proven ε (each canary takes part in only "
-        f"~{q * ROUNDS:.1f} of {ROUNDS} rounds, and the final model mixes in every other round's "
-        "noise and the real users' progress); the estimate grows as noise falls. The broken run "
-        "(half the accounted noise) is the check that the audit can fail: compare its row with "
-        "the honest row at the same z added.",
+        "canaries, under a Gaussian fit: a lower-bound-style estimate, not a guarantee. Each "
+        f"canary takes part in only ~{q * ROUNDS:.1f} of {ROUNDS} rounds, and in this tiny model "
+        "(484 parameters) the real users' coherent progress and the other canaries dominate "
+        "every direction's cosine, so the estimates sit far below the proven ε and grow as noise "
+        "falls. The same weakness means this attack does **not** flag the run with half the "
+        "accounted noise here: on the quickstart its power is too low. The power checks that do "
+        "fail a broken run are in the tests (`tests/test_audit_canary.py`: every canary in every "
+        "round, where the estimate is tight; `tests/test_audit_mechanism.py`: in/out audits of "
+        "the mechanism and the aggregator).",
         "",
         "![empirical vs proven epsilon](audit.png)",
     ]
