@@ -8,6 +8,7 @@ The top level re-exports the primitives most users need; each lives in its own m
 - :mod:`dpfl.accounting` — :class:`RDPAccountant`, :class:`PLDAccountant`, calibration, extrapolation
 - :mod:`dpfl.optim` — :class:`LAMB`, :class:`LARS`, :func:`layerwise_adam`, :func:`server_step`
 - :mod:`dpfl.simulation` — samplers, local and vectorized training, the round loop, checkpoints
+- :mod:`dpfl.audit` — empirical privacy: canary in/out lower bounds, one-shot canary estimation
 
 Names are imported lazily so that ``import dpfl.accounting`` stays free of torch.
 
@@ -44,7 +45,7 @@ _EXPORTS: dict[str, str] = {
     "layerwise_adam": "dpfl.optim",
     "server_step": "dpfl.optim",
 }
-_SUBMODULES = ("accounting", "aggregate", "clip", "noise", "optim", "simulation")
+_SUBMODULES = ("accounting", "aggregate", "audit", "clip", "noise", "optim", "simulation")
 
 __all__ = [
     "__version__",
@@ -69,6 +70,7 @@ __all__ = [
     "server_step",
     "accounting",
     "aggregate",
+    "audit",
     "clip",
     "noise",
     "optim",
@@ -76,7 +78,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from dpfl import accounting, aggregate, clip, noise, optim, simulation
+    from dpfl import accounting, aggregate, audit, clip, noise, optim, simulation
     from dpfl.accounting import (
         BudgetExceededError,
         Extrapolation,

@@ -32,8 +32,15 @@ from examples.asr.sentences import (
 )
 
 TINY = CorpusConfig(
-    seed=3, seed_train_speakers=2, seed_dev_speakers=1, fl_train_speakers=3, eval_speakers=2,
-    seed_train_utterances=2, dev_utterances=1, fl_train_utterances=2, shards=2,
+    seed=3,
+    seed_train_speakers=2,
+    seed_dev_speakers=1,
+    fl_train_speakers=3,
+    eval_speakers=2,
+    seed_train_utterances=2,
+    dev_utterances=1,
+    fl_train_utterances=2,
+    shards=2,
 )
 _ALPHABET = set(" '-" + string.ascii_lowercase)
 
@@ -78,17 +85,23 @@ def test_reader_reads_the_corpus_back(two_corpora: tuple[Path, Path]) -> None:
                 assert 0.3 < info.duration < 8.0
     # disjoint speaker sets across splits, matching the manifest
     for i, a in enumerate(SPLITS):
-        for b in SPLITS[i + 1:]:
+        for b in SPLITS[i + 1 :]:
             assert not users[a] & users[b]
-    by_split = {s: {str(sp["speaker_id"]) for sp in manifest["speakers"] if sp["split"] == s}
-                for s in SPLITS}
+    by_split = {
+        s: {str(sp["speaker_id"]) for sp in manifest["speakers"] if sp["split"] == s}
+        for s in SPLITS
+    }
     assert by_split == users
 
 
 def test_cache_is_reused_not_regenerated(two_corpora: tuple[Path, Path]) -> None:
     root = two_corpora[0]
     flac = next(root.glob("fl-train/*/*/*.flac"))
-    stamps = ((root / "corpus.json").stat().st_mtime_ns, flac.stat().st_mtime_ns, flac.stat().st_ino)
+    stamps = (
+        (root / "corpus.json").stat().st_mtime_ns,
+        flac.stat().st_mtime_ns,
+        flac.stat().st_ino,
+    )
     assert ensure_corpus(TINY, cache_dir=root.parent) == root
     after = ((root / "corpus.json").stat().st_mtime_ns, flac.stat().st_mtime_ns, flac.stat().st_ino)
     assert after == stamps
@@ -96,9 +109,17 @@ def test_cache_is_reused_not_regenerated(two_corpora: tuple[Path, Path]) -> None
 
 
 def test_incomplete_corpus_is_never_reused(tmp_path: Path) -> None:
-    config = CorpusConfig(seed=11, seed_train_speakers=1, seed_dev_speakers=1,
-                          fl_train_speakers=1, eval_speakers=1, seed_train_utterances=1,
-                          dev_utterances=1, fl_train_utterances=1, shards=1)
+    config = CorpusConfig(
+        seed=11,
+        seed_train_speakers=1,
+        seed_dev_speakers=1,
+        fl_train_speakers=1,
+        eval_speakers=1,
+        seed_train_utterances=1,
+        dev_utterances=1,
+        fl_train_utterances=1,
+        shards=1,
+    )
     half = corpus_dir(config, tmp_path)
     (half / "seed-train").mkdir(parents=True)  # what an interrupted run might leave
     (half / "seed-train" / "junk.flac").write_bytes(b"partial")
@@ -141,8 +162,9 @@ def test_config_and_argument_validation(tmp_path: Path) -> None:
         ensure_corpus(TINY, cache_dir=tmp_path, workers=0)
     assert not list(tmp_path.iterdir())
     with pytest.raises(ValueError, match="nosuchvoice"):
-        EspeakSynthesizer().synthesize("hello", variant="nosuchvoice", rate=170, pitch=50,
-                                       pitch_range=50)
+        EspeakSynthesizer().synthesize(
+            "hello", variant="nosuchvoice", rate=170, pitch=50, pitch_range=50
+        )
 
 
 @given(seed=st.one_of(st.integers(), st.text(max_size=20)), count=st.integers(0, 30))

@@ -24,8 +24,15 @@ def _tone(rate: int, seconds: float, freq: float = 440.0) -> np.ndarray:
     return (0.3 * np.sin(2 * math.pi * freq * t)).astype(np.float32)
 
 
-def _write_chapter(root: Path, speaker: str, chapter: str, texts: list[str], rate: int = 16000,
-                   *, transcript: bool = True) -> list[Path]:
+def _write_chapter(
+    root: Path,
+    speaker: str,
+    chapter: str,
+    texts: list[str],
+    rate: int = 16000,
+    *,
+    transcript: bool = True,
+) -> list[Path]:
     folder = root / speaker / chapter
     folder.mkdir(parents=True)
     paths, lines = [], []
@@ -155,7 +162,9 @@ _HEADER = "client_id\tpath\tsentence_id\tsentence\tsentence_domain\tup_votes\tdo
 @pytest.fixture
 def common_voice(tmp_path: Path) -> Path:
     if "MP3" not in soundfile.available_formats():
-        raise RuntimeError("libsndfile without MP3 support: soundfile >= 0.12 with libsndfile >= 1.1 is required")
+        raise RuntimeError(
+            "libsndfile without MP3 support: soundfile >= 0.12 with libsndfile >= 1.1 is required"
+        )
     root = tmp_path / "en"
     (root / "clips").mkdir(parents=True)
     rows = [
@@ -201,7 +210,11 @@ def test_common_voice_errors_raise_or_skip(common_voice: Path) -> None:
         read_common_voice(common_voice, tsv="train.tsv")
     data = read_common_voice(common_voice, tsv="train.tsv", on_error="skip")
     assert data.num_utterances == 1 and list(data.users) == ["c1a2"]
-    assert [s.path.name for s in data.skipped] == ["missing.mp3", "common_voice_en_2.mp3", "broken.mp3"]
+    assert [s.path.name for s in data.skipped] == [
+        "missing.mp3",
+        "common_voice_en_2.mp3",
+        "broken.mp3",
+    ]
 
 
 def test_common_voice_missing_column(common_voice: Path) -> None:

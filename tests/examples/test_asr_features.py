@@ -27,7 +27,9 @@ def _speechlike(num_samples: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     t = torch.arange(num_samples) / 16000
     chirp = torch.sin(2 * math.pi * (200 + 1500 * t) * t)
-    return 0.2 * chirp * torch.rand(1, generator=gen) + 0.05 * torch.randn(num_samples, generator=gen)
+    return 0.2 * chirp * torch.rand(1, generator=gen) + 0.05 * torch.randn(
+        num_samples, generator=gen
+    )
 
 
 @given(num_samples=st.integers(min_value=800, max_value=48000), seed=st.integers(0, 2**16))
@@ -77,12 +79,22 @@ def _runs(mask: torch.Tensor) -> list[int]:
     seed=st.integers(0, 2**32 - 1),
 )
 def test_spec_augment_masks_stay_within_configured_widths(
-    frames: int, freq_masks: int, max_freq_width: int, time_masks: int, max_time_width: int,
-    ratio: float, seed: int,
+    frames: int,
+    freq_masks: int,
+    max_freq_width: int,
+    time_masks: int,
+    max_time_width: int,
+    ratio: float,
+    seed: int,
 ) -> None:
-    config = SpecAugmentConfig(freq_masks=freq_masks, max_freq_width=max_freq_width,
-                               time_masks=time_masks, max_time_width=max_time_width,
-                               max_time_ratio=ratio, mask_value=-7.0)
+    config = SpecAugmentConfig(
+        freq_masks=freq_masks,
+        max_freq_width=max_freq_width,
+        time_masks=time_masks,
+        max_time_width=max_time_width,
+        max_time_ratio=ratio,
+        mask_value=-7.0,
+    )
     feats = torch.rand(frames, N_MELS) + 1.0
     before = feats.clone()
     out = SpecAugment(config)(feats, torch.Generator().manual_seed(seed))

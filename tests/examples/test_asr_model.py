@@ -50,7 +50,9 @@ def test_tokenizer_rejects_bad_input() -> None:
 
 
 def _frames_to_log_probs(frames: list[int]) -> torch.Tensor:
-    return torch.log_softmax(10.0 * torch.nn.functional.one_hot(torch.tensor(frames), 30).float(), -1)
+    return torch.log_softmax(
+        10.0 * torch.nn.functional.one_hot(torch.tensor(frames), 30).float(), -1
+    )
 
 
 @given(sentences, st.data())
@@ -81,8 +83,12 @@ def test_error_rates_agree_with_jiwer_on_normalised_text() -> None:
     hyps = ["the cat sad", "on mat", "ignored"]
     rates = error_rates(refs, hyps)
     assert rates.num_utterances == 2
-    assert rates.wer == pytest.approx(jiwer.wer(["the cat sat", "on the mat"], ["the cat sad", "on mat"]))
-    assert rates.cer == pytest.approx(jiwer.cer(["the cat sat", "on the mat"], ["the cat sad", "on mat"]))
+    assert rates.wer == pytest.approx(
+        jiwer.wer(["the cat sat", "on the mat"], ["the cat sad", "on mat"])
+    )
+    assert rates.cer == pytest.approx(
+        jiwer.cer(["the cat sat", "on the mat"], ["the cat sad", "on mat"])
+    )
     assert error_rates(["a b"], ["a b"]).wer == 0.0
     with pytest.raises(ValueError, match="differ in length"):
         error_rates(["a"], [])

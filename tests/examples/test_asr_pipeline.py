@@ -43,15 +43,26 @@ def test_noise_parameterisations_agree(value: float, cohort: int, which: str) ->
     z, sigma = resolve_noise(
         noise_multiplier=value if which == "noise_multiplier" else None,
         sigma_dp=value if which == "sigma_dp" else None,
-        target_epsilon=None, cohort_size=cohort, population=10 * cohort, rounds=10, delta=1e-6,
+        target_epsilon=None,
+        cohort_size=cohort,
+        population=10 * cohort,
+        rounds=10,
+        delta=1e-6,
     )
     assert math.isclose(z, sigma * cohort, rel_tol=1e-12)
     assert math.isclose(z if which == "noise_multiplier" else sigma, value, rel_tol=1e-12)
 
 
 def test_target_epsilon_is_calibrated_one_sided() -> None:
-    z, sigma = resolve_noise(noise_multiplier=None, sigma_dp=None, target_epsilon=5.0,
-                             cohort_size=20, population=400, rounds=30, delta=1e-6)
+    z, sigma = resolve_noise(
+        noise_multiplier=None,
+        sigma_dp=None,
+        target_epsilon=5.0,
+        cohort_size=20,
+        population=400,
+        rounds=30,
+        delta=1e-6,
+    )
     assert z > 0 and math.isclose(sigma, z / 20)
     assert epsilon_for(z, 20 / 400, 30, 1e-6) <= 5.0 * (1 + 1e-9)
     assert epsilon_for(0.95 * z, 20 / 400, 30, 1e-6) > 5.0
@@ -59,10 +70,24 @@ def test_target_epsilon_is_calibrated_one_sided() -> None:
 
 def test_noise_options_are_mutually_exclusive_and_default_to_no_noise() -> None:
     with pytest.raises(ValueError, match="at most one"):
-        resolve_noise(noise_multiplier=1.0, sigma_dp=1e-3, target_epsilon=None,
-                      cohort_size=10, population=100, rounds=5, delta=1e-6)
-    assert resolve_noise(noise_multiplier=None, sigma_dp=None, target_epsilon=None,
-                         cohort_size=10, population=100, rounds=5, delta=1e-6) == (0.0, 0.0)
+        resolve_noise(
+            noise_multiplier=1.0,
+            sigma_dp=1e-3,
+            target_epsilon=None,
+            cohort_size=10,
+            population=100,
+            rounds=5,
+            delta=1e-6,
+        )
+    assert resolve_noise(
+        noise_multiplier=None,
+        sigma_dp=None,
+        target_epsilon=None,
+        cohort_size=10,
+        population=100,
+        rounds=5,
+        delta=1e-6,
+    ) == (0.0, 0.0)
 
 
 def test_server_optimizer_decays_its_learning_rate_and_keeps_it_in_state_dict() -> None:
@@ -98,17 +123,31 @@ def test_federated_round_with_dp_changes_the_model_and_spends_epsilon(tmp_path: 
     tok = CharTokenizer()
     g = torch.Generator().manual_seed(0)
     users: dict[Hashable, Any] = {
-        f"u{i}": make_batches([torch.randn(40, 80, generator=g) for _ in range(2)], ["ab c", "d e"],
-                              tok, batch_size=1)
+        f"u{i}": make_batches(
+            [torch.randn(40, 80, generator=g) for _ in range(2)], ["ab c", "d e"], tok, batch_size=1
+        )
         for i in range(6)
     }
     torch.manual_seed(0)
     model = CTCTransformer(get_config("tiny"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    config = FederatedConfig(rounds=2, cohort_size=3, local_steps=2, local_lr=0.05,
-                             clip_bound=0.1, noise_multiplier=0.5, server_lr=0.01, seed=1)
-    result = run_federated(model, InMemoryFederatedDataset(users), config,
-                           log_path=tmp_path / "log.jsonl", progress=False)
+    config = FederatedConfig(
+        rounds=2,
+        cohort_size=3,
+        local_steps=2,
+        local_lr=0.05,
+        clip_bound=0.1,
+        noise_multiplier=0.5,
+        server_lr=0.01,
+        seed=1,
+    )
+    result = run_federated(
+        model,
+        InMemoryFederatedDataset(users),
+        config,
+        log_path=tmp_path / "log.jsonl",
+        progress=False,
+    )
     assert result.rounds_completed == 2
     assert 0 < result.epsilon < math.inf
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -121,9 +160,23 @@ def test_quick_pipeline_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--cache-dir",
-         str(tmp_path / "cache"), "--output-dir", str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False,
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--quick",
+            "--threads",
+            "1",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--output-dir",
+            str(out),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -134,7 +187,8 @@ def test_quick_pipeline_end_to_end(tmp_path: Path) -> None:
     assert 0 < results["fl_dp"]["epsilon"] < math.inf
     assert 0 < results["extrapolated"]["epsilon"] < results["fl_dp"]["epsilon"]
     assert results["fl_dp"]["noise_multiplier"] == pytest.approx(
-        results["fl_dp"]["sigma_dp"] * results["fl_dp"]["cohort_size"])
+        results["fl_dp"]["sigma_dp"] * results["fl_dp"]["cohort_size"]
+    )
     for name in ("fl_no_noise", "fl_dp"):
         rounds = [json.loads(x) for x in (out / f"{name}.jsonl").read_text().splitlines()]
         assert sum(r.get("event") == "round" for r in rounds) == results[name]["rounds"] > 0

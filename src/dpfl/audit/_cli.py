@@ -1,0 +1,122 @@
+"""``dpfl audit``: empirical ε from saved canary cosines or from in/out trial counts.
+
+Wired into the ``dpfl`` command by :func:`add_audit_parser`::
+
+    dpfl audit estimate --cosines run_cosines.json --delta 1e-5 [--json]
+    dpfl audit bound --false-positives 0 --trials-out 1000000 --false-negatives 990000 \\
+        --trials-in 1000000 --delta 1e-5 --confidence 0.95 [--json]
+
+``--cosines`` reads the JSON written from :meth:`dpfl.audit.CanaryAudit.cosines` (keys ``final``
+and optionally ``all_iterates``, each ``{"canary": [...], "unseen": [...]}``).
+
+Handlers return a dict; ``dpfl.cli.main`` prints it (``--json``) or formats it with the
+parser's ``formatter`` default. Importing this module does not import torch (handlers import
+what they need), so ``dpfl privacy`` keeps its start-up time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_audit_parser", "format_audit"]
+
+
+def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``dpfl audit`` (actions ``estimate`` and ``bound``) on ``subparsers``."""
+    audit = subparsers.add_parser(
+        "audit",
+        help="empirical privacy estimates (canary cosines, in/out trial counts)",
+        description="Empirical epsilon of a run or a release: a lower-bound-style estimate "
+        "under a specific attack, to compare with the accountant's proven epsilon.",
+    )
+    actions = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+
+    est = actions.add_parser("estimate", help="epsilon from saved canary cosines (one-shot)")
+    est.add_argument(
+        "--cosines", required=True, metavar="FILE", help="JSON of CanaryAudit.cosines()"
+    )
+    est.add_argument("--delta", type=float, required=True, metavar="D", help="target delta")
+    est.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    est.set_defaults(handler=_estimate, command_parser=est, formatter=format_audit)
+
+    bnd = actions.add_parser("bound", help="epsilon lower bound from one threshold test's counts")
+    bnd.add_argument("--false-positives", type=int, required=True, metavar="N")
+    bnd.add_argument("--trials-out", type=int, required=True, metavar="N")
+    bnd.add_argument("--false-negatives", type=int, required=True, metavar="N")
+    bnd.add_argument("--trials-in", type=int, required=True, metavar="N")
+    bnd.add_argument("--delta", type=float, required=True, metavar="D", help="target delta")
+    bnd.add_argument("--confidence", type=float, default=0.95, help="confidence of the bound")
+    bnd.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    bnd.set_defaults(handler=_bound, command_parser=bnd, formatter=format_audit)
+    return audit
+
+
+def _estimate(args: argparse.Namespace) -> dict[str, Any]:
+    from dpfl.audit.canary import estimate_from_cosines
+
+    try:
+        data = json.loads(Path(args.cosines).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cosines file {args.cosines!r} cannot be read as JSON: {err}") from err
+    if not isinstance(data, dict) or not isinstance(data.get("final"), dict):
+        raise ValueError(
+            f"cosines file {args.cosines!r} needs a 'final' object (CanaryAudit.cosines())"
+        )
+    out: dict[str, Any] = {"delta": args.delta, "audit": "canary_cosines"}
+    for key in ("final", "all_iterates"):
+        part = data.get(key)
+        if part is None:
+            out[f"epsilon_{key}"] = None
+            continue
+        if not isinstance(part, dict) or "canary" not in part or "unseen" not in part:
+            raise ValueError(f"cosines[{key!r}] needs 'canary' and 'unseen' lists")
+        e = estimate_from_cosines(part["canary"], part["unseen"], delta=args.delta)
+        out[f"epsilon_{key}"] = e.epsilon
+        out[f"mu_{key}"] = e.mu
+        out[f"count_{key}"] = e.count
+    out["epsilon"] = out["epsilon_final"]
+    return out
+
+
+def _bound(args: argparse.Namespace) -> dict[str, Any]:
+    from dpfl.audit.bounds import clopper_pearson_upper, epsilon_from_rates
+
+    for name in ("false_positives", "trials_out", "false_negatives", "trials_in"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(args, name)}")
+    if not 0 < args.confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {args.confidence!r}")
+    alpha = (1 - args.confidence) / 2
+    fpr = clopper_pearson_upper(args.false_positives, args.trials_out, alpha)
+    fnr = clopper_pearson_upper(args.false_negatives, args.trials_in, alpha)
+    return {
+        "epsilon": epsilon_from_rates(fpr, fnr, args.delta),
+        "delta": args.delta,
+        "confidence": args.confidence,
+        "fpr_upper": fpr,
+        "fnr_upper": fnr,
+        "audit": "threshold_counts",
+    }
+
+
+def format_audit(result: dict[str, Any]) -> str:
+    """Human-readable lines for an ``audit`` result."""
+    if result.get("audit") == "threshold_counts":
+        return (
+            f"empirical epsilon >= {result['epsilon']:.4f} at delta = {result['delta']:g} "
+            f"with confidence {result['confidence']:g}\n"
+            f"(Clopper-Pearson upper bounds: FPR <= {result['fpr_upper']:.3g}, "
+            f"FNR <= {result['fnr_upper']:.3g})"
+        )
+    lines = [
+        f"empirical epsilon (final model) = {result['epsilon_final']:.4f} at delta = {result['delta']:g}"
+    ]
+    if result.get("epsilon_all_iterates") is not None:
+        lines.append(f"empirical epsilon (all iterates) = {result['epsilon_all_iterates']:.4f}")
+    lines.append(
+        "an estimate under the cosine attack, not a guarantee; compare with the accountant"
+    )
+    return "\n".join(lines)
