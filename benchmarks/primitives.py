@@ -6,6 +6,10 @@ times, interleaved and as the median of several repeats:
 * the memory-traffic floor: ``torch._foreach_norm`` + ``torch._foreach_add_`` on the same tensors;
 * ``GlobalClip.clip_and_accumulate_`` and ``PerLayerClip.clip_and_accumulate_`` (dim allocation,
   every layer clipped: the worst case, one distinct scale per tensor);
+* the norm pass alone: the clippers' error-bounded norms (float32 128-element rows combined in
+  float64, see ``dpfl._clip_kernels``) beside a float64-accumulated ``torch._foreach_norm``, the
+  simplest accurate alternative (the floor's float32 ``_foreach_norm`` under-estimates long
+  tensors' norms, so it cannot decide clipping);
 * alternatives for the per-layer scaled add (materialised ``_foreach_mul`` + ``_foreach_add_``);
 * a straightforward per-tensor Python loop (clone, norm, mul, add);
 * the noise release (``GaussianMechanism.add_noise_`` on a float32 and a float64 sum, plain and
@@ -32,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from dpfl._clip_kernels import tensor_norms
 from dpfl.clip import GlobalClip, PerLayerClip
 from dpfl.noise import GaussianMechanism
 
@@ -144,6 +149,12 @@ def clip_cases(update: dict[str, torch.Tensor], bound: float) -> dict[str, Calla
         "per-layer, _foreach_mul copy + _foreach_add_": per_layer_materialised,
         "naive loop, global (clone, norm, mul, add)": naive_global,
         "naive loop, per-layer (clone, norm, mul, add)": naive_per_layer,
+        "norm pass: dpfl error-bounded norms (float32 rows + float64)": lambda: tensor_norms(
+            names, tensors
+        ),
+        "norm pass: _foreach_norm accumulating in float64": lambda: torch._foreach_norm(
+            tensors, 2, dtype=torch.float64
+        ),
     }
 
 

@@ -328,3 +328,18 @@ def test_float64_updates_into_float32_sums_stay_within_bounds(n, seed, factor, k
     clipper = make_clipper(kind, norm64([x]) * factor)
     out, stats = run("acc32", clipper, update)
     assert_within_bounds(clipper, update, out, stats)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clipping_a_long_update_twice_changes_nothing(dtype):
+    """The derived margin leaves a clipped update decidedly inside its bound (``4 e_p`` term)."""
+    gen = torch.Generator().manual_seed(0)
+    update = {
+        "m0.a": torch.randn(1_000_003, generator=gen).to(dtype),
+        "m0.b": torch.full((5000,), 0.1).to(dtype),
+    }
+    for clipper in (GlobalClip(1.0), PerLayerClip(1.0), PerLayerClip(1.0, layers=by_module)):
+        once, first = clipper.clip(update)
+        twice, second = clipper.clip(once)
+        assert first.clipped and not second.clipped
+        assert all(torch.equal(once[k], twice[k]) for k in update)
