@@ -424,3 +424,31 @@ def test_fixed_cohort_without_noise_is_infinite_epsilon() -> None:
     acc = RDPAccountant(adjacency="replace_one")
     acc.add_rounds(FixedCohortRound(noise_multiplier=0.0, cohort_size=10, population=100))
     assert acc.epsilon(1e-6) == math.inf
+
+
+# --------------------------------------------------------------------------- RDP orders (issue 11)
+def test_rdp_at_half_sample_rate_is_quiet_and_reports_orders(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    # dp_accounting's fractional-order series does not converge at q = 0.5 and logs one absl
+    # warning per excluded order; dpfl must keep stderr clean and say which orders it used.
+    acc = RDPAccountant()
+    acc.add_rounds(PoissonRound(1.0, 0.5), 10)
+    eps = acc.epsilon(1e-6)
+    out, err = capfd.readouterr()
+    assert "failed to converge" not in err + out
+    excluded = acc.excluded_orders
+    assert len(excluded) > 0 and all(1 < a < 2 for a in excluded)
+    assert np.isinf(acc.rdp()[np.isin(acc.orders, excluded)]).all()
+    order = acc.epsilon_order(1e-6)
+    assert order in acc.orders and order not in excluded
+    # ε is the conversion at the reported order alone
+    ref = DpaRDP(orders=[order], neighboring_relation=ADD_REMOVE)
+    assert eps == pytest.approx(ref.compose(_gaussian_poisson(1.0, 0.5), 10).get_epsilon(1e-6))
+
+
+def test_rdp_reports_no_excluded_orders_when_all_converge() -> None:
+    acc = RDPAccountant(orders=FAST_ORDERS)
+    acc.add_rounds(PoissonRound(1.1, 0.01), 100)
+    assert acc.excluded_orders == ()
+    assert acc.epsilon_order(1e-5) in FAST_ORDERS
