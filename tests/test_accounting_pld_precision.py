@@ -188,4 +188,3 @@ def test_budgeted_round_loop_memory_is_flat_in_rounds() -> None:
         tracemalloc.stop()
     assert acc.rounds == 305
     assert late - early < 8 * 2**20, f"accountant memory grew {(late - early) / 2**20:.1f} MiB"
-

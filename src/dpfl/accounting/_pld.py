@@ -162,7 +162,7 @@ def _connect_dots(interval: float, lo: int, hi: int, deltas: np.ndarray) -> pld_
 
 def _hockey_stick(loss: mechanism.GaussianPrivacyLoss, epsilons: np.ndarray) -> np.ndarray:
     """``loss.get_delta_for_epsilon(epsilons)`` with the inverse privacy loss as array maths."""
-    q, var = loss.sampling_prob, loss._standard_deviation ** 2  # noqa: SLF001
+    q, var = loss.sampling_prob, loss._standard_deviation**2  # noqa: SLF001
     deltas = np.zeros_like(epsilons)
     if q == 1.0:
         use = np.ones(len(epsilons), dtype=bool)
@@ -206,7 +206,9 @@ def _isclose(a: np.ndarray, b: float) -> np.ndarray:
     return np.abs(a - b) <= 1e-9 * np.maximum(np.abs(a), abs(b))
 
 
-def self_compose(pld: pld_lib.PrivacyLossDistribution, count: int) -> pld_lib.PrivacyLossDistribution:
+def self_compose(
+    pld: pld_lib.PrivacyLossDistribution, count: int
+) -> pld_lib.PrivacyLossDistribution:
     """``pld.self_compose(count)`` (tail mass truncation 1e-15), with array-evaluated bounds.
 
     Raises:
