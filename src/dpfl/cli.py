@@ -225,7 +225,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         type=_interval,
         default=None,
         metavar="STEP",
-        help="PLD grid step, or 'auto': start at half the per-round privacy-loss scale and "
+        help="PLD grid step, or 'auto': start at 4x the per-round privacy-loss scale and "
         "halve until epsilon changes by <= 1%% (pld only; every grid gives an upper bound) "
         "(default: auto)",
     )

@@ -70,9 +70,9 @@ class _Normal:
     checking of frozen ``scipy.stats`` distributions, which dominates the cost on arrays.
     """
 
-    def __init__(self, frozen: Any) -> None:
+    def __init__(self, frozen: Any, scale: float) -> None:
         self._frozen = frozen
-        self._scale = float(frozen.std())
+        self._scale = scale
 
     def cdf(self, x: Any) -> Any:
         return special.ndtr(np.asarray(x, dtype=np.float64) / self._scale)
@@ -101,7 +101,7 @@ def _losses(z: float, q: float) -> list[mechanism.GaussianPrivacyLoss]:
         )
         frozen = getattr(loss, "_gaussian_random_variable", None)
         if frozen is not None:
-            loss._gaussian_random_variable = _Normal(frozen)  # noqa: SLF001
+            loss._gaussian_random_variable = _Normal(frozen, z)  # noqa: SLF001
         losses.append(loss)
     return losses
 
@@ -253,10 +253,14 @@ def _chernoff_bounds(probs: np.ndarray, count: int) -> tuple[int, int]:
     index = np.arange(n, dtype=np.float64)[support]
     log_probs = np.log(probs[support])
     log_two_over_tail = math.log(2 / _TAIL_MASS_TRUNCATION)
-    for order in _ORDERS / n:
-        terms = index * order + log_probs
-        peak = terms.max()
-        log_mgf = peak + math.log(np.exp(terms - peak).sum())
+    orders = _ORDERS / n
+    log_mgfs = np.empty(len(orders))
+    chunk = max(1, 2**22 // max(len(index), 1))  # at most ~32 MiB of terms at a time
+    for start in range(0, len(orders), chunk):
+        terms = orders[start : start + chunk, None] * index[None, :] + log_probs[None, :]
+        peak = terms.max(axis=1)
+        log_mgfs[start : start + chunk] = peak + np.log(np.exp(terms - peak[:, None]).sum(axis=1))
+    for order, log_mgf in zip(orders.tolist(), log_mgfs.tolist(), strict=True):
         bound = (count * log_mgf + log_two_over_tail) / order
         if not math.isfinite(bound):
             continue

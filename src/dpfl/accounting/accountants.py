@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import logging
 import math
 from collections import OrderedDict
@@ -49,7 +50,7 @@ _RELATIONS = {
     REPLACE_ONE: dp_accounting.NeighboringRelation.REPLACE_ONE,
 }
 
-#: Default PLD grid step: ``None`` = automatic. The grid starts at half the privacy-loss scale of one
+#: Default PLD grid step: ``None`` = automatic. The grid starts at 4x the privacy-loss scale of one
 #: round (q·sqrt(exp(1/z²) - 1), rounded down to a power of two) and is halved until ε changes by
 #: at most 1%; every grid's ε is an upper bound (dp_accounting discretises pessimistically) and the
 #: smallest is reported. Within 3% of dp_accounting's default grid (1e-4) on any configuration,
@@ -59,7 +60,7 @@ DEFAULT_VALUE_DISCRETIZATION_INTERVAL: float | None = None
 _AUTO_RTOL = 0.01  # stop halving the grid once ε changes by at most this fraction
 _AUTO_DELTA_RTOL = 0.1  # the same for δ(ε) (δ moves ~10x more than ε for the same grid error)
 _AUTO_MAX_STEPS = 10
-_AUTO_START = 0.5  # start grid / per-round privacy-loss scale
+_AUTO_START = 4.0  # start grid / per-round privacy-loss scale (coarse: halving refines it)
 _AUTO_MAX_INTERVAL = 2.0**-5
 _AUTO_MIN_INTERVAL = 2.0**-60
 _CACHE_SIZE = 16
@@ -418,7 +419,7 @@ class PLDAccountant(_LedgerAccountant):
     a finer grid a tighter one.
 
     **Default grid (automatic).** With ``value_discretization_interval=None`` the grid is chosen
-    per ledger and query: it starts at half the privacy-loss scale of one round,
+    per ledger and query: it starts at four times the privacy-loss scale of one round,
     ``q·sqrt(exp(1/z²) - 1)`` (count-weighted RMS over the ledger, rounded down to a power of two,
     at most 2⁻⁵), and is halved until ε changes by at most 1% (δ: 10%). Each grid's ε is an upper
     bound, so the smallest one is reported; it is within 3% of dp_accounting's default grid (1e-4)
@@ -614,7 +615,9 @@ class PLDAccountant(_LedgerAccountant):
         return {"value_discretization_interval": self._interval}
 
 
+@functools.lru_cache(maxsize=64)
 def _identity(interval: float = _AUTO_MAX_INTERVAL) -> _PLD:
+    """dp_accounting's identity PLD (immutable: ``compose`` returns new objects)."""
     return privacy_loss_distribution.identity(value_discretization_interval=interval)
 
 
@@ -629,7 +632,7 @@ def _epsilon_measure(delta: float) -> Callable[[_PLD | None], float]:
 
 
 def _start_interval(ledger: Ledger) -> float:
-    """Half the count-weighted RMS privacy-loss scale q·sqrt(exp(1/z²) - 1), a power of two."""
+    """4x the count-weighted RMS privacy-loss scale q·sqrt(exp(1/z²) - 1), a power of two."""
     weighted, total = 0.0, 0
     for rnd, count in ledger:
         z, q = accounted_noise_multiplier(rnd), rnd.sample_rate
