@@ -480,6 +480,7 @@ class PLDAccountant(_LedgerAccountant):
         )
         self._round_plds: OrderedDict[tuple[PoissonRound, float], _PLD] = OrderedDict()
         self._composed: OrderedDict[tuple[Ledger, float], _PLD] = OrderedDict()
+        self._results: OrderedDict[tuple[Ledger, str, float], tuple[float, float]] = OrderedDict()
 
     @property
     def value_discretization_interval(self) -> float | None:
@@ -495,7 +496,7 @@ class PLDAccountant(_LedgerAccountant):
         delta = require_probability("delta", delta, high_open=True)
         if self._interval is not None:
             return self._interval
-        return self._refine(self._ledger, _epsilon_measure(delta), _AUTO_RTOL)[1]
+        return self._cached_refine(self._ledger, "epsilon", delta)[1]
 
     def _check_supported(self, round: Round) -> None:
         if isinstance(round, FixedCohortRound):
@@ -508,7 +509,7 @@ class PLDAccountant(_LedgerAccountant):
         if z == 0 or q == 0:
             return
         interval = self._interval if self._interval is not None else _start_interval(((round, 1),))
-        points = _pld.round_points(z, q, interval)
+        points = _round_points(z, q, interval)
         if points > _pld.MAX_POINTS:
             if self._interval is not None:
                 raise ValueError(
@@ -524,15 +525,29 @@ class PLDAccountant(_LedgerAccountant):
 
     # ----------------------------------------------------------------- ε, δ
     def _epsilon_of(self, ledger: Ledger, delta: float) -> float:
-        return self._refine(ledger, _epsilon_measure(delta), _AUTO_RTOL)[0]
+        return self._cached_refine(ledger, "epsilon", delta)[0]
 
     def _delta_of(self, ledger: Ledger, epsilon: float) -> float:
-        def measure(pld: _PLD | None) -> float:
-            if pld is None:
-                return 1.0
-            return float(min(1.0, max(0.0, pld.get_delta_for_epsilon(epsilon))))
+        return self._cached_refine(ledger, "delta", epsilon)[0]
 
-        return self._refine(ledger, measure, _AUTO_DELTA_RTOL)[0]
+    def _cached_refine(self, ledger: Ledger, kind: str, at: float) -> tuple[float, float]:
+        """ε(δ) or δ(ε) of ``ledger`` and its grid, remembered for the last few queries."""
+        key = (ledger, kind, at)
+        hit = _lru_get(self._results, key)
+        if hit is not None:
+            return hit
+        if kind == "epsilon":
+            result = self._refine(ledger, _epsilon_measure(at), _AUTO_RTOL)
+        else:
+
+            def measure(pld: _PLD | None) -> float:
+                if pld is None:
+                    return 1.0
+                return float(min(1.0, max(0.0, pld.get_delta_for_epsilon(at))))
+
+            result = self._refine(ledger, measure, _AUTO_DELTA_RTOL)
+        _lru_put(self._results, key, result)
+        return result
 
     def _refine(
         self, ledger: Ledger, measure: Callable[[_PLD | None], float], rtol: float
@@ -613,6 +628,9 @@ class PLDAccountant(_LedgerAccountant):
 
     def _options(self) -> dict[str, Any]:
         return {"value_discretization_interval": self._interval}
+
+
+_round_points = functools.lru_cache(maxsize=256)(_pld.round_points)
 
 
 @functools.lru_cache(maxsize=64)
