@@ -650,7 +650,12 @@ def _epsilon_measure(delta: float) -> Callable[[_PLD | None], float]:
 
 
 def _start_interval(ledger: Ledger) -> float:
-    """4x the count-weighted RMS privacy-loss scale q·sqrt(exp(1/z²) - 1), a power of two."""
+    """4x the count-weighted RMS privacy-loss scale q·sqrt(exp(1/z²) - 1), a power of two.
+
+    At most 2⁻⁵, or ε/256 for a rough ε of the ledger when that is larger (mean + 3 std of the
+    composed loss, from the same per-round scale), so that a long ledger with a large ε starts
+    on a grid whose number of points does not grow with the number of rounds.
+    """
     weighted, total = 0.0, 0
     for rnd, count in ledger:
         z, q = accounted_noise_multiplier(rnd), rnd.sample_rate
@@ -658,8 +663,11 @@ def _start_interval(ledger: Ledger) -> float:
             continue
         weighted += count * q * q * math.expm1(min(1.0 / (z * z), 700.0))
         total += count
-    scale = math.sqrt(weighted / total) if total else 1.0
-    raw = min(_AUTO_START * scale, _AUTO_MAX_INTERVAL)
+    if not total:
+        return _AUTO_MAX_INTERVAL
+    rough_epsilon = weighted / 2 + 3 * math.sqrt(weighted)
+    ceiling = min(max(_AUTO_MAX_INTERVAL, rough_epsilon / 256), 8.0)
+    raw = min(_AUTO_START * math.sqrt(weighted / total), ceiling)
     return max(2.0 ** math.floor(math.log2(raw)), _AUTO_MIN_INTERVAL) if raw > 0 else 2.0**-40
 
 
