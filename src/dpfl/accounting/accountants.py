@@ -421,8 +421,9 @@ class PLDAccountant(_LedgerAccountant):
     **Default grid (automatic).** With ``value_discretization_interval=None`` the grid is chosen
     per ledger and query: it starts at four times the privacy-loss scale of one round,
     ``q·sqrt(exp(1/z²) - 1)`` (count-weighted RMS over the ledger, rounded down to a power of two,
-    at most 2⁻⁵), and is halved until ε changes by at most 1% (δ: 10%). Each grid's ε is an upper
-    bound, so the smallest one is reported; it is within 3% of dp_accounting's default grid (1e-4)
+    at most 2⁻⁵ or ~ε/256 for a large ε), and is halved until ε changes by at most 1% (δ: 10%).
+    Each grid's ε is an upper bound, so the smallest one is reported; it is within 3% of
+    dp_accounting's default grid (1e-4)
     on any configuration and tighter where that grid is too coarse (small ε).
     :meth:`discretization_interval` says which grid was used. An explicit float gives exactly
     dp_accounting's result at that grid.
