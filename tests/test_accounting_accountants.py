@@ -2,7 +2,7 @@
 
 Most properties use a compact set of RDP orders (integer orders are computed in closed form by
 dp_accounting, fractional ones by slow series), passed identically to dpfl and to dp_accounting.
-PLD runs use dpfl's default grid step (1e-3) unless stated.
+PLD runs use dpfl's default (automatic) grid unless stated.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from dpfl.accounting.accountants import PLDAccountant, RDPAccountant
 from dpfl.accounting.budget import BudgetExceededError, PrivacyBudget
-from dpfl.accounting.events import FixedCohortRound, PoissonRound
+from dpfl.accounting.events import NOISE_MULTIPLIER_CAP, FixedCohortRound, PoissonRound
 
 FAST_ORDERS = [*range(2, 33), 40, 48, 64, 128, 256]  # integer orders: closed form, monotone
 ADD_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
@@ -197,9 +197,9 @@ def test_pld_epsilon_non_decreasing_in_rounds(z: float, q: float, t1: int, t2: i
     assert small.epsilon(1e-6) <= large.epsilon(1e-6) + 1e-9
 
 
-# PLD discretisation tolerance: dp_accounting rounds every privacy loss *up* to the 1e-3 grid, so
-# PLD ε can exceed the exact value by a small multiple of the grid step times the number of loss
-# values that matter; we allow 1% of ε plus 0.01 absolute beyond the RDP bound.
+# PLD discretisation tolerance: dp_accounting rounds every privacy loss *up* onto the grid, so PLD
+# ε can exceed the exact value by a little (the automatic grid stops when halving moves ε <= 1%);
+# we allow 1% of ε plus 0.01 absolute beyond the RDP bound.
 PLD_TOLERANCE_REL, PLD_TOLERANCE_ABS = 0.01, 0.01
 
 
@@ -424,3 +424,42 @@ def test_fixed_cohort_without_noise_is_infinite_epsilon() -> None:
     acc = RDPAccountant(adjacency="replace_one")
     acc.add_rounds(FixedCohortRound(noise_multiplier=0.0, cohort_size=10, population=100))
     assert acc.epsilon(1e-6) == math.inf
+
+
+# --------------------------------------------------------------------------- RDP orders (issue 11)
+def test_rdp_at_half_sample_rate_is_quiet_and_reports_orders(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    # dp_accounting's fractional-order series does not converge at q = 0.5 and logs one absl
+    # warning per excluded order; dpfl must keep stderr clean and say which orders it used.
+    acc = RDPAccountant()
+    acc.add_rounds(PoissonRound(1.0, 0.5), 10)
+    eps = acc.epsilon(1e-6)
+    out, err = capfd.readouterr()
+    assert "failed to converge" not in err + out
+    excluded = acc.excluded_orders
+    assert len(excluded) > 0 and all(1 < a < 2 for a in excluded)
+    assert np.isinf(acc.rdp()[np.isin(acc.orders, excluded)]).all()
+    order = acc.epsilon_order(1e-6)
+    assert order in acc.orders and order not in excluded
+    # ε is the conversion at the reported order alone
+    ref = DpaRDP(orders=[order], neighboring_relation=ADD_REMOVE)
+    assert eps == pytest.approx(ref.compose(_gaussian_poisson(1.0, 0.5), 10).get_epsilon(1e-6))
+
+
+def test_rdp_reports_no_excluded_orders_when_all_converge() -> None:
+    acc = RDPAccountant(orders=FAST_ORDERS)
+    acc.add_rounds(PoissonRound(1.1, 0.01), 100)
+    assert acc.excluded_orders == ()
+    assert acc.epsilon_order(1e-5) in FAST_ORDERS
+
+
+@pytest.mark.parametrize("acc_type", [RDPAccountant, PLDAccountant])
+@pytest.mark.parametrize("z", [1e160, float(np.finfo(float).max)])
+def test_huge_noise_multiplier_is_accounted_at_the_cap(acc_type: type, z: float) -> None:
+    # dp_accounting raises OverflowError (z**2) beyond ~1.3e154; dpfl accounts z as
+    # min(z, NOISE_MULTIPLIER_CAP): conservative, as ε does not increase with z.
+    huge, capped = acc_type(), acc_type()
+    huge.add_rounds(PoissonRound(z, 0.01), 10)
+    capped.add_rounds(PoissonRound(NOISE_MULTIPLIER_CAP, 0.01), 10)
+    assert 0.0 <= huge.epsilon(1e-5) == capped.epsilon(1e-5) < 1e-3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 
 from dpfl.accounting.calibration import epsilon_for
 from dpfl.accounting.extrapolation import extrapolate
-from dpfl.cli import main
+from dpfl.cli import build_parser, main
 
 REQUIRED_KEYS = {"epsilon", "delta", "noise_multiplier", "sample_rate", "rounds", "accountant"}
 
@@ -273,3 +274,103 @@ def test_missing_command_exits_2(capsys: pytest.CaptureFixture[str], argv: list[
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = _run_main(capsys, "privacy", "calibrate", "--help")
     assert code == 0 and "--sample-rate" in out
+
+
+# --------------------------------------------------------------------------- bad inputs (issue 11)
+EPS = "privacy epsilon --sample-rate 0.01 --rounds 10 --delta 1e-5".split()
+
+
+@pytest.mark.parametrize(
+    ("extra", "option"),
+    [
+        # PLD work bounded up front: no numpy memory error
+        (
+            ["--noise-multiplier", "1", "--rounds", "1000000000000", "--accountant", "pld"],
+            "--rounds",
+        ),
+        (["--noise-multiplier", "1", "--rounds", "1e12", "--accountant", "pld"], "--rounds"),
+        (
+            [
+                "--noise-multiplier",
+                "1",
+                "--accountant",
+                "pld",
+                "--value-discretization-interval",
+                "1e-9",
+            ],
+            "--value-discretization-interval",
+        ),
+        (["--noise-multiplier", "1e-30", "--accountant", "pld"], "--noise-multiplier"),
+        # negative numbers are values, not options, and are then rejected by name
+        (["--noise-multiplier", "1", "--delta", "-1e-5"], "--delta"),
+        (["--noise-multiplier", "-1e-3"], "--noise-multiplier"),
+        (["--noise-multiplier", "1", "--rounds", "-1e3"], "--rounds"),
+    ],
+)
+def test_bad_inputs_exit_2_naming_the_option_without_traceback(
+    capsys: pytest.CaptureFixture[str], extra: list[str], option: str
+) -> None:
+    code, out, err = _run_main(capsys, *EPS, *extra)
+    assert code == 2, err
+    assert f"argument {option}" in err
+    assert "Traceback" not in err and "expected one argument" not in err
+    assert out == ""
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_huge_noise_multiplier_gives_a_tiny_upper_bound(
+    capsys: pytest.CaptureFixture[str], accountant: str
+) -> None:
+    # dp_accounting overflows (z**2) beyond ~1e154; dpfl accounts any z above its cap as the cap,
+    # which is conservative since epsilon does not increase with z.
+    code, out, err = _run_main(
+        capsys, *EPS, "--noise-multiplier", "1e160", "--accountant", accountant, "--json"
+    )
+    assert code == 0, err
+    eps = json.loads(out)["epsilon"]
+    capped = epsilon_for(1e6, 0.01, 10, 1e-5, accountant=accountant)  # type: ignore[arg-type]
+    assert 0 <= eps == capped < 1e-3
+
+
+def test_negative_delta_reaches_validation_in_a_subprocess() -> None:
+    proc = subprocess.run(
+        [_dpfl_script(), *EPS[:-1], "-1e-5", "--noise-multiplier", "1"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "argument --delta" in proc.stderr and "(0, 1)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _subcommands() -> list[tuple[str, argparse.ArgumentParser]]:
+    found = []
+
+    def walk(prefix: str, parser: argparse.ArgumentParser) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found.append((f"{prefix} {name}".strip(), sub))
+                    walk(f"{prefix} {name}", sub)
+
+    walk("", build_parser())
+    return found
+
+
+@pytest.mark.parametrize("name", [name for name, _ in _subcommands()])
+def test_every_subcommand_and_option_is_documented(
+    capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    parser = dict(_subcommands())[name]
+    assert parser.description, f"dpfl {name} has no description"
+    code, out, _ = _run_main(capsys, *name.split(), "--help")
+    assert code == 0
+    assert parser.description.split()[0] in out
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) or "-h" in action.option_strings:
+            continue
+        assert action.help, f"dpfl {name} {action.option_strings}: no help text"
+        if action.default not in (None, False) and not action.required:
+            shown = parser._get_formatter()._expand_help(action)
+            assert f"default: {action.default}" in shown, (name, action.option_strings, shown)

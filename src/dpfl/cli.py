@@ -9,7 +9,11 @@ questions of a DP-FL run::
     dpfl privacy extrapolate --sigma-dp 3e-6 --cohort 204800 --population 69.5e6 --rounds 2034 \\
         --delta 1e-9 --accountant pld --json
 
-Bad arguments exit with status 2 and a message naming the offending option.
+Bad arguments exit with status 2 and a message naming the offending option, never a traceback:
+out-of-range values, negative numbers (``--delta -1e-5`` is read as a value, then rejected), and
+PLD work that would not fit in memory (``--rounds 1e12``, a ``1e-9`` grid, a tiny noise
+multiplier) are all refused up front. Noise multipliers above ``NOISE_MULTIPLIER_CAP`` (1e6) are
+accounted at the cap, which keeps ε an upper bound.
 
 References:
     Pelikan et al., arXiv 2310.00098, section 2.4.
@@ -20,12 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dpfl.accounting.accountants import DEFAULT_VALUE_DISCRETIZATION_INTERVAL
-from dpfl.accounting.calibration import calibrate_noise_multiplier, epsilon_for
+from dpfl._checks import require_int, require_probability
+from dpfl.accounting.accountants import PLDAccountant, RDPAccountant
+from dpfl.accounting.calibration import calibrate_noise_multiplier
+from dpfl.accounting.events import PoissonRound
 from dpfl.accounting.extrapolation import extrapolate
 
 __all__ = ["build_parser", "main"]
@@ -46,15 +53,50 @@ _OPTION_OF = {
 }
 
 
-class _UsageError(Exception):
-    """A validation error to report as a usage error (exit status 2)."""
+# A number such as -1e-5, -.5, -3 or -inf: a value, never an option (dpfl has no such options).
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.I)
+
+
+class _Parser(argparse.ArgumentParser):
+    """``ArgumentParser`` that reads negative numbers in any float spelling as values.
+
+    argparse only recognises ``-5`` and ``-.5`` as numbers; ``--delta -1e-5`` would otherwise
+    fail with "expected one argument" before dpfl could say that δ must be positive.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER
+
+
+def _integer(text: str) -> int:
+    """An integer, also written like a float (``1e12``, ``2000.0``)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer value: {text!r}") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}")
+    return int(value)
+
+
+def _interval(text: str) -> float | None:
+    """A PLD grid step, or ``auto`` (None) for the automatic grid."""
+    if text.lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number or 'auto', got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the ``dpfl`` argument parser with every top-level command registered."""
-    parser = argparse.ArgumentParser(
-        prog="dpfl", description="Differential-privacy federated-learning tools."
-    )
+    parser = _Parser(prog="dpfl", description="Differential-privacy federated-learning tools.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_privacy_command(commands)
     return parser
@@ -70,9 +112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], dict[str, Any]] = args.handler
     try:
         result = handler(args)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, OverflowError, MemoryError) as err:
+        # OverflowError/MemoryError: dp_accounting's own limits, after dpfl's checks let a case
+        # through; still a usage problem (the arguments), never a traceback.
         args.command_parser.print_usage(sys.stderr)
-        print(f"{args.command_parser.prog}: error: {_name_option(str(err))}", file=sys.stderr)
+        message = str(err) or type(err).__name__
+        print(f"{args.command_parser.prog}: error: {_name_option(message)}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(_json_safe(result), sort_keys=True))
@@ -91,31 +136,51 @@ def _add_privacy_command(commands: Any) -> None:
     )
     actions = privacy.add_subparsers(dest="privacy_command", required=True, metavar="ACTION")
 
-    eps = actions.add_parser("epsilon", help="epsilon of a run")
+    eps = actions.add_parser(
+        "epsilon",
+        help="epsilon of a run",
+        description="Epsilon at a given delta after T rounds of the Poisson-subsampled Gaussian "
+        "mechanism with noise multiplier Z and sampling rate Q.",
+    )
     eps.add_argument(
         "--noise-multiplier",
         type=float,
         required=True,
         metavar="Z",
-        help="noise std on the sum / clipping bound",
+        help="noise std on the sum / clipping bound (values above 1e6 are accounted as 1e6)",
     )
     _add_run_options(eps)
     eps.set_defaults(handler=_privacy_epsilon, command_parser=eps)
 
-    cal = actions.add_parser("calibrate", help="smallest noise multiplier meeting a target epsilon")
+    cal = actions.add_parser(
+        "calibrate",
+        help="smallest noise multiplier meeting a target epsilon",
+        description="Smallest noise multiplier Z (to a relative tolerance) whose epsilon after "
+        "T rounds at sampling rate Q stays at or below a target; the epsilon printed is that "
+        "of the returned Z.",
+    )
     cal.add_argument("--epsilon", type=float, required=True, metavar="E", help="target epsilon")
     _add_run_options(cal)
-    cal.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance on z (<= 0.01)")
+    cal.add_argument(
+        "--rtol",
+        type=float,
+        default=1e-3,
+        help="relative tolerance on z, in (0, 0.01] (default: %(default)s)",
+    )
     cal.add_argument(
         "--max-noise-multiplier",
         type=float,
         default=1e4,
-        help="give up above this noise multiplier",
+        help="give up above this noise multiplier (default: %(default)s)",
     )
     cal.set_defaults(handler=_privacy_calibrate, command_parser=cal)
 
     ext = actions.add_parser(
-        "extrapolate", help="epsilon at a larger cohort/population, fixed sigma_DP"
+        "extrapolate",
+        help="epsilon at a larger cohort/population, fixed sigma_DP",
+        description="Epsilon of the same model quality at another scale: keep the noise on the "
+        "mean (sigma_DP) fixed, set the expected cohort S and population K; then "
+        "z = sigma_DP * S and q = S / K (arXiv 2310.00098, section 2.4).",
     )
     ext.add_argument(
         "--sigma-dp",
@@ -128,8 +193,10 @@ def _add_privacy_command(commands: Any) -> None:
         "--cohort", type=float, required=True, metavar="C", help="expected cohort size"
     )
     ext.add_argument("--population", type=float, required=True, metavar="K", help="population size")
-    ext.add_argument("--rounds", type=int, required=True, metavar="T", help="number of rounds")
-    ext.add_argument("--delta", type=float, required=True, metavar="D", help="target delta")
+    ext.add_argument("--rounds", type=_integer, required=True, metavar="T", help="number of rounds")
+    ext.add_argument(
+        "--delta", type=float, required=True, metavar="D", help="target delta, in (0, 1)"
+    )
     _add_output_options(ext)
     ext.set_defaults(handler=_privacy_extrapolate, command_parser=ext)
 
@@ -140,16 +207,27 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         type=float,
         required=True,
         metavar="Q",
-        help="Poisson sampling rate q = S/K",
+        help="Poisson sampling rate q = S/K, in [0, 1]",
     )
-    parser.add_argument("--rounds", type=int, required=True, metavar="T", help="number of rounds")
-    parser.add_argument("--delta", type=float, required=True, metavar="D", help="target delta")
+    parser.add_argument(
+        "--rounds",
+        type=_integer,
+        required=True,
+        metavar="T",
+        help="number of rounds (an integer; 1e4 is accepted)",
+    )
+    parser.add_argument(
+        "--delta", type=float, required=True, metavar="D", help="target delta, in (0, 1)"
+    )
     _add_output_options(parser)
     parser.add_argument(
         "--value-discretization-interval",
-        type=float,
-        default=DEFAULT_VALUE_DISCRETIZATION_INTERVAL,
-        help="PLD grid step (pld only; coarser = faster, still an upper bound)",
+        type=_interval,
+        default=None,
+        metavar="STEP",
+        help="PLD grid step, or 'auto': start at 4x the per-round privacy-loss scale and "
+        "halve until epsilon changes by <= 1%% (pld only; every grid gives an upper bound) "
+        "(default: auto)",
     )
 
 
@@ -158,21 +236,40 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
         "--accountant",
         choices=("rdp", "pld"),
         default="rdp",
-        help="RDP (default, as the paper) or PLD (tighter)",
+        help="rdp (as the paper) or pld (tighter) (default: %(default)s)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
+def _account(
+    args: argparse.Namespace, z: float, q: float, interval: float | None = None
+) -> dict[str, Any]:
+    """ε of ``args.rounds`` rounds of (z, q) and how it was obtained (RDP order / PLD grid)."""
+    rnd = PoissonRound(noise_multiplier=z, sample_rate=q)
+    require_int("rounds", args.rounds, minimum=0)
+    require_probability("delta", args.delta, high_open=True)
+    if args.accountant == "rdp":
+        rdp = RDPAccountant()
+        rdp.add_rounds(rnd, args.rounds)
+        order = rdp.epsilon_order(args.delta)
+        return {
+            "epsilon": rdp.epsilon(args.delta),
+            "rdp_order": None if math.isnan(order) else order,
+            "excluded_orders": list(rdp.excluded_orders),
+        }
+    pld = PLDAccountant(value_discretization_interval=interval)
+    pld.add_rounds(rnd, args.rounds)
+    return {
+        "epsilon": pld.epsilon(args.delta),
+        "value_discretization_interval": pld.discretization_interval(args.delta),
+    }
+
+
 def _privacy_epsilon(args: argparse.Namespace) -> dict[str, Any]:
-    eps = epsilon_for(
-        args.noise_multiplier,
-        args.sample_rate,
-        args.rounds,
-        args.delta,
-        accountant=args.accountant,
-        value_discretization_interval=args.value_discretization_interval,
+    details = _account(
+        args, args.noise_multiplier, args.sample_rate, args.value_discretization_interval
     )
-    return _run_result(args, args.noise_multiplier, args.sample_rate, eps)
+    return {**_run_result(args, args.noise_multiplier, args.sample_rate), **details}
 
 
 def _privacy_calibrate(args: argparse.Namespace) -> dict[str, Any]:
@@ -186,15 +283,8 @@ def _privacy_calibrate(args: argparse.Namespace) -> dict[str, Any]:
         max_noise_multiplier=args.max_noise_multiplier,
         value_discretization_interval=args.value_discretization_interval,
     )
-    eps = epsilon_for(
-        z,
-        args.sample_rate,
-        args.rounds,
-        args.delta,
-        accountant=args.accountant,
-        value_discretization_interval=args.value_discretization_interval,
-    )
-    return {**_run_result(args, z, args.sample_rate, eps), "target_epsilon": args.epsilon}
+    details = _account(args, z, args.sample_rate, args.value_discretization_interval)
+    return {**_run_result(args, z, args.sample_rate), **details, "target_epsilon": args.epsilon}
 
 
 def _privacy_extrapolate(args: argparse.Namespace) -> dict[str, Any]:
@@ -206,17 +296,19 @@ def _privacy_extrapolate(args: argparse.Namespace) -> dict[str, Any]:
         delta=args.delta,
         accountant=args.accountant,
     )
+    details = _account(args, r.noise_multiplier, r.sample_rate)
     return {
-        **_run_result(args, r.noise_multiplier, r.sample_rate, r.epsilon),
+        **_run_result(args, r.noise_multiplier, r.sample_rate),
+        **details,
+        "epsilon": r.epsilon,
         "sigma_dp": r.sigma_dp,
         "cohort_size": r.cohort_size,
         "population": r.population,
     }
 
 
-def _run_result(args: argparse.Namespace, z: float, q: float, eps: float) -> dict[str, Any]:
+def _run_result(args: argparse.Namespace, z: float, q: float) -> dict[str, Any]:
     return {
-        "epsilon": eps,
         "delta": args.delta,
         "noise_multiplier": z,
         "sample_rate": q,
@@ -248,6 +340,14 @@ def _format_human(result: dict[str, Any]) -> str:
     lines.append(
         f"accountant = {result['accountant']} (Poisson sampling, add/remove-one-user adjacency)"
     )
+    if result.get("rdp_order") is not None:
+        excluded = result["excluded_orders"]
+        lines.append(
+            f"rdp order = {result['rdp_order']:g}"
+            + (f"; orders excluded (no convergence): {excluded}" if excluded else "")
+        )
+    if "value_discretization_interval" in result:
+        lines.append(f"pld grid step = {result['value_discretization_interval']:g}")
     return "\n".join(lines)
 
 

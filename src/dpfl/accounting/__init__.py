@@ -17,6 +17,7 @@ from dpfl.accounting.budget import BudgetExceededError, PrivacyBudget
 from dpfl.accounting.calibration import calibrate_noise_multiplier, epsilon_for
 from dpfl.accounting.events import (
     ADD_OR_REMOVE_ONE,
+    NOISE_MULTIPLIER_CAP,
     REPLACE_ONE,
     FixedCohortRound,
     PoissonRound,
@@ -27,6 +28,7 @@ from dpfl.accounting.extrapolation import Extrapolation, extrapolate
 __all__ = [
     "ADD_OR_REMOVE_ONE",
     "DEFAULT_VALUE_DISCRETIZATION_INTERVAL",
+    "NOISE_MULTIPLIER_CAP",
     "REPLACE_ONE",
     "BudgetExceededError",
     "Extrapolation",

@@ -1,9 +1,10 @@
 """RDP and PLD privacy accountants over a per-round ledger, built on Google's dp_accounting.
 
 Both accountants keep the same ledger: a list of ``(round, count)`` entries where consecutive
-identical rounds are merged, so 20,000 identical rounds cost one entry. ε and δ are always computed
-from the whole ledger (never incrementally), so an accountant restored from :meth:`state_dict` gives
-exactly the numbers of the original, whatever the sequence of ``add_rounds`` calls was.
+identical rounds are merged, so 20,000 identical rounds cost one entry. ε and δ are a function of
+the ledger alone (caches only avoid recomputing the same thing), so an accountant restored from
+:meth:`state_dict` gives exactly the numbers of the original, whatever the sequence of
+``add_rounds`` calls was.
 
 References:
     Pelikan et al., arXiv 2310.00098, section 2.4 (RDP accounting of the Poisson-subsampled
@@ -13,17 +14,21 @@ References:
 from __future__ import annotations
 
 import abc
+import contextlib
+import functools
+import logging
 import math
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, TypeAlias, TypeVar
 
 import dp_accounting
 import numpy as np
-from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.pld import privacy_loss_distribution
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from dpfl._checks import require_int, require_non_negative, require_positive, require_probability
+from dpfl.accounting import _pld
 from dpfl.accounting.budget import BudgetExceededError, PrivacyBudget
 from dpfl.accounting.events import (
     ADD_OR_REMOVE_ONE,
@@ -32,6 +37,7 @@ from dpfl.accounting.events import (
     FixedCohortRound,
     PoissonRound,
     Round,
+    accounted_noise_multiplier,
     round_from_dict,
 )
 
@@ -44,11 +50,24 @@ _RELATIONS = {
     REPLACE_ONE: dp_accounting.NeighboringRelation.REPLACE_ONE,
 }
 
-#: Default PLD grid step for privacy-loss values. dp_accounting discretises pessimistically, so a
-#: coarser grid only makes ε larger (still an upper bound). 1e-3 is within ~0.01 of 1e-4 on the
-#: paper's runs (T = 2,000-3,390, q ~ 0.003, z ~ 0.61) at about a tenth of the time; see
-#: benchmarks/results/accounting.md.
-DEFAULT_VALUE_DISCRETIZATION_INTERVAL = 1e-3
+#: Default PLD grid step: ``None`` = automatic. The grid starts at 4x the privacy-loss scale of one
+#: round (q·sqrt(exp(1/z²) - 1), rounded down to a power of two) and is halved until ε changes by
+#: at most 1%; every grid's ε is an upper bound (dp_accounting discretises pessimistically) and the
+#: smallest is reported. Within 3% of dp_accounting's default grid (1e-4) on any configuration,
+#: often tighter; see :class:`PLDAccountant` and benchmarks/results/accounting.md.
+DEFAULT_VALUE_DISCRETIZATION_INTERVAL: float | None = None
+
+_AUTO_RTOL = 0.01  # stop halving the grid once ε changes by at most this fraction
+_AUTO_DELTA_RTOL = 0.1  # the same for δ(ε) (δ moves ~10x more than ε for the same grid error)
+_AUTO_MAX_STEPS = 10
+_AUTO_START = 4.0  # start grid / per-round privacy-loss scale (coarse: halving refines it)
+_AUTO_MAX_INTERVAL = 2.0**-5
+_AUTO_MIN_INTERVAL = 2.0**-60
+_CACHE_SIZE = 16
+
+_PLD: TypeAlias = privacy_loss_distribution.PrivacyLossDistribution
+_K = TypeVar("_K", bound=Hashable)
+_V = TypeVar("_V")
 
 
 class _LedgerAccountant(abc.ABC):
@@ -159,7 +178,8 @@ class _LedgerAccountant(abc.ABC):
         """The ledger as a ``ComposedDpEvent`` of ``SelfComposedDpEvent(round.dp_event(), count)``.
 
         Feed it to any dp_accounting accountant (constructed with the same neighbouring relation)
-        to reproduce or cross-check this accountant's numbers.
+        to reproduce or cross-check this accountant's numbers (for a :class:`PLDAccountant`, at the
+        grid :meth:`PLDAccountant.discretization_interval` reports).
         """
         return _ledger_event(self._ledger)
 
@@ -339,9 +359,39 @@ class RDPAccountant(_LedgerAccountant):
             backend = rdp_privacy_accountant.RdpAccountant(
                 orders=list(self._orders), neighboring_relation=_RELATIONS[self._adjacency]
             )
-            curve = backend.compose(round.dp_event()).rdp
+            with _quiet_unconverged_orders():
+                curve = backend.compose(round.dp_event()).rdp
             self._curves[round] = curve
         return curve.copy()
+
+    @property
+    def excluded_orders(self) -> tuple[float, ...]:
+        """Orders left out of the ε conversion because the composed RDP there is infinite.
+
+        dp_accounting's series for fractional orders close to 1 does not always converge (e.g. at
+        sample rate 0.5); it then bounds that order's RDP by infinity, which removes the order
+        from the conversion (ε stays an upper bound; it is attained at another order). dpfl keeps
+        dp_accounting's per-order warnings off stderr and reports the orders here instead. With
+        ``noise_multiplier = 0`` every order is excluded and ε is infinite.
+        """
+        rdp = self._rdp_of(self._ledger)
+        return tuple(float(a) for a in self._orders[np.isinf(rdp)])
+
+    def epsilon_order(self, delta: float) -> float:
+        """The RDP order at which :meth:`epsilon` is attained for this ``delta``.
+
+        Returns:
+            The order (one of :attr:`orders`); ``nan`` when ε is infinite or no round was composed.
+
+        Raises:
+            ValueError: if ``delta`` is outside (0, 1).
+        """
+        delta = require_probability("delta", delta, high_open=True)
+        rdp = self._rdp_of(self._ledger)
+        eps, order = rdp_privacy_accountant.compute_epsilon(self._orders, rdp, delta)
+        if not self._ledger or math.isinf(eps):
+            return math.nan
+        return float(order)
 
     def _rdp_of(self, ledger: Ledger) -> np.ndarray:
         total = np.zeros_like(self._orders)
@@ -362,12 +412,28 @@ class RDPAccountant(_LedgerAccountant):
 
 
 class PLDAccountant(_LedgerAccountant):
-    """Privacy-loss-distribution accountant (dp_accounting's ``PLDAccountant``) over a ledger.
+    """Privacy-loss-distribution accountant (dp_accounting's PLD maths) over a ledger.
 
-    Tighter than RDP for the same run. Each distinct ledger is composed once by dp_accounting
-    (``self_compose(count)`` per entry, FFT-based, so cost grows ~log T) and cached.
-    dp_accounting discretises privacy losses pessimistically onto a grid of step
-    ``value_discretization_interval``: ε stays an upper bound, a coarser grid only makes it larger.
+    Tighter than RDP for the same run. dp_accounting discretises privacy losses pessimistically
+    onto a grid of step ``value_discretization_interval``: every grid gives an upper bound on ε,
+    a finer grid a tighter one.
+
+    **Default grid (automatic).** With ``value_discretization_interval=None`` the grid is chosen
+    per ledger and query: it starts at four times the privacy-loss scale of one round,
+    ``q·sqrt(exp(1/z²) - 1)`` (count-weighted RMS over the ledger, rounded down to a power of two,
+    at most 2⁻⁵ or ~ε/256 for a large ε), and is halved until ε changes by at most 1% (δ: 10%).
+    Each grid's ε is an upper bound, so the smallest one is reported; it is within 3% of
+    dp_accounting's default grid (1e-4)
+    on any configuration and tighter where that grid is too coarse (small ε).
+    :meth:`discretization_interval` says which grid was used. An explicit float gives exactly
+    dp_accounting's result at that grid.
+
+    **Cost.** One round's PLD is built once per (round, grid) and ``count`` identical rounds are
+    composed by one FFT self-composition, so ε after T identical rounds costs about the same for
+    any T, and accounting one round at a time (as ``run_rounds`` does) costs the same per round at
+    round 10 as at round 10,000. The composed PLDs of the last few ledgers are kept, so a ledger
+    that grows by one entry composes one entry. Work that would need more than 2²⁴ grid points is
+    refused up front with a ``ValueError`` (never a memory error).
 
     Only add/remove-one adjacency with :class:`PoissonRound` is supported: dp_accounting's PLD
     cannot account sampling without replacement, so a :class:`FixedCohortRound` raises
@@ -376,7 +442,8 @@ class PLDAccountant(_LedgerAccountant):
     Args:
         budget: optional :class:`PrivacyBudget` enforced by :meth:`add_rounds`.
         adjacency: must be ``"add_or_remove_one"``.
-        value_discretization_interval: PLD grid step, > 0 (default 1e-3).
+        value_discretization_interval: PLD grid step, > 0, or ``None`` (default) for the
+            automatic grid described above.
 
     Raises:
         ValueError: if ``adjacency`` is not add/remove-one or the interval is not > 0.
@@ -388,7 +455,8 @@ class PLDAccountant(_LedgerAccountant):
         True
 
     References:
-        arXiv 2310.00098, section 2.4 ("a PLD accountant gives tighter ε for the same run").
+        arXiv 2310.00098, section 2.4 ("a PLD accountant gives tighter ε for the same run");
+        Doroshenko et al., "Connect the Dots", PETS 2022 (the pessimistic discretisation).
     """
 
     kind = "pld"
@@ -398,7 +466,7 @@ class PLDAccountant(_LedgerAccountant):
         *,
         budget: PrivacyBudget | None = None,
         adjacency: Adjacency = ADD_OR_REMOVE_ONE,
-        value_discretization_interval: float = DEFAULT_VALUE_DISCRETIZATION_INTERVAL,
+        value_discretization_interval: float | None = DEFAULT_VALUE_DISCRETIZATION_INTERVAL,
     ) -> None:
         super().__init__(budget=budget, adjacency=adjacency)
         if adjacency != ADD_OR_REMOVE_ONE:
@@ -406,15 +474,30 @@ class PLDAccountant(_LedgerAccountant):
                 f"adjacency must be 'add_or_remove_one' for PLDAccountant, got {adjacency!r}; "
                 "for fixed-size cohorts (replace-one) use RDPAccountant(adjacency='replace_one')"
             )
-        self._interval = require_positive(
-            "value_discretization_interval", value_discretization_interval
+        self._interval = (
+            None
+            if value_discretization_interval is None
+            else require_positive("value_discretization_interval", value_discretization_interval)
         )
-        self._cache: OrderedDict[Ledger, pld_privacy_accountant.PLDAccountant] = OrderedDict()
+        self._round_plds: OrderedDict[tuple[PoissonRound, float], _PLD] = OrderedDict()
+        self._composed: OrderedDict[tuple[Ledger, float], _PLD] = OrderedDict()
+        self._results: OrderedDict[tuple[Ledger, str, float], tuple[float, float]] = OrderedDict()
 
     @property
-    def value_discretization_interval(self) -> float:
-        """The PLD grid step for privacy-loss values."""
+    def value_discretization_interval(self) -> float | None:
+        """The fixed PLD grid step, or ``None`` for the automatic grid."""
         return self._interval
+
+    def discretization_interval(self, delta: float) -> float:
+        """The grid step that :meth:`epsilon` settles on for this ``delta`` and the current ledger.
+
+        Raises:
+            ValueError: if ``delta`` is outside (0, 1).
+        """
+        delta = require_probability("delta", delta, high_open=True)
+        if self._interval is not None:
+            return self._interval
+        return self._cached_refine(self._ledger, "epsilon", delta)[1]
 
     def _check_supported(self, round: Round) -> None:
         if isinstance(round, FixedCohortRound):
@@ -423,30 +506,207 @@ class PLDAccountant(_LedgerAccountant):
                 "not supported by dp_accounting's PLD): use RDPAccountant(adjacency='replace_one')"
             )
         super()._check_supported(round)
-
-    def _backend(self, ledger: Ledger) -> pld_privacy_accountant.PLDAccountant:
-        backend = self._cache.get(ledger)
-        if backend is None:
-            backend = pld_privacy_accountant.PLDAccountant(
-                neighboring_relation=_RELATIONS[self._adjacency],
-                value_discretization_interval=self._interval,
+        z, q = accounted_noise_multiplier(round), round.sample_rate
+        if z == 0 or q == 0:
+            return
+        interval = self._interval if self._interval is not None else _start_interval(((round, 1),))
+        points = _round_points(z, q, interval)
+        if points > _pld.MAX_POINTS:
+            if self._interval is not None:
+                raise ValueError(
+                    f"value_discretization_interval={interval!r} is too fine for {round}: one "
+                    f"round's privacy-loss distribution would need ~{points:.3g} grid points "
+                    f"(limit {_pld.MAX_POINTS:.3g}); use a coarser grid or the default (None)"
+                )
+            raise ValueError(
+                f"noise_multiplier={round.noise_multiplier!r} is too small for PLD accounting: "
+                f"one round's privacy loss spans ~{points * interval:.3g} nats, ~{points:.3g} grid "
+                f"points (limit {_pld.MAX_POINTS:.3g}); ε is enormous, use RDPAccountant"
             )
-            if ledger:
-                backend.compose(_ledger_event(ledger))
-            self._cache[ledger] = backend
-            while len(self._cache) > 4:  # the current ledger and a few candidates
-                self._cache.popitem(last=False)
-        return backend
 
+    # ----------------------------------------------------------------- ε, δ
     def _epsilon_of(self, ledger: Ledger, delta: float) -> float:
-        eps = float(self._backend(ledger).get_epsilon(delta))
-        return max(0.0, eps) if not math.isnan(eps) else math.inf
+        return self._cached_refine(ledger, "epsilon", delta)[0]
 
     def _delta_of(self, ledger: Ledger, epsilon: float) -> float:
-        return float(min(1.0, max(0.0, self._backend(ledger).get_delta(epsilon))))
+        return self._cached_refine(ledger, "delta", epsilon)[0]
+
+    def _cached_refine(self, ledger: Ledger, kind: str, at: float) -> tuple[float, float]:
+        """ε(δ) or δ(ε) of ``ledger`` and its grid, remembered for the last few queries."""
+        key = (ledger, kind, at)
+        hit = _lru_get(self._results, key)
+        if hit is not None:
+            return hit
+        if kind == "epsilon":
+            result = self._refine(ledger, _epsilon_measure(at), _AUTO_RTOL)
+        else:
+
+            def measure(pld: _PLD | None) -> float:
+                if pld is None:
+                    return 1.0
+                return float(min(1.0, max(0.0, pld.get_delta_for_epsilon(at))))
+
+            result = self._refine(ledger, measure, _AUTO_DELTA_RTOL)
+        _lru_put(self._results, key, result)
+        return result
+
+    def _refine(
+        self, ledger: Ledger, measure: Callable[[_PLD | None], float], rtol: float
+    ) -> tuple[float, float]:
+        """(value, grid): the fixed grid's value, or the automatic grid's (see class docstring)."""
+        active = tuple((r, c) for r, c in ledger if r.sample_rate > 0)
+        if not active:
+            return measure(_identity()), self._interval or _AUTO_MAX_INTERVAL
+        if any(accounted_noise_multiplier(r) == 0 for r, _ in active):
+            return measure(None), self._interval or _AUTO_MAX_INTERVAL  # no noise: ε = ∞
+        if self._interval is not None:
+            return measure(self._compose(ledger, self._interval)), self._interval
+        interval = _start_interval(active)
+        best, best_interval, previous = math.inf, interval, None
+        for _ in range(_AUTO_MAX_STEPS):
+            try:
+                value = measure(self._compose(ledger, interval))
+            except _pld.PLDTooLargeError:
+                if previous is None:
+                    raise
+                break  # the finest affordable grid's value is still an upper bound
+            if value <= best:
+                best, best_interval = value, interval
+            if previous is not None and (
+                previous - value <= rtol * value or (math.isinf(value) and math.isinf(previous))
+            ):
+                break
+            if value == 0 or interval / 2 < _AUTO_MIN_INTERVAL:
+                break
+            previous, interval = value, interval / 2
+        return best, best_interval
+
+    def _compose(self, ledger: Ledger, interval: float) -> _PLD:
+        """The composed PLD of ``ledger`` at ``interval``, as dp_accounting's accountant builds it.
+
+        ``identity.compose(e₁).compose(e₂)…`` with ``eᵢ = round_pld.self_compose(countᵢ)``. The
+        PLD of ``ledger[:-1]`` is cached too, so when the last entry's count grows (the round
+        loop adds one round at a time) only that entry is recomposed.
+        """
+        cached = _lru_get(self._composed, (ledger, interval))
+        if cached is not None:
+            return cached
+        if not ledger:
+            return _identity(interval)
+        prefix = _lru_get(self._composed, (ledger[:-1], interval))
+        if prefix is None:
+            prefix = _identity(interval)
+            for rnd, count in ledger[:-1]:
+                prefix = self._compose_entry(prefix, rnd, count, interval)
+            _lru_put(self._composed, (ledger[:-1], interval), prefix)
+        rnd, count = ledger[-1]
+        pld = self._compose_entry(prefix, rnd, count, interval)
+        _lru_put(self._composed, (ledger, interval), pld)
+        return pld
+
+    def _compose_entry(self, pld: _PLD, round: Round, count: int, interval: float) -> _PLD:
+        if round.sample_rate == 0:
+            return pld  # nobody can be sampled: a no-op, as in dp_accounting
+        single = self._round_pld(round, interval)
+        try:
+            repeated = _pld.self_compose(single, count)
+        except _pld.PLDTooLargeError as err:
+            raise _pld.PLDTooLargeError(
+                f"rounds={count} of {round} are too many for PLD accounting at grid step "
+                f"{interval:g}: {err}; account fewer rounds or use RDPAccountant",
+                err.points,
+            ) from None
+        return pld.compose(repeated)
+
+    def _round_pld(self, round: Round, interval: float) -> _PLD:
+        assert isinstance(round, PoissonRound)
+        key = (round, interval)
+        pld = _lru_get(self._round_plds, key)
+        if pld is None:
+            pld = _pld.gaussian_pld(accounted_noise_multiplier(round), round.sample_rate, interval)
+            _lru_put(self._round_plds, key, pld)
+        return pld
 
     def _options(self) -> dict[str, Any]:
         return {"value_discretization_interval": self._interval}
+
+
+_round_points = functools.lru_cache(maxsize=256)(_pld.round_points)
+
+
+@functools.lru_cache(maxsize=64)
+def _identity(interval: float = _AUTO_MAX_INTERVAL) -> _PLD:
+    """dp_accounting's identity PLD (immutable: ``compose`` returns new objects)."""
+    return privacy_loss_distribution.identity(value_discretization_interval=interval)
+
+
+def _epsilon_measure(delta: float) -> Callable[[_PLD | None], float]:
+    def measure(pld: _PLD | None) -> float:
+        if pld is None:
+            return math.inf
+        eps = float(pld.get_epsilon_for_delta(delta))
+        return max(0.0, eps) if not math.isnan(eps) else math.inf
+
+    return measure
+
+
+def _start_interval(ledger: Ledger) -> float:
+    """4x the count-weighted RMS privacy-loss scale q·sqrt(exp(1/z²) - 1), a power of two.
+
+    At most 2⁻⁵, or ε/256 for a rough ε of the ledger when that is larger (mean + 3 std of the
+    composed loss, from the same per-round scale), so that a long ledger with a large ε starts
+    on a grid whose number of points does not grow with the number of rounds.
+    """
+    weighted, total = 0.0, 0
+    for rnd, count in ledger:
+        z, q = accounted_noise_multiplier(rnd), rnd.sample_rate
+        if z == 0 or q == 0:
+            continue
+        weighted += count * q * q * math.expm1(min(1.0 / (z * z), 700.0))
+        total += count
+    if not total:
+        return _AUTO_MAX_INTERVAL
+    rough_epsilon = weighted / 2 + 3 * math.sqrt(weighted)
+    ceiling = min(max(_AUTO_MAX_INTERVAL, rough_epsilon / 256), 8.0)
+    raw = min(_AUTO_START * math.sqrt(weighted / total), ceiling)
+    return max(2.0 ** math.floor(math.log2(raw)), _AUTO_MIN_INTERVAL) if raw > 0 else 2.0**-40
+
+
+def _lru_get(cache: OrderedDict[_K, _V], key: _K) -> _V | None:
+    value = cache.get(key)
+    if value is not None:
+        cache.move_to_end(key)
+    return value
+
+
+def _lru_put(cache: OrderedDict[_K, _V], key: _K, value: _V) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
+
+
+class _UnconvergedOrderFilter(logging.Filter):
+    """Drops dp_accounting's "failed to converge ... Excluding this order" absl warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "failed to converge" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _quiet_unconverged_orders() -> Iterator[None]:
+    """Silence, for the duration of one dp_accounting call, its per-order convergence warnings.
+
+    The excluded orders are still visible: their RDP is infinite (``RDPAccountant.excluded_orders``).
+    Scoped to the call: the filter is removed afterwards, other absl messages pass through.
+    """
+    logger = logging.getLogger("absl")
+    quiet = _UnconvergedOrderFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _ledger_event(ledger: Ledger) -> dp_accounting.DpEvent:

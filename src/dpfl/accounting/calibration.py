@@ -33,7 +33,7 @@ def epsilon_for(
     *,
     accountant: AccountantName = "rdp",
     orders: Sequence[float] | None = None,
-    value_discretization_interval: float = DEFAULT_VALUE_DISCRETIZATION_INTERVAL,
+    value_discretization_interval: float | None = DEFAULT_VALUE_DISCRETIZATION_INTERVAL,
 ) -> float:
     """ε after ``rounds`` Poisson-subsampled Gaussian rounds (add/remove-one adjacency).
 
@@ -44,7 +44,8 @@ def epsilon_for(
         delta: δ in (0, 1).
         accountant: ``"rdp"`` or ``"pld"``.
         orders: RDP orders (RDP only); default dp_accounting's.
-        value_discretization_interval: PLD grid step (PLD only).
+        value_discretization_interval: PLD grid step (PLD only); ``None`` (default) for
+            the automatic grid of :class:`PLDAccountant`.
 
     Returns:
         ε at ``delta``.
@@ -75,7 +76,7 @@ def calibrate_noise_multiplier(
     rtol: float = 1e-3,
     max_noise_multiplier: float = 1e4,
     orders: Sequence[float] | None = None,
-    value_discretization_interval: float = DEFAULT_VALUE_DISCRETIZATION_INTERVAL,
+    value_discretization_interval: float | None = DEFAULT_VALUE_DISCRETIZATION_INTERVAL,
 ) -> float:
     """Smallest noise multiplier z (to ``rtol``) with ε(z) <= ``target_epsilon`` after ``rounds``.
 
@@ -97,7 +98,8 @@ def calibrate_noise_multiplier(
         rtol: relative width of the final bracket, in (0, 0.01] (default 1e-3).
         max_noise_multiplier: give up above this z (default 1e4).
         orders: RDP orders (RDP only); default dp_accounting's.
-        value_discretization_interval: PLD grid step (PLD only).
+        value_discretization_interval: PLD grid step (PLD only); ``None`` (default) for
+            the automatic grid of :class:`PLDAccountant`.
 
     Returns:
         The noise multiplier z.
@@ -210,7 +212,7 @@ def _epsilon_function(
     delta: float,
     accountant: str,
     orders: Sequence[float] | None,
-    value_discretization_interval: float,
+    value_discretization_interval: float | None,
 ) -> Callable[[PoissonRound], float]:
     """Validate the shared arguments and return round -> ε after ``rounds`` such rounds."""
     require_probability("sample_rate", sample_rate, low_open=False)

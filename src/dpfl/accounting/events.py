@@ -27,17 +27,24 @@ from dpfl._checks import require_int, require_non_negative, require_probability
 
 __all__ = [
     "ADD_OR_REMOVE_ONE",
+    "NOISE_MULTIPLIER_CAP",
     "REPLACE_ONE",
     "Adjacency",
     "FixedCohortRound",
     "PoissonRound",
     "Round",
+    "accounted_noise_multiplier",
     "round_from_dict",
 ]
 
 Adjacency = Literal["add_or_remove_one", "replace_one"]
 ADD_OR_REMOVE_ONE: Adjacency = "add_or_remove_one"
 REPLACE_ONE: Adjacency = "replace_one"
+
+#: Noise multipliers above this are accounted as this value. ε never increases with z, so the
+#: reported ε stays an upper bound (below ~1e-5 per round at the cap); dp_accounting itself
+#: overflows (``z**2``) beyond ~1.3e154 and loses precision long before.
+NOISE_MULTIPLIER_CAP = 1e6
 
 
 @dataclass(frozen=True)
@@ -75,9 +82,13 @@ class PoissonRound:
         object.__setattr__(self, "sample_rate", q)
 
     def dp_event(self) -> dp_accounting.DpEvent:
-        """Return ``PoissonSampledDpEvent(sample_rate, GaussianDpEvent(noise_multiplier))``."""
+        """Return ``PoissonSampledDpEvent(sample_rate, GaussianDpEvent(z))``.
+
+        ``z`` is :func:`accounted_noise_multiplier`: the noise multiplier, capped at
+        :data:`NOISE_MULTIPLIER_CAP` (conservative; dp_accounting overflows on huge values).
+        """
         return dp_accounting.PoissonSampledDpEvent(
-            self.sample_rate, dp_accounting.GaussianDpEvent(self.noise_multiplier)
+            self.sample_rate, dp_accounting.GaussianDpEvent(accounted_noise_multiplier(self))
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -152,12 +163,13 @@ class FixedCohortRound:
     def dp_event(self) -> dp_accounting.DpEvent:
         """Return ``SampledWithoutReplacementDpEvent(population, cohort_size, GaussianDpEvent(z/2))``.
 
-        The halved noise multiplier accounts for the replace-one sensitivity ``2C`` of the sum.
+        The halved noise multiplier accounts for the replace-one sensitivity ``2C`` of the sum;
+        ``z`` is capped first (:func:`accounted_noise_multiplier`).
         """
         return dp_accounting.SampledWithoutReplacementDpEvent(
             source_dataset_size=self.population,
             sample_size=self.cohort_size,
-            event=dp_accounting.GaussianDpEvent(self.noise_multiplier / 2.0),
+            event=dp_accounting.GaussianDpEvent(accounted_noise_multiplier(self) / 2.0),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -181,6 +193,16 @@ class FixedCohortRound:
 
 
 Round = PoissonRound | FixedCohortRound
+
+
+def accounted_noise_multiplier(round: Round) -> float:
+    """The noise multiplier the accountants use for ``round``: ``min(z, NOISE_MULTIPLIER_CAP)``.
+
+    Capping is conservative (a round with more noise is at least as private as one at the cap)
+    and keeps dp_accounting's arithmetic finite: it computes ``z**2``, which overflows beyond
+    ~1.3e154, and its privacy-loss grids lose precision long before.
+    """
+    return min(round.noise_multiplier, NOISE_MULTIPLIER_CAP)
 
 
 def round_from_dict(data: Mapping[str, Any]) -> Round:
