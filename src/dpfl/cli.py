@@ -34,6 +34,7 @@ from dpfl.accounting.accountants import PLDAccountant, RDPAccountant
 from dpfl.accounting.calibration import calibrate_noise_multiplier
 from dpfl.accounting.events import PoissonRound
 from dpfl.accounting.extrapolation import extrapolate
+from dpfl.audit._cli import add_audit_parser
 
 __all__ = ["build_parser", "main"]
 
@@ -50,6 +51,11 @@ _OPTION_OF = {
     "rtol": "--rtol",
     "max_noise_multiplier": "--max-noise-multiplier",
     "value_discretization_interval": "--value-discretization-interval",
+    "false_positives": "--false-positives",
+    "false_negatives": "--false-negatives",
+    "trials_out": "--trials-out",
+    "trials_in": "--trials-in",
+    "confidence": "--confidence",
 }
 
 
@@ -99,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dpfl", description="Differential-privacy federated-learning tools.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_privacy_command(commands)
+    add_audit_parser(commands)
     return parser
 
 
@@ -122,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(_json_safe(result), sort_keys=True))
     else:
-        print(_format_human(result))
+        print(getattr(args, "formatter", _format_human)(result))
     return 0
 
 

@@ -34,7 +34,12 @@ def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     actions = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
 
-    est = actions.add_parser("estimate", help="epsilon from saved canary cosines (one-shot)")
+    est = actions.add_parser(
+        "estimate",
+        help="epsilon from saved canary cosines (one-shot)",
+        description="One-shot empirical epsilon (Andrew et al., arXiv 2302.03098) from the cosines "
+        "of inserted and unseen canary directions saved by CanaryAudit.cosines().",
+    )
     est.add_argument(
         "--cosines", required=True, metavar="FILE", help="JSON of CanaryAudit.cosines()"
     )
@@ -42,13 +47,28 @@ def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
     est.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     est.set_defaults(handler=_estimate, command_parser=est, formatter=format_audit)
 
-    bnd = actions.add_parser("bound", help="epsilon lower bound from one threshold test's counts")
-    bnd.add_argument("--false-positives", type=int, required=True, metavar="N")
-    bnd.add_argument("--trials-out", type=int, required=True, metavar="N")
-    bnd.add_argument("--false-negatives", type=int, required=True, metavar="N")
-    bnd.add_argument("--trials-in", type=int, required=True, metavar="N")
+    bnd = actions.add_parser(
+        "bound",
+        help="epsilon lower bound from one threshold test's counts",
+        description="Epsilon lower bound at delta from the error counts of one canary in/out "
+        "threshold test, with Clopper-Pearson confidence.",
+    )
+    bnd.add_argument(
+        "--false-positives", type=int, required=True, metavar="N",
+        help="out-trials (canary absent) that the test called 'in'",
+    )
+    bnd.add_argument(
+        "--trials-out", type=int, required=True, metavar="N", help="trials without the canary"
+    )
+    bnd.add_argument(
+        "--false-negatives", type=int, required=True, metavar="N",
+        help="in-trials (canary present) that the test called 'out'",
+    )
+    bnd.add_argument(
+        "--trials-in", type=int, required=True, metavar="N", help="trials with the canary"
+    )
     bnd.add_argument("--delta", type=float, required=True, metavar="D", help="target delta")
-    bnd.add_argument("--confidence", type=float, default=0.95, help="confidence of the bound")
+    bnd.add_argument("--confidence", type=float, default=0.95, help="confidence of the bound (default: 0.95)")
     bnd.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     bnd.set_defaults(handler=_bound, command_parser=bnd, formatter=format_audit)
     return audit
