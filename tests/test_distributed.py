@@ -36,7 +36,7 @@ def launch(out: Path, world: int, *extra: str) -> list[subprocess.Popen[str]]:
     for rank in range(world):
         env = {
             **os.environ,
-            "PYTHONPATH": str(ROOT),
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
             "OMP_NUM_THREADS": "1",
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),

@@ -18,7 +18,16 @@ from torch import nn
 from dpfl.accounting import PoissonRound, PrivacyBudget, RDPAccountant
 from dpfl.clip import GlobalClip
 from dpfl.optim import LAMB
-from dpfl.simulation import InMemoryFederatedDataset, PoissonSampler, train_local
+from dpfl.simulation import (
+    Checkpointing,
+    Evaluation,
+    InMemoryFederatedDataset,
+    LocalTraining,
+    Logging,
+    PoissonSampler,
+    Privacy,
+    train_local,
+)
 from dpfl.simulation._progress import Progress
 from dpfl.simulation.rounds import run_rounds
 from tests._scripts.tiny_fl import ORDERS, loss_fn, make_dataset, make_model
@@ -48,14 +57,55 @@ def setup(model_seed: int = 0, *, lr: float = 0.01, budget: float | None = None,
         local_lr=0.1,
         local_steps=2,
         seed=7,
+        noise_seed=7,
         delta=DELTA,
         progress=False,
     )
 
 
+#: Flat test keyword -> (config object, field). ``call`` groups them into the config dataclasses.
+_GROUPS = {
+    "local_lr": ("local", "lr"),
+    "local_steps": ("local", "steps"),
+    "local_epochs": ("local", "epochs"),
+    "vectorized": ("local", "vectorized"),
+    "clipper": ("privacy", "clipper"),
+    "noise_multiplier": ("privacy", "noise_multiplier"),
+    "accountant": ("privacy", "accountant"),
+    "delta": ("privacy", "delta"),
+    "noise_seed": ("privacy", "noise_seed"),
+    "secure_noise": ("privacy", "secure_noise"),
+    "drop_nonfinite": ("privacy", "drop_nonfinite"),
+    "checkpoint_dir": ("checkpointing", "dir"),
+    "checkpoint_every": ("checkpointing", "every"),
+    "resume": ("checkpointing", "resume"),
+    "log_path": ("logging", "path"),
+    "progress": ("logging", "progress"),
+    "progress_every": ("logging", "every"),
+    "unsafe_metrics": ("logging", "unsafe_metrics"),
+    "eval_fn": ("evaluation", "fn"),
+    "eval_every": ("evaluation", "every"),
+}
+_CLASSES = {
+    "local": LocalTraining,
+    "privacy": Privacy,
+    "checkpointing": Checkpointing,
+    "logging": Logging,
+    "evaluation": Evaluation,
+}
+
+
 def call(kw: dict[str, Any], **extra: Any):
     args = {**kw, **extra}
     model, dataset, fn = args.pop("model"), args.pop("dataset"), args.pop("loss_fn")
+    groups: dict[str, dict[str, Any]] = {}
+    for key in [k for k in args if k in _GROUPS]:
+        group, field_name = _GROUPS[key]
+        groups.setdefault(group, {})[field_name] = args.pop(key)
+    for group, fields in groups.items():
+        if group in ("checkpointing", "evaluation") and not {"dir", "fn"} & set(fields):
+            continue  # cadence without a directory/hook: nothing to configure
+        args[group] = _CLASSES[group](**fields)
     return run_rounds(model, dataset, fn, **args)
 
 
@@ -318,16 +368,17 @@ def test_nan_loss_user_is_dropped_with_drop_nonfinite() -> None:
     ("extra", "match"),
     [
         ({"rounds": 0}, "rounds"),
-        ({"local_steps": None}, "local_steps and local_epochs"),
-        ({"local_epochs": 1}, "local_steps and local_epochs"),
-        ({"delta": 1.5}, "delta"),
-        ({"noise_multiplier": -1.0}, "noise_multiplier"),
-        ({"local_lr": 0.0}, "local_lr"),
-        ({"resume": True}, "checkpoint_dir"),
-        ({"checkpoint_every": 0}, "checkpoint_every"),
-        ({"eval_every": 0}, "eval_every"),
-        ({"progress_every": 0}, "progress_every"),
-        ({"vectorized": True, "local_steps": None, "local_epochs": 1}, "local_steps"),
+        ({"seed": -1}, "seed"),
+        ({"local_steps": None}, "exactly one of steps and epochs"),
+        ({"local_epochs": 1}, "exactly one of steps and epochs"),
+        ({"delta": 1.5}, "Privacy.delta"),
+        ({"noise_multiplier": -1.0}, "Privacy.noise_multiplier"),
+        ({"local_lr": 0.0}, "LocalTraining.lr"),
+        ({"noise_seed": 3, "secure_noise": True}, "noise_seed=None"),
+        ({"checkpoint_dir": "x", "checkpoint_every": 0}, "Checkpointing.every"),
+        ({"eval_fn": lambda m: {}, "eval_every": 0}, "Evaluation.every"),
+        ({"progress_every": 0}, "Logging.every"),
+        ({"vectorized": True, "local_steps": None, "local_epochs": 1}, "steps"),
     ],
 )
 def test_invalid_arguments_name_the_parameter(extra: dict[str, Any], match: str) -> None:
@@ -337,6 +388,66 @@ def test_invalid_arguments_name_the_parameter(extra: dict[str, Any], match: str)
     with pytest.raises(ValueError, match=match):
         call(kw, **args)
     _assert_state_unchanged(kw, before)
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (
+            lambda: Privacy(object(), noise_multiplier=1.0, accountant=accountant(), delta=DELTA),
+            "Privacy.clipper",
+        ),
+        (
+            lambda: Privacy(
+                GlobalClip(1.0), noise_multiplier=1.0, accountant=object(), delta=DELTA
+            ),
+            "Privacy.accountant",
+        ),
+        (
+            lambda: Privacy(
+                GlobalClip(1.0),
+                noise_multiplier=1.0,
+                accountant=accountant(),
+                delta=DELTA,
+                secure_noise=1,
+            ),
+            "Privacy.secure_noise",
+        ),
+        (lambda: LocalTraining(lr=0.1, steps=1.5), "LocalTraining.steps"),
+        (lambda: Checkpointing(None), "Checkpointing.dir"),
+        (lambda: Logging(path=3), "Logging.path"),
+        (lambda: Evaluation(fn=3), "Evaluation.fn"),
+    ],
+)
+def test_config_types_are_checked_when_built(build: Any, match: str) -> None:
+    with pytest.raises(TypeError, match=match):
+        build()
+
+
+def test_flat_keyword_of_the_old_api_is_a_type_error() -> None:
+    kw = setup()
+    model, dataset = kw["model"], kw["dataset"]
+    with pytest.raises(TypeError):
+        run_rounds(
+            model,
+            dataset,
+            loss_fn,
+            sampler=kw["sampler"],
+            rounds=1,  # type: ignore[call-arg]
+            server_optimizer=kw["server_optimizer"],
+            local_lr=0.1,
+        )
+    with pytest.raises(TypeError, match="privacy must be a Privacy"):
+        run_rounds(
+            model,
+            dataset,
+            loss_fn,
+            sampler=kw["sampler"],
+            rounds=1,
+            server_optimizer=kw["server_optimizer"],
+            local=LocalTraining(lr=0.1, steps=1),
+            privacy={"noise_multiplier": 1.0},
+        )  # type: ignore[arg-type]
 
 
 def test_accountant_of_the_wrong_adjacency_fails_before_anything_changes(tmp_path: Path) -> None:

@@ -27,8 +27,17 @@ from torch import nn
 from dpfl.accounting import PrivacyBudget, RDPAccountant
 from dpfl.clip import GlobalClip
 from dpfl.optim import LAMB
-from dpfl.simulation import InMemoryFederatedDataset, PoissonSampler
-from dpfl.simulation.rounds import RunResult, run_rounds
+from dpfl.simulation import (
+    Checkpointing,
+    Evaluation,
+    InMemoryFederatedDataset,
+    LocalTraining,
+    Logging,
+    PoissonSampler,
+    Privacy,
+    RunResult,
+    run_rounds,
+)
 
 IN, HIDDEN, OUT = 4, 8, 2
 #: Integer RDP orders: much faster to evaluate than dp_accounting's default fractional orders.
@@ -69,6 +78,10 @@ def run(
     slow: float = 0.0,
     budget: float | None = None,
     noise_multiplier: float = 1.0,
+    noise_seed: int | None = 4321,
+    secure_noise: bool = False,
+    vectorized: bool = False,
+    unsafe_metrics: bool = False,
     crash_at: int = 0,
     scheduler: bool = False,
     **kwargs: Any,
@@ -76,7 +89,8 @@ def run(
     """Build the tiny problem and run it; returns (model, accountant, result).
 
     ``crash_at=k`` makes the run raise right after round ``k`` was computed, before it is logged
-    or checkpointed (the in-process analogue of killing the process there).
+    or checkpointed (the in-process analogue of killing the process there). ``secure_noise``
+    implies ``noise_seed=None``.
     """
     model = make_model()
     dataset = make_dataset()
@@ -103,22 +117,21 @@ def run(
         dataset,
         loss_fn,
         sampler=sampler,
-        clipper=GlobalClip(0.5),
-        noise_multiplier=noise_multiplier,
         server_optimizer=optimizer,
-        accountant=accountant,
         rounds=rounds,
-        local_lr=0.1,
-        local_steps=3,
+        local=LocalTraining(lr=0.1, steps=3, vectorized=vectorized),
+        privacy=Privacy(
+            GlobalClip(0.5),
+            noise_multiplier=noise_multiplier,
+            accountant=accountant,
+            delta=1e-5,
+            noise_seed=None if secure_noise else noise_seed,
+            secure_noise=secure_noise,
+        ),
         seed=1234,
-        delta=1e-5,
-        checkpoint_dir=out / "ckpt",
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-        log_path=out / "log.jsonl",
-        eval_fn=eval_fn,
-        eval_every=1,
-        progress=False,
+        checkpointing=Checkpointing(out / "ckpt", every=checkpoint_every, resume=resume),
+        logging=Logging(out / "log.jsonl", progress=False, unsafe_metrics=unsafe_metrics),
+        evaluation=Evaluation(eval_fn, every=1),
         dist=dist,
         **kwargs,
     )
