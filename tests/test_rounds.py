@@ -202,7 +202,7 @@ def test_property_one_round_is_clipped_sum_over_expected_cohort(
         noise_multiplier=0.0,
         server_optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
     )
-    result = call(kw, rounds=1)
+    result = call(kw, rounds=1, unsafe_metrics=True)
     expected = {n: p.detach().clone() for n, p in before.named_parameters()}
     for position, uid in enumerate(users):
         gen = torch.Generator().manual_seed(_local_seed(7, 1, position))
@@ -225,7 +225,7 @@ def _local_seed(seed: int, *key: int) -> int:
 
 def test_jsonl_log_content(tmp_path: Path) -> None:
     log = tmp_path / "sub" / "log.jsonl"
-    result = call(setup(), rounds=3, log_path=log)
+    result = call(setup(), rounds=3, log_path=log, unsafe_metrics=True)
     events = read_log(log)
     assert [e["event"] for e in events] == ["start", "round", "round", "round", "stop"]
     start, *rounds_, stop = events
@@ -254,7 +254,7 @@ def test_eval_hook_cadence() -> None:
         calls.append(kw["accountant"].rounds)
         return {"loss": 0.5, "rounds": float(kw["accountant"].rounds)}
 
-    result = call(kw, rounds=7, eval_fn=eval_fn, eval_every=3)
+    result = call(kw, rounds=7, eval_fn=eval_fn, eval_every=3, unsafe_metrics=True)
     assert calls == [3, 6]
     assert [r.round for r in result.records if r.eval is not None] == [3, 6]
     assert result.records[2].eval == {"loss": 0.5, "rounds": 3.0}
@@ -281,6 +281,21 @@ class _Terminal(io.StringIO):
         return True
 
 
+@pytest.mark.parametrize("terminal", [False, True])
+def test_progress_shows_cohort_size_and_times_only_when_unsafe(terminal: bool) -> None:
+    shown = {}
+    for unsafe in (False, True):
+        stream = _Terminal() if terminal else io.StringIO()
+        bar = Progress(4, 0, enabled=True, every=1, stream=stream, unsafe=unsafe)
+        for t in range(1, 5):
+            bar.update(t, num_users=1234, epsilon=0.5, time_s=9.875)
+        bar.close()
+        shown[unsafe] = stream.getvalue()
+    assert "1234" not in shown[False] and "9.875" not in shown[False]
+    assert "it/s" not in shown[False] and "s/it" not in shown[False]  # no tqdm rate either
+    assert "1234" in shown[True]
+
+
 def test_tqdm_bar_on_a_terminal() -> None:
     stream = _Terminal()
     bar = Progress(4, 1, enabled=None, every=100, stream=stream)
@@ -291,6 +306,36 @@ def test_tqdm_bar_on_a_terminal() -> None:
     text = stream.getvalue()
     assert "4/4" in text and "dpfl: stopped" in text  # a tqdm bar (starting at 1/4), no plain lines
     assert "dpfl: round" not in text
+
+
+UNSAFE = ("num_users", "num_dropped", "fraction_clipped", "mean_norm", "time_s", "timings")
+
+
+def test_records_and_log_hold_no_cohort_statistics_by_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "log.jsonl"
+    result = call(setup(), rounds=3, log_path=log, eval_fn=lambda m: {"x": 1.0}, eval_every=1)
+    for record in result.records:
+        assert all(getattr(record, name) is None for name in UNSAFE), record
+        assert record.eval == {"x": 1.0} and record.epsilon > 0
+    events = read_log(log)
+    assert events[0]["unsafe_metrics"] is False and "warning" not in events[0]
+    for event in events[1:-1]:
+        assert set(event) == {"event", "round", "epsilon", "delta", "eval"}, event
+    assert "unsafe" not in capsys.readouterr().err
+
+
+def test_unsafe_metrics_are_opt_in_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "log.jsonl"
+    result = call(setup(), rounds=2, log_path=log, unsafe_metrics=True)
+    assert all(isinstance(r.num_users, int) and r.timings for r in result.records)
+    start, *rounds_, _stop = read_log(log)
+    assert start["unsafe_metrics"] is True and "NOT covered" in start["warning"]
+    assert all(set(UNSAFE) <= set(e) for e in rounds_)
+    assert "NOT covered by the differential-privacy guarantee" in capsys.readouterr().err
 
 
 def test_vectorized_matches_sequential() -> None:
@@ -358,7 +403,7 @@ def test_nan_loss_user_is_dropped_with_drop_nonfinite() -> None:
     kw = setup()
     kw["sampler"] = PoissonSampler(kw["dataset"].user_ids(), 1.0, seed=0)
     kw["loss_fn"] = nan_for(kw["dataset"].user_data("u5")[0][0])
-    result = call(kw, rounds=1, drop_nonfinite=True)
+    result = call(kw, rounds=1, drop_nonfinite=True, unsafe_metrics=True)
     record = result.records[0]
     assert record.num_dropped == 1 and record.num_users == 11
     assert all(torch.isfinite(p).all() for p in kw["model"].parameters())

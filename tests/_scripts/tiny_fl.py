@@ -5,8 +5,9 @@ Also a command-line training script: the resume test starts it as a real subproc
 as several ``torch.distributed`` ranks.
 
 Usage: ``python tests/_scripts/tiny_fl.py OUT_DIR --rounds N [--resume] [--dist]
-[--checkpoint-every K] [--slow S] [--timeout T]``. Writes ``OUT_DIR/log.jsonl``, ``OUT_DIR/ckpt/``,
-``OUT_DIR/progress.txt`` (one line per finished round, from ``eval_fn`` on rank 0), and the final
+[--checkpoint-every K] [--slow S] [--timeout T] [--kill-at K] [--noise seeded|entropy|secure]``.
+Writes ``OUT_DIR/log.jsonl``, ``OUT_DIR/ckpt/``, ``OUT_DIR/progress.txt`` (one line per noised
+model that ``eval_fn`` observed on rank 0, i.e. per release, appended across restarts), the final
 ``model.pt`` and ``ledger.json`` (accountant state) in ``OUT_DIR`` or, with ``--dist``, in
 ``OUT_DIR/rank<r>/``.
 """
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Hashable
@@ -83,14 +86,17 @@ def run(
     vectorized: bool = False,
     unsafe_metrics: bool = False,
     crash_at: int = 0,
+    kill_at: int = 0,
     scheduler: bool = False,
+    clipper: Any = None,
     **kwargs: Any,
 ) -> tuple[nn.Module, RDPAccountant, RunResult]:
     """Build the tiny problem and run it; returns (model, accountant, result).
 
     ``crash_at=k`` makes the run raise right after round ``k`` was computed, before it is logged
-    or checkpointed (the in-process analogue of killing the process there). ``secure_noise``
-    implies ``noise_seed=None``.
+    or checkpointed (the in-process analogue of killing the process there); ``kill_at=k`` kills
+    the process (SIGKILL) at the same point of a fresh run. ``secure_noise`` implies
+    ``noise_seed=None``.
     """
     model = make_model()
     dataset = make_dataset()
@@ -106,8 +112,12 @@ def run(
     def eval_fn(m: nn.Module) -> dict[str, float]:
         if accountant.rounds == crash_at:  # simulate a crash after the round, before its log
             raise RuntimeError(f"simulated crash after round {crash_at}")
-        with progress_file.open("a") as f:
+        with progress_file.open("a") as f:  # one line per noised model observed (a release)
             f.write(f"{accountant.rounds}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if kill_at and accountant.rounds == kill_at:  # die between a release and its checkpoint
+            os.kill(os.getpid(), signal.SIGKILL)
         if slow:
             time.sleep(slow)
         return {"weight_sum": float(sum(float(p.detach().sum()) for p in m.parameters()))}
@@ -121,7 +131,7 @@ def run(
         rounds=rounds,
         local=LocalTraining(lr=0.1, steps=3, vectorized=vectorized),
         privacy=Privacy(
-            GlobalClip(0.5),
+            GlobalClip(0.5) if clipper is None else clipper,
             noise_multiplier=noise_multiplier,
             accountant=accountant,
             delta=1e-5,
@@ -147,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-every", type=int, default=1)
     parser.add_argument("--slow", type=float, default=0.0, help="seconds to sleep per round")
     parser.add_argument("--timeout", type=float, default=30.0, help="collective timeout (s)")
+    parser.add_argument("--unsafe-metrics", action="store_true", help="log cohort statistics")
+    parser.add_argument("--kill-at", type=int, default=0, help="SIGKILL itself after round k")
+    parser.add_argument(
+        "--noise", choices=("seeded", "entropy", "secure"), default="seeded", help="noise source"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     ctx = None
@@ -163,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_every=args.checkpoint_every,
         dist=ctx,
         slow=args.slow,
+        kill_at=args.kill_at,
+        unsafe_metrics=args.unsafe_metrics,
+        noise_seed=4321 if args.noise == "seeded" else None,
+        secure_noise=args.noise == "secure",
     )
     torch.save(model.state_dict(), results / "model.pt")
     (results / "ledger.json").write_text(json.dumps(accountant.state_dict()))

@@ -17,8 +17,9 @@ from __future__ import annotations
 import copy
 import math
 import secrets
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from dpfl.aggregate import DPAggregator
 from dpfl.noise import GaussianMechanism
 from dpfl.optim import server_step
 from dpfl.simulation._progress import (
+    UNSAFE_WARNING,
     Progress,
     RoundRecord,
     RunLog,
@@ -46,6 +48,7 @@ from dpfl.simulation.checkpoint import (
 )
 from dpfl.simulation.config import Checkpointing, Evaluation, LocalTraining, Logging, Privacy
 from dpfl.simulation.distributed import DistContext
+from dpfl.simulation.journal import JOURNAL_FILE, Charge, LedgerJournal
 from dpfl.simulation.local import NonFiniteLossError, train_local
 from dpfl.simulation.vectorized import train_cohort_vectorized
 
@@ -98,24 +101,34 @@ def run_rounds(
        generator is seeded from ``(seed, t, position of the user in the cohort)``, so the result
        depends neither on which rank trains the user nor on restarts.
     4. A :class:`~dpfl.aggregate.DPAggregator` clips each update with ``privacy.clipper`` and sums
-       it; ``release`` all-reduces the sums across ranks (``reduce=`` hook), adds Gaussian noise of
+       it.
+    5. **Write-ahead accounting**: ``accountant.add_rounds(sampler.round_spec(noise_multiplier))``
+       charges the round, and with ``checkpointing`` a line ``{"charge": i, "round": t, "spec":
+       ...}`` is appended to ``ledger.jsonl`` in the checkpoint directory and ``fsync``-ed, all
+       *before* the noise is drawn. A round that fails after this point stays charged.
+    6. ``release`` all-reduces the sums across ranks (``reduce=`` hook), adds Gaussian noise of
        std ``noise_multiplier * clipper.sensitivity`` **once** to the global sum and divides by
        ``sampler.expected_cohort_size``. With ``privacy.noise_seed`` every rank holds the same
        seeded generator and adds the identical noise after the all-reduce; otherwise (OS entropy,
        or ``secure_noise``) rank 0's noised mean is broadcast.
-    5. :func:`~dpfl.optim.server_step` applies the noised mean with ``server_optimizer`` (then
+    7. :func:`~dpfl.optim.server_step` applies the noised mean with ``server_optimizer`` (then
        ``lr_scheduler.step()`` if given).
-    6. ``accountant.add_rounds(sampler.round_spec(noise_multiplier))`` charges the round.
-    7. The record is logged; ``evaluation.fn`` runs when ``t % evaluation.every == 0``; a
+    8. The record is logged; ``evaluation.fn`` runs when ``t % evaluation.every == 0``; a
        checkpoint is written when ``t % checkpointing.every == 0``, after the last round and on a
        budget stop.
 
-    A checkpoint holds the complete state *after* round t (model, optimizer, scheduler, ledger
-    including round t, sampler, noise generator, seeds, round index); the log line of round t is
-    written before it. Resuming continues with round t + 1; the ledger equals that of an
-    uninterrupted run and no round is lost or counted twice.
+    A checkpoint holds the state *after* round t (model, optimizer, scheduler, ledger including
+    round t and the number of journal charges it holds, sampler, seeds, round index, and the noise
+    generator only when ``privacy.noise_seed`` is given); the log line of round t is written
+    before it. Resuming restores it, adds the journal's charges beyond the checkpoint to the
+    ledger, and continues with round t + 1. Rounds released after the checkpoint by a process that
+    died are re-run and charged again: after any crash and resume the ledger holds at least as
+    many rounds as noised releases left the process (conservative: a re-run seeded round repeats
+    identical noise and is still charged). Resume refuses a checkpoint written with other privacy
+    settings (noise multiplier, sensitivity, clipper configuration, sampling, adjacency,
+    accountant, budget, noise mode) and a ledger with fewer rounds than the round index.
 
-    Args:
+        Args:
         model: the server model; trained **in place**.
         dataset: a :class:`~dpfl.simulation.FederatedDataset` (``user_ids()``, ``user_data(uid)``).
         loss_fn: ``loss_fn(model, batch) -> scalar loss`` for local training.
@@ -155,8 +168,14 @@ def run_rounds(
 
     Warning:
         Privacy: seeded noise (``privacy.noise_seed``) is for simulations only: it is
-        reproducible from the seed and from the generator state inside checkpoints. The mean is
-        always divided by the *expected* cohort size.
+        reproducible from the seed and from the generator state inside checkpoints, and two runs
+        with the same noise seed add identical noise, so their releases are not independent.
+        With ``noise_seed=None`` (the default) the noise comes from OS entropy and a resumed run
+        draws fresh noise. A known *sampler* seed reveals the cohorts and voids amplification by
+        sampling. By default nothing that depends on the realised cohort (its size, dropped
+        users, clipping statistics, cohort-dependent timings) is logged, printed or returned;
+        ``Logging(unsafe_metrics=True)`` turns that on, with a warning. The mean is always
+        divided by the *expected* cohort size.
 
     Examples:
         >>> result = run_rounds(model, dataset, loss_fn, sampler=sampler,   # doctest: +SKIP
@@ -188,6 +207,53 @@ def run_rounds(
         dist=dist,
     )
     return loop.run()
+
+
+def _verify_ledger(path: Path, state: Mapping[str, Any], journal_count: int) -> int:
+    """Check a checkpoint's ledger against its round index and the journal; return its charges.
+
+    Raises:
+        CheckpointError: A ledger with fewer rounds than the round index, or a journal with fewer
+            charges than the checkpoint records (shrunk, replaced or from another run).
+    """
+    charges = state.get("charges")
+    if not isinstance(charges, int) or isinstance(charges, bool) or charges < 0:
+        raise CheckpointError(f"{path}: invalid or missing journal charge count {charges!r}")
+    if journal_count < charges:
+        raise CheckpointError(
+            f"{path}: the checkpoint's ledger holds {charges} journal charges but "
+            f"{JOURNAL_FILE} beside it holds {journal_count}; the privacy journal was shrunk, "
+            "deleted or replaced, so the releases since the checkpoint cannot be accounted"
+        )
+    round_index = state.get("round")
+    try:
+        ledger = state["accountant"]["ledger"]
+        rounds = sum(int(entry["count"]) for entry in ledger)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: malformed accountant state ({exc})") from exc
+    if isinstance(round_index, int) and rounds < round_index:
+        raise CheckpointError(
+            f"{path}: the stored ledger holds {rounds} rounds but the checkpoint is at round "
+            f"{round_index}; the ledger was shrunk or the round index moved"
+        )
+    if isinstance(round_index, int) and charges < round_index:
+        raise CheckpointError(
+            f"{path}: the checkpoint is at round {round_index} but records only {charges} "
+            "journal charges; every round is charged at least once"
+        )
+    return charges
+
+
+def _charge_journal(accountant: Any, charges: list[Charge]) -> None:
+    """Add the journal's ``charges`` to ``accountant`` (no budget check: they were released)."""
+    state = accountant.state_dict()
+    extra = [{"round": c.spec, "count": 1} for c in charges]
+    try:
+        accountant.load_state_dict({**state, "ledger": [*state["ledger"], *extra]})
+    except ValueError as exc:
+        raise CheckpointError(
+            f"the privacy journal holds charges this accountant cannot take: {exc}"
+        ) from exc
 
 
 def _require_instance(name: str, value: Any, cls: type, hint: str) -> None:
@@ -254,6 +320,8 @@ class _RoundLoop:
         if self.user_seed is not None and self.user_seed >= 2**63:
             raise ValueError(f"seed must be < 2**63, got {seed}")
         self.noise_seed = privacy.noise_seed
+        budget = getattr(self.accountant, "budget", None)
+        self.unsafe = logging.unsafe_metrics
         self.dist: DistContext | None = dist
         self.is_main = self.dist is None or self.dist.is_main
         self.ckpt_every = checkpointing.every if checkpointing is not None else 1
@@ -261,6 +329,11 @@ class _RoundLoop:
             None if checkpointing is None else Path(checkpointing.dir) / CHECKPOINT_FILE
         )
         self.resume = checkpointing is not None and checkpointing.resume
+        self.journal = (
+            None
+            if checkpointing is None
+            else LedgerJournal(Path(checkpointing.dir) / JOURNAL_FILE, writable=self.is_main)
+        )
         self.log = RunLog(logging.path if self.is_main else None)
         self.config = {
             "noise_multiplier": self.z,
@@ -278,6 +351,12 @@ class _RoundLoop:
             "drop_nonfinite": self.drop_nonfinite,
             "secure_noise": self.secure,
             "lr_scheduler": None if self.scheduler is None else type(self.scheduler).__name__,
+            # Everything the privacy guarantee of a resumed run depends on:
+            "clipper_config": repr(self.clipper),
+            "round_spec": sampler.round_spec(self.z).to_dict(),
+            "adjacency": getattr(self.accountant, "adjacency", None),
+            "budget": None if budget is None else budget.to_dict(),
+            "noise_seeded": self.noise_seed is not None,
         }
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.scratch = copy.deepcopy(model)
@@ -288,23 +367,28 @@ class _RoundLoop:
         parts = {
             "sampler": self.sampler,
             "accountant": self.accountant,
-            "mechanism": self.mechanism,
             "optimizer": self.optimizer,
         }
+        if self.noise_seed is not None:  # simulation only: unseeded noise is never stored
+            parts["mechanism"] = self.mechanism
         return parts if self.scheduler is None else {**parts, "scheduler": self.scheduler}
 
     def _setup(self) -> int:
         """Resolve the seed, build the mechanism, restore a checkpoint; return the start round."""
         self.accountant.would_exceed(self.sampler.round_spec(self.z))  # wrong adjacency raises now
         state = None
-        if self.ckpt_path is not None and self.ckpt_path.exists():
+        charges = [] if self.journal is None else self.journal.load()
+        if self.ckpt_path is not None and (self.ckpt_path.exists() or charges):
             if not self.resume:
+                journal = self.ckpt_path.with_name(JOURNAL_FILE)
+                held = self.ckpt_path if self.ckpt_path.exists() else journal
                 raise ValueError(
-                    f"Checkpointing.dir already holds {self.ckpt_path}; pass "
+                    f"Checkpointing.dir already holds {held} of an earlier run; pass "
                     "Checkpointing(..., resume=True) to continue that run, or choose an empty "
-                    "directory (a checkpoint is never overwritten by a fresh run)"
+                    "directory (a checkpoint or privacy journal is never overwritten)"
                 )
-            state = load_checkpoint(self.ckpt_path)
+            if self.ckpt_path.exists():
+                state = load_checkpoint(self.ckpt_path)
         seed = self.user_seed
         if seed is None:
             stored = None if state is None else state.get("seed")
@@ -326,11 +410,14 @@ class _RoundLoop:
             seed=None if self.noise_seed is None else _derive_seed(self.noise_seed, 0),
             secure=self.secure,
         )
-        start = 0
+        start, charged = 0, 0
         if state is not None:
             assert self.ckpt_path is not None
+            charged = _verify_ledger(self.ckpt_path, state, len(charges))
             kw: dict[str, Any] = {"config": self.config, "seed": self.user_seed}
             start = restore_run(self.ckpt_path, state, model=self.model, parts=self._parts(), **kw)
+        if charges[charged:]:
+            _charge_journal(self.accountant, charges[charged:])
         if self.dist is not None:
             shapes = {k: list(v.shape) for k, v in self.model.state_dict().items()}
             self.dist.check_same("run configuration", (self.config, shapes, seed, start))
@@ -393,6 +480,12 @@ class _RoundLoop:
         except ValueError as exc:
             raise ValueError(f"round {t}, user {uid!r}: update rejected: {exc}") from exc
 
+    def _charge(self, t: int, spec: Any) -> None:
+        """Write-ahead accounting: charge round ``t`` durably before its noise is drawn."""
+        if self.journal is not None:
+            self.journal.append(t, spec.to_dict())  # fsync-ed before anything is released
+        self.accountant.add_rounds(spec)
+
     def _round(self, t: int, spec: Any) -> RoundRecord:
         timings = dict.fromkeys(("sample", "train", "aggregate", "server_step", "account"), 0.0)
         start = time.perf_counter()
@@ -409,6 +502,9 @@ class _RoundLoop:
             )
             self._train_and_add(t, cohort, agg, timings)
             clock = time.perf_counter()
+            self._charge(t, spec)  # from here on the round stays charged, even if it fails
+            timings["account"] = time.perf_counter() - clock
+            clock = time.perf_counter()
             reduce = None if self.dist is None else self.dist.all_reduce_sum_
             mean, stats = agg.release(reduce=reduce, allow_empty=True)
             if self.dist is not None and self.noise_seed is None:
@@ -424,17 +520,18 @@ class _RoundLoop:
             self.scheduler.step()
         timings["server_step"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        self.accountant.add_rounds(spec)
         epsilon = float(self.accountant.epsilon(self.delta))
-        timings["account"] = time.perf_counter() - clock
+        timings["account"] += time.perf_counter() - clock
+        if not self.unsafe:  # cohort-dependent, not covered by the DP guarantee
+            return RoundRecord(round=t, epsilon=epsilon, delta=self.delta)
         return RoundRecord(
             round=t,
+            epsilon=epsilon,
+            delta=self.delta,
             num_users=stats.num_users,
             num_dropped=stats.num_dropped,
             fraction_clipped=stats.fraction_clipped,
             mean_norm=stats.mean_norm,
-            epsilon=epsilon,
-            delta=self.delta,
             time_s=time.perf_counter() - start,
             timings=timings,
         )
@@ -444,18 +541,27 @@ class _RoundLoop:
         if self.ckpt_path is None or not self.is_main:
             return
         parts = {key: obj.state_dict() for key, obj in self._parts().items()}
-        meta = {"round": t, "seed": self.seed, "noise_seed": self.noise_seed, "config": self.config}
+        meta = {
+            "round": t,
+            "seed": self.seed,
+            "noise_seed": self.noise_seed,
+            "charges": 0 if self.journal is None else self.journal.count,
+            "config": self.config,
+        }
         save_checkpoint(self.ckpt_path, {**meta, "model": self.model.state_dict(), **parts})
 
     def run(self) -> RunResult:
         start = self._setup()
         world = 1 if self.dist is None else self.dist.world_size
-        self.log.begin(start, world_size=world, config=self.config)
+        self.log.begin(start, world_size=world, config=self.config, unsafe=self.unsafe)
+        if self.unsafe and self.is_main:
+            print(f"dpfl: WARNING: {UNSAFE_WARNING}", file=sys.stderr, flush=True)
         bar = Progress(
             self.rounds,
             start,
             enabled=self.logging.progress if self.is_main else False,
             every=self.logging.every,
+            unsafe=self.unsafe,
         )
         records: list[RoundRecord] = []
         reason: StopReason = "completed"
@@ -481,7 +587,7 @@ class _RoundLoop:
                 records.append(record)
                 self.log.write(record.to_dict())
                 bar.update(
-                    t, num_users=record.num_users, epsilon=record.epsilon, time_s=record.time_s
+                    t, epsilon=record.epsilon, num_users=record.num_users, time_s=record.time_s
                 )
                 if t % self.ckpt_every == 0 or t == self.rounds:
                     self._checkpoint(t)
