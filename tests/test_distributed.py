@@ -89,7 +89,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
     assert [e["round"] for e in events if e["event"] == "round"] == list(range(1, ROUNDS + 1))
     assert events[0]["world_size"] == 2
     assert (out / "progress.txt").read_text().split() == [str(t) for t in range(1, ROUNDS + 1)]
-    assert sorted(os.listdir(out / "ckpt")) == ["checkpoint.pt", "ledger.jsonl"]
+    assert sorted(os.listdir(out / "ckpt")) == [".lock", "checkpoint.pt", "ledger.jsonl"]
     journal = (out / "ckpt" / "ledger.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in journal] == list(range(1, ROUNDS + 1))
     single_events = [

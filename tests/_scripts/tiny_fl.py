@@ -89,6 +89,10 @@ def run(
     kill_at: int = 0,
     scheduler: bool = False,
     clipper: Any = None,
+    sampler: Any = None,
+    server_lr: float = 0.01,
+    checkpoint_dir: Path | None = None,
+    log_path: Path | None = None,
     **kwargs: Any,
 ) -> tuple[nn.Module, RDPAccountant, RunResult]:
     """Build the tiny problem and run it; returns (model, accountant, result).
@@ -100,11 +104,12 @@ def run(
     """
     model = make_model()
     dataset = make_dataset()
-    sampler = PoissonSampler(dataset.user_ids(), 0.5, seed=11)
+    if sampler is None:
+        sampler = PoissonSampler(dataset.user_ids(), 0.5, seed=11)
     accountant = RDPAccountant(
         budget=None if budget is None else PrivacyBudget(budget, 1e-5), orders=ORDERS
     )
-    optimizer = LAMB(model.parameters(), lr=0.01)
+    optimizer = LAMB(model.parameters(), lr=server_lr)
     if scheduler:
         kwargs["lr_scheduler"] = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.8)
     progress_file = out / "progress.txt"
@@ -139,8 +144,16 @@ def run(
             secure_noise=secure_noise,
         ),
         seed=1234,
-        checkpointing=Checkpointing(out / "ckpt", every=checkpoint_every, resume=resume),
-        logging=Logging(out / "log.jsonl", progress=False, unsafe_metrics=unsafe_metrics),
+        checkpointing=Checkpointing(
+            out / "ckpt" if checkpoint_dir is None else checkpoint_dir,
+            every=checkpoint_every,
+            resume=resume,
+        ),
+        logging=Logging(
+            out / "log.jsonl" if log_path is None else log_path,
+            progress=False,
+            unsafe_metrics=unsafe_metrics,
+        ),
         evaluation=Evaluation(eval_fn, every=1),
         dist=dist,
         **kwargs,

@@ -42,7 +42,9 @@ class DirectoryLock:
 
     def acquire(self) -> None:
         if self.directory.exists() and not self.directory.is_dir():
-            raise CheckpointError(f"{self.directory}: Checkpointing.dir exists and is not a directory")
+            raise CheckpointError(
+                f"{self.directory}: Checkpointing.dir exists and is not a directory"
+            )
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / LOCK_FILE
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

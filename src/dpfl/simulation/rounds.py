@@ -19,6 +19,7 @@ import math
 import secrets
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from dpfl._checks import require_int
 from dpfl.aggregate import DPAggregator
 from dpfl.noise import GaussianMechanism
 from dpfl.optim import server_step
+from dpfl.simulation._lock import DirectoryLock
 from dpfl.simulation._progress import (
     UNSAFE_WARNING,
     Progress,
@@ -256,6 +258,13 @@ def _charge_journal(accountant: Any, charges: list[Charge]) -> None:
         ) from exc
 
 
+def _sweep_temporaries(directory: Path) -> None:
+    """Remove temporary files a crash during an atomic write left behind (under the lock)."""
+    for pattern in (f".{CHECKPOINT_FILE}.*.tmp", f".{JOURNAL_FILE}.tmp"):
+        for leftover in directory.glob(pattern):
+            leftover.unlink(missing_ok=True)
+
+
 def _require_instance(name: str, value: Any, cls: type, hint: str) -> None:
     if not isinstance(value, cls):
         raise TypeError(f"{name} must be a {cls.__name__} ({hint}), got {type(value).__name__}")
@@ -334,7 +343,24 @@ class _RoundLoop:
             if checkpointing is None
             else LedgerJournal(Path(checkpointing.dir) / JOURNAL_FILE, writable=self.is_main)
         )
+        if checkpointing is not None and Path(checkpointing.dir).exists():
+            if not Path(checkpointing.dir).is_dir():
+                raise ValueError(
+                    f"Checkpointing.dir {checkpointing.dir} exists and is not a directory"
+                )
+        if logging.path is not None and Path(logging.path).is_dir():
+            raise ValueError(f"Logging.path {logging.path} is a directory; give a file path")
+        population = getattr(sampler, "population", None)
+        if population is not None:
+            known = set(dataset.user_ids())
+            unknown = [uid for uid in population if uid not in known]
+            if unknown:
+                raise ValueError(
+                    f"sampler has {len(unknown)} user id(s) that dataset does not hold, e.g. "
+                    f"{unknown[:3]!r}; build the sampler from dataset.user_ids()"
+                )
         self.log = RunLog(logging.path if self.is_main else None)
+        self.warnings: list[str] = []
         self.config = {
             "noise_multiplier": self.z,
             "sensitivity": float(self.clipper.sensitivity),
@@ -414,8 +440,23 @@ class _RoundLoop:
         if state is not None:
             assert self.ckpt_path is not None
             charged = _verify_ledger(self.ckpt_path, state, len(charges))
+            stored_round = state.get("round")
+            if isinstance(stored_round, int) and stored_round > self.rounds:
+                raise ValueError(
+                    f"rounds={self.rounds} is below the round of {self.ckpt_path} "
+                    f"({stored_round}); a resumed run cannot undo released rounds, pass "
+                    f"rounds >= {stored_round}"
+                )
+            lrs = [group.get("lr") for group in self.optimizer.param_groups]
             kw: dict[str, Any] = {"config": self.config, "seed": self.user_seed}
             start = restore_run(self.ckpt_path, state, model=self.model, parts=self._parts(), **kw)
+            restored = [group.get("lr") for group in self.optimizer.param_groups]
+            if restored != lrs:
+                self.warnings.append(
+                    f"server_optimizer learning rate {lrs} differs from the checkpoint's "
+                    f"{restored}; the resumed run continues with the checkpoint's (restored with "
+                    "the optimizer state)"
+                )
         if charges[charged:]:
             _charge_journal(self.accountant, charges[charged:])
         if self.dist is not None:
@@ -551,11 +592,27 @@ class _RoundLoop:
         save_checkpoint(self.ckpt_path, {**meta, "model": self.model.state_dict(), **parts})
 
     def run(self) -> RunResult:
+        """Run under the checkpoint directory's lock (rank 0 only; released on exit or death)."""
+        lock = None
+        if self.ckpt_path is not None and self.is_main:
+            lock = DirectoryLock(self.ckpt_path.parent)
+            lock.acquire()
+            _sweep_temporaries(self.ckpt_path.parent)
+        try:
+            return self._run()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self) -> RunResult:
         start = self._setup()
         world = 1 if self.dist is None else self.dist.world_size
         self.log.begin(start, world_size=world, config=self.config, unsafe=self.unsafe)
         if self.unsafe and self.is_main:
             print(f"dpfl: WARNING: {UNSAFE_WARNING}", file=sys.stderr, flush=True)
+        for text in self.warnings:
+            warnings.warn(text, RuntimeWarning, stacklevel=3)
+            self.log.write({"event": "warning", "round": start, "message": text})
         bar = Progress(
             self.rounds,
             start,

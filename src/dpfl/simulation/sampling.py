@@ -76,6 +76,11 @@ class _CounterSampler:
         self._round = 0
 
     @property
+    def population(self) -> Sequence[Hashable]:
+        """The user ids this sampler draws from."""
+        return self._population
+
+    @property
     def population_size(self) -> int:
         """Number of users ``N`` in the population."""
         return len(self._population)
