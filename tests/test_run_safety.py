@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,10 @@ def test_resume_reports_a_changed_server_learning_rate(tmp_path: Path) -> None:
     run(tmp_path, rounds=1)
     with pytest.warns(RuntimeWarning, match="learning rate"):
         run(tmp_path, rounds=2, resume=True, server_lr=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a scheduler's decayed rate is not a change
+        run(tmp_path / "s", rounds=2, scheduler=True)
+        run(tmp_path / "s", rounds=3, resume=True, scheduler=True)
     events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert any(e["event"] == "warning" and "learning rate" in e["message"] for e in events)
 

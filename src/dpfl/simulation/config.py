@@ -183,7 +183,12 @@ class Privacy:
 
 @dataclass(frozen=True)
 class Checkpointing:
-    """Atomic checkpoints of the whole run state, and resume.
+    """Atomic checkpoints of the whole run state, the write-ahead privacy journal, and resume.
+
+    The directory holds ``checkpoint.pt``, the journal ``ledger.jsonl`` (one fsync-ed line per
+    charged round, written before the round's noise) and ``.lock``: a run holds an exclusive OS
+    lock on it for its lifetime (rank 0 under ``torchrun``), so a second writer is refused.
+    See ``docs/operating.md`` for the resume rules.
 
     Attributes:
         dir: Directory of ``checkpoint.pt`` (created if needed).

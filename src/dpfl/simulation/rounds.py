@@ -447,10 +447,12 @@ class _RoundLoop:
                     f"({stored_round}); a resumed run cannot undo released rounds, pass "
                     f"rounds >= {stored_round}"
                 )
-            lrs = [group.get("lr") for group in self.optimizer.param_groups]
+            # A scheduler decays "lr" and keeps the configured rate as "initial_lr": compare that.
+            key = "initial_lr" if "initial_lr" in self.optimizer.param_groups[0] else "lr"
+            lrs = [group.get(key) for group in self.optimizer.param_groups]
             kw: dict[str, Any] = {"config": self.config, "seed": self.user_seed}
             start = restore_run(self.ckpt_path, state, model=self.model, parts=self._parts(), **kw)
-            restored = [group.get("lr") for group in self.optimizer.param_groups]
+            restored = [group.get(key) for group in self.optimizer.param_groups]
             if restored != lrs:
                 self.warnings.append(
                     f"server_optimizer learning rate {lrs} differs from the checkpoint's "
