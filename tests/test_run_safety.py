@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from dpfl.simulation import PoissonSampler
 from dpfl.simulation.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -131,3 +132,23 @@ def test_bad_paths_and_foreign_users_fail_before_training(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="'stranger'"):
         run(tmp_path, rounds=1, sampler=foreign)
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "log.jsonl").exists()
+
+
+class _FailingSGD(torch.optim.SGD):
+    def step(self, closure=None):  # type: ignore[no-untyped-def, override]
+        raise RuntimeError("optimizer exploded")
+
+
+def test_a_failed_server_step_restores_the_sampler_and_keeps_the_charge(tmp_path: Path) -> None:
+    from tests._scripts.tiny_fl import make_model
+
+    dataset = make_dataset()
+    sampler = PoissonSampler(dataset.user_ids(), 0.5, seed=11)
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="optimizer exploded"):
+        run(tmp_path, rounds=2, sampler=sampler, model=model, optimizer_cls=_FailingSGD)
+    assert sampler.rounds_sampled == 0  # the next attempt draws the same cohort
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    journal = (tmp_path / "ckpt" / "ledger.jsonl").read_text().splitlines()
+    assert len(journal) == 1  # charged before its noise existed: the charge stays

@@ -90,6 +90,8 @@ def run(
     scheduler: bool = False,
     clipper: Any = None,
     sampler: Any = None,
+    model: nn.Module | None = None,
+    optimizer_cls: Any = None,
     server_lr: float = 0.01,
     checkpoint_dir: Path | None = None,
     log_path: Path | None = None,
@@ -102,14 +104,14 @@ def run(
     the process (SIGKILL) at the same point of a fresh run. ``secure_noise`` implies
     ``noise_seed=None``.
     """
-    model = make_model()
+    model = make_model() if model is None else model
     dataset = make_dataset()
     if sampler is None:
         sampler = PoissonSampler(dataset.user_ids(), 0.5, seed=11)
     accountant = RDPAccountant(
         budget=None if budget is None else PrivacyBudget(budget, 1e-5), orders=ORDERS
     )
-    optimizer = LAMB(model.parameters(), lr=server_lr)
+    optimizer = (LAMB if optimizer_cls is None else optimizer_cls)(model.parameters(), lr=server_lr)
     if scheduler:
         kwargs["lr_scheduler"] = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.8)
     progress_file = out / "progress.txt"

@@ -164,7 +164,9 @@ def run_rounds(
         ValueError: invalid arguments, an empty population, a user without data or with a
             non-finite loss (the message names the user), a non-finite update (unless
             ``privacy.drop_nonfinite``), or an existing checkpoint without ``resume``. A failed
-            round leaves model, optimizer, sampler, noise generator and ledger as they were.
+            round leaves model, optimizer, sampler and noise generator as they were (an
+            optimizer that raises half-way through its own ``step`` excepted); the ledger keeps
+            the round's charge if the round failed after it (from the release on).
         CheckpointError: a corrupt, truncated or mismatched checkpoint (names the file).
         DistributedError: a peer rank died or did not answer within the timeout.
 
@@ -553,12 +555,14 @@ class _RoundLoop:
             if self.dist is not None and self.noise_seed is None:
                 self.dist.broadcast_(list(mean.values()))  # rank 0's unseeded noise
             timings["aggregate"] += time.perf_counter() - clock
+            clock = time.perf_counter()
+            # server_step validates before it changes anything, so when it raises the model and
+            # optimizer are as they were; the sampler and generator are restored below.
+            server_step(self.optimizer, self.model, mean)
         except BaseException:
             self.sampler.load_state_dict(saved[0])
             self.mechanism.load_state_dict(saved[1])
             raise
-        clock = time.perf_counter()
-        server_step(self.optimizer, self.model, mean)
         if self.scheduler is not None:
             self.scheduler.step()
         timings["server_step"] = time.perf_counter() - clock
