@@ -44,7 +44,15 @@ from dpfl.aggregate import DPAggregator
 from dpfl.clip import GlobalClip
 from dpfl.noise import GaussianMechanism
 from dpfl.optim import LAMB, server_step
-from dpfl.simulation import InMemoryFederatedDataset, PoissonSampler, train_local
+from dpfl.simulation import (
+    Checkpointing,
+    InMemoryFederatedDataset,
+    LocalTraining,
+    Logging,
+    PoissonSampler,
+    Privacy,
+    train_local,
+)
 from dpfl.simulation.checkpoint import load_checkpoint, save_checkpoint
 from dpfl.simulation.rounds import RoundRecord, run_rounds
 
@@ -116,26 +124,22 @@ def loop(dataset: InMemoryFederatedDataset, *, io: bool) -> tuple[float, list[Ro
         extra: dict[str, Any] = {}
         if io:
             extra = {
-                "log_path": Path(tmp) / "log.jsonl",
-                "checkpoint_dir": tmp,
-                "checkpoint_every": 1,
+                "logging": Logging(Path(tmp) / "log.jsonl", progress=False, unsafe_metrics=True),
+                "checkpointing": Checkpointing(tmp, every=1),
             }
+        else:
+            extra = {"logging": Logging(progress=False, unsafe_metrics=True)}
         start = time.perf_counter()
         result = run_rounds(
             model,
             dataset,
             loss_fn,
             sampler=sampler,
-            clipper=clipper,
-            noise_multiplier=Z,
             server_optimizer=optimizer,
-            accountant=accountant,
             rounds=ROUNDS,
-            local_lr=0.1,
-            local_steps=STEPS,
+            local=LocalTraining(lr=0.1, steps=STEPS),
+            privacy=Privacy(clipper, noise_multiplier=Z, accountant=accountant, delta=DELTA),
             seed=3,
-            delta=DELTA,
-            progress=False,
             **extra,
         )
         return (time.perf_counter() - start) / ROUNDS, list(result.records)

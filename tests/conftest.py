@@ -22,3 +22,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 
 # Tests run several workers on a 2-core machine: keep torch from oversubscribing the cores.
 torch.set_num_threads(1)
+
+
+def pytest_configure(config):  # type: ignore[no-untyped-def]
+    """Register the ``slow`` mark (tests over ~10 s; deselect with ``-m "not slow"``)."""
+    config.addinivalue_line("markers", "slow: a test that takes more than ~10 s")

@@ -36,7 +36,7 @@ def launch(out: Path, world: int, *extra: str) -> list[subprocess.Popen[str]]:
     for rank in range(world):
         env = {
             **os.environ,
-            "PYTHONPATH": str(ROOT),
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
             "OMP_NUM_THREADS": "1",
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
@@ -70,8 +70,8 @@ def finish(procs: list[subprocess.Popen[str]], timeout: float) -> list[tuple[int
 
 def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
     out = tmp_path / "dist"
-    procs = launch(out, 2, "--rounds", str(ROUNDS), "--checkpoint-every", "2")
-    single = run(tmp_path / "single", rounds=ROUNDS, checkpoint_every=2)
+    procs = launch(out, 2, "--rounds", str(ROUNDS), "--checkpoint-every", "2", "--unsafe-metrics")
+    single = run(tmp_path / "single", rounds=ROUNDS, checkpoint_every=2, unsafe_metrics=True)
     results = finish(procs, timeout=180)
     for rank, (code, output) in enumerate(results):
         assert code == 0, f"rank {rank} failed:\n{output}"
@@ -89,7 +89,9 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
     assert [e["round"] for e in events if e["event"] == "round"] == list(range(1, ROUNDS + 1))
     assert events[0]["world_size"] == 2
     assert (out / "progress.txt").read_text().split() == [str(t) for t in range(1, ROUNDS + 1)]
-    assert os.listdir(out / "ckpt") == ["checkpoint.pt"]
+    assert sorted(os.listdir(out / "ckpt")) == [".lock", "checkpoint.pt", "ledger.jsonl"]
+    journal = (out / "ckpt" / "ledger.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in journal] == list(range(1, ROUNDS + 1))
     single_events = [
         json.loads(line) for line in (tmp_path / "single" / "log.jsonl").read_text().splitlines()
     ]

@@ -18,7 +18,16 @@ from torch import nn
 from dpfl.accounting import PoissonRound, PrivacyBudget, RDPAccountant
 from dpfl.clip import GlobalClip
 from dpfl.optim import LAMB
-from dpfl.simulation import InMemoryFederatedDataset, PoissonSampler, train_local
+from dpfl.simulation import (
+    Checkpointing,
+    Evaluation,
+    InMemoryFederatedDataset,
+    LocalTraining,
+    Logging,
+    PoissonSampler,
+    Privacy,
+    train_local,
+)
 from dpfl.simulation._progress import Progress
 from dpfl.simulation.rounds import run_rounds
 from tests._scripts.tiny_fl import ORDERS, loss_fn, make_dataset, make_model
@@ -48,14 +57,55 @@ def setup(model_seed: int = 0, *, lr: float = 0.01, budget: float | None = None,
         local_lr=0.1,
         local_steps=2,
         seed=7,
+        noise_seed=7,
         delta=DELTA,
         progress=False,
     )
 
 
+#: Flat test keyword -> (config object, field). ``call`` groups them into the config dataclasses.
+_GROUPS = {
+    "local_lr": ("local", "lr"),
+    "local_steps": ("local", "steps"),
+    "local_epochs": ("local", "epochs"),
+    "vectorized": ("local", "vectorized"),
+    "clipper": ("privacy", "clipper"),
+    "noise_multiplier": ("privacy", "noise_multiplier"),
+    "accountant": ("privacy", "accountant"),
+    "delta": ("privacy", "delta"),
+    "noise_seed": ("privacy", "noise_seed"),
+    "secure_noise": ("privacy", "secure_noise"),
+    "drop_nonfinite": ("privacy", "drop_nonfinite"),
+    "checkpoint_dir": ("checkpointing", "dir"),
+    "checkpoint_every": ("checkpointing", "every"),
+    "resume": ("checkpointing", "resume"),
+    "log_path": ("logging", "path"),
+    "progress": ("logging", "progress"),
+    "progress_every": ("logging", "every"),
+    "unsafe_metrics": ("logging", "unsafe_metrics"),
+    "eval_fn": ("evaluation", "fn"),
+    "eval_every": ("evaluation", "every"),
+}
+_CLASSES = {
+    "local": LocalTraining,
+    "privacy": Privacy,
+    "checkpointing": Checkpointing,
+    "logging": Logging,
+    "evaluation": Evaluation,
+}
+
+
 def call(kw: dict[str, Any], **extra: Any):
     args = {**kw, **extra}
     model, dataset, fn = args.pop("model"), args.pop("dataset"), args.pop("loss_fn")
+    groups: dict[str, dict[str, Any]] = {}
+    for key in [k for k in args if k in _GROUPS]:
+        group, field_name = _GROUPS[key]
+        groups.setdefault(group, {})[field_name] = args.pop(key)
+    for group, fields in groups.items():
+        if group in ("checkpointing", "evaluation") and not {"dir", "fn"} & set(fields):
+            continue  # cadence without a directory/hook: nothing to configure
+        args[group] = _CLASSES[group](**fields)
     return run_rounds(model, dataset, fn, **args)
 
 
@@ -152,7 +202,7 @@ def test_property_one_round_is_clipped_sum_over_expected_cohort(
         noise_multiplier=0.0,
         server_optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
     )
-    result = call(kw, rounds=1)
+    result = call(kw, rounds=1, unsafe_metrics=True)
     expected = {n: p.detach().clone() for n, p in before.named_parameters()}
     for position, uid in enumerate(users):
         gen = torch.Generator().manual_seed(_local_seed(7, 1, position))
@@ -175,7 +225,7 @@ def _local_seed(seed: int, *key: int) -> int:
 
 def test_jsonl_log_content(tmp_path: Path) -> None:
     log = tmp_path / "sub" / "log.jsonl"
-    result = call(setup(), rounds=3, log_path=log)
+    result = call(setup(), rounds=3, log_path=log, unsafe_metrics=True)
     events = read_log(log)
     assert [e["event"] for e in events] == ["start", "round", "round", "round", "stop"]
     start, *rounds_, stop = events
@@ -204,7 +254,7 @@ def test_eval_hook_cadence() -> None:
         calls.append(kw["accountant"].rounds)
         return {"loss": 0.5, "rounds": float(kw["accountant"].rounds)}
 
-    result = call(kw, rounds=7, eval_fn=eval_fn, eval_every=3)
+    result = call(kw, rounds=7, eval_fn=eval_fn, eval_every=3, unsafe_metrics=True)
     assert calls == [3, 6]
     assert [r.round for r in result.records if r.eval is not None] == [3, 6]
     assert result.records[2].eval == {"loss": 0.5, "rounds": 3.0}
@@ -231,6 +281,21 @@ class _Terminal(io.StringIO):
         return True
 
 
+@pytest.mark.parametrize("terminal", [False, True])
+def test_progress_shows_cohort_size_and_times_only_when_unsafe(terminal: bool) -> None:
+    shown = {}
+    for unsafe in (False, True):
+        stream = _Terminal() if terminal else io.StringIO()
+        bar = Progress(4, 0, enabled=True, every=1, stream=stream, unsafe=unsafe)
+        for t in range(1, 5):
+            bar.update(t, num_users=1234, epsilon=0.5, time_s=9.875)
+        bar.close()
+        shown[unsafe] = stream.getvalue()
+    assert "1234" not in shown[False] and "9.875" not in shown[False]
+    assert "it/s" not in shown[False] and "s/it" not in shown[False]  # no tqdm rate either
+    assert "1234" in shown[True]
+
+
 def test_tqdm_bar_on_a_terminal() -> None:
     stream = _Terminal()
     bar = Progress(4, 1, enabled=None, every=100, stream=stream)
@@ -241,6 +306,36 @@ def test_tqdm_bar_on_a_terminal() -> None:
     text = stream.getvalue()
     assert "4/4" in text and "dpfl: stopped" in text  # a tqdm bar (starting at 1/4), no plain lines
     assert "dpfl: round" not in text
+
+
+UNSAFE = ("num_users", "num_dropped", "fraction_clipped", "mean_norm", "time_s", "timings")
+
+
+def test_records_and_log_hold_no_cohort_statistics_by_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "log.jsonl"
+    result = call(setup(), rounds=3, log_path=log, eval_fn=lambda m: {"x": 1.0}, eval_every=1)
+    for record in result.records:
+        assert all(getattr(record, name) is None for name in UNSAFE), record
+        assert record.eval == {"x": 1.0} and record.epsilon > 0
+    events = read_log(log)
+    assert events[0]["unsafe_metrics"] is False and "warning" not in events[0]
+    for event in events[1:-1]:
+        assert set(event) == {"event", "round", "epsilon", "delta", "eval"}, event
+    assert "unsafe" not in capsys.readouterr().err
+
+
+def test_unsafe_metrics_are_opt_in_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "log.jsonl"
+    result = call(setup(), rounds=2, log_path=log, unsafe_metrics=True)
+    assert all(isinstance(r.num_users, int) and r.timings for r in result.records)
+    start, *rounds_, _stop = read_log(log)
+    assert start["unsafe_metrics"] is True and "NOT covered" in start["warning"]
+    assert all(set(UNSAFE) <= set(e) for e in rounds_)
+    assert "NOT covered by the differential-privacy guarantee" in capsys.readouterr().err
 
 
 def test_vectorized_matches_sequential() -> None:
@@ -308,7 +403,7 @@ def test_nan_loss_user_is_dropped_with_drop_nonfinite() -> None:
     kw = setup()
     kw["sampler"] = PoissonSampler(kw["dataset"].user_ids(), 1.0, seed=0)
     kw["loss_fn"] = nan_for(kw["dataset"].user_data("u5")[0][0])
-    result = call(kw, rounds=1, drop_nonfinite=True)
+    result = call(kw, rounds=1, drop_nonfinite=True, unsafe_metrics=True)
     record = result.records[0]
     assert record.num_dropped == 1 and record.num_users == 11
     assert all(torch.isfinite(p).all() for p in kw["model"].parameters())
@@ -318,16 +413,17 @@ def test_nan_loss_user_is_dropped_with_drop_nonfinite() -> None:
     ("extra", "match"),
     [
         ({"rounds": 0}, "rounds"),
-        ({"local_steps": None}, "local_steps and local_epochs"),
-        ({"local_epochs": 1}, "local_steps and local_epochs"),
-        ({"delta": 1.5}, "delta"),
-        ({"noise_multiplier": -1.0}, "noise_multiplier"),
-        ({"local_lr": 0.0}, "local_lr"),
-        ({"resume": True}, "checkpoint_dir"),
-        ({"checkpoint_every": 0}, "checkpoint_every"),
-        ({"eval_every": 0}, "eval_every"),
-        ({"progress_every": 0}, "progress_every"),
-        ({"vectorized": True, "local_steps": None, "local_epochs": 1}, "local_steps"),
+        ({"seed": -1}, "seed"),
+        ({"local_steps": None}, "exactly one of steps and epochs"),
+        ({"local_epochs": 1}, "exactly one of steps and epochs"),
+        ({"delta": 1.5}, "Privacy.delta"),
+        ({"noise_multiplier": -1.0}, "Privacy.noise_multiplier"),
+        ({"local_lr": 0.0}, "LocalTraining.lr"),
+        ({"noise_seed": 3, "secure_noise": True}, "noise_seed=None"),
+        ({"checkpoint_dir": "x", "checkpoint_every": 0}, "Checkpointing.every"),
+        ({"eval_fn": lambda m: {}, "eval_every": 0}, "Evaluation.every"),
+        ({"progress_every": 0}, "Logging.every"),
+        ({"vectorized": True, "local_steps": None, "local_epochs": 1}, "steps"),
     ],
 )
 def test_invalid_arguments_name_the_parameter(extra: dict[str, Any], match: str) -> None:
@@ -337,6 +433,66 @@ def test_invalid_arguments_name_the_parameter(extra: dict[str, Any], match: str)
     with pytest.raises(ValueError, match=match):
         call(kw, **args)
     _assert_state_unchanged(kw, before)
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (
+            lambda: Privacy(object(), noise_multiplier=1.0, accountant=accountant(), delta=DELTA),
+            "Privacy.clipper",
+        ),
+        (
+            lambda: Privacy(
+                GlobalClip(1.0), noise_multiplier=1.0, accountant=object(), delta=DELTA
+            ),
+            "Privacy.accountant",
+        ),
+        (
+            lambda: Privacy(
+                GlobalClip(1.0),
+                noise_multiplier=1.0,
+                accountant=accountant(),
+                delta=DELTA,
+                secure_noise=1,
+            ),
+            "Privacy.secure_noise",
+        ),
+        (lambda: LocalTraining(lr=0.1, steps=1.5), "LocalTraining.steps"),
+        (lambda: Checkpointing(None), "Checkpointing.dir"),
+        (lambda: Logging(path=3), "Logging.path"),
+        (lambda: Evaluation(fn=3), "Evaluation.fn"),
+    ],
+)
+def test_config_types_are_checked_when_built(build: Any, match: str) -> None:
+    with pytest.raises(TypeError, match=match):
+        build()
+
+
+def test_flat_keyword_of_the_old_api_is_a_type_error() -> None:
+    kw = setup()
+    model, dataset = kw["model"], kw["dataset"]
+    with pytest.raises(TypeError):
+        run_rounds(
+            model,
+            dataset,
+            loss_fn,
+            sampler=kw["sampler"],
+            rounds=1,  # type: ignore[call-arg]
+            server_optimizer=kw["server_optimizer"],
+            local_lr=0.1,
+        )
+    with pytest.raises(TypeError, match="privacy must be a Privacy"):
+        run_rounds(
+            model,
+            dataset,
+            loss_fn,
+            sampler=kw["sampler"],
+            rounds=1,
+            server_optimizer=kw["server_optimizer"],
+            local=LocalTraining(lr=0.1, steps=1),
+            privacy={"noise_multiplier": 1.0},
+        )  # type: ignore[arg-type]
 
 
 def test_accountant_of_the_wrong_adjacency_fails_before_anything_changes(tmp_path: Path) -> None:

@@ -28,7 +28,16 @@ from dpfl._checks import require_non_negative, require_positive
 from dpfl.accounting import PLDAccountant, RDPAccountant, calibrate_noise_multiplier
 from dpfl.clip import GlobalClip, PerLayerClip
 from dpfl.optim import LAMB
-from dpfl.simulation import FederatedDataset, FixedCohortSampler, PoissonSampler
+from dpfl.simulation import (
+    Checkpointing,
+    Evaluation,
+    FederatedDataset,
+    FixedCohortSampler,
+    LocalTraining,
+    Logging,
+    PoissonSampler,
+    Privacy,
+)
 from dpfl.simulation.distributed import DistContext
 from dpfl.simulation.rounds import RunResult, run_rounds
 from examples.asr.train import Augment, batch_loss
@@ -151,10 +160,19 @@ def resolve_noise(
         ValueError: unless exactly one of the three options is given (all None means z = 0,
             i.e. no noise and no privacy: ``(0.0, 0.0)``).
     """
-    given = [n for n, v in (("noise_multiplier", noise_multiplier), ("sigma_dp", sigma_dp),
-                            ("target_epsilon", target_epsilon)) if v is not None]
+    given = [
+        n
+        for n, v in (
+            ("noise_multiplier", noise_multiplier),
+            ("sigma_dp", sigma_dp),
+            ("target_epsilon", target_epsilon),
+        )
+        if v is not None
+    ]
     if len(given) > 1:
-        raise ValueError(f"give at most one of noise_multiplier, sigma_dp, target_epsilon; got {given}")
+        raise ValueError(
+            f"give at most one of noise_multiplier, sigma_dp, target_epsilon; got {given}"
+        )
     cohort_size = require_positive("cohort_size", cohort_size)
     if noise_multiplier is not None:
         z = require_non_negative("noise_multiplier", noise_multiplier)
@@ -308,22 +326,25 @@ def run_federated(
         dataset,
         functools.partial(batch_loss, augment=augment),
         sampler=sampler,
-        clipper=make_clipper(config.clip, config.clip_bound, allocation=config.clip_allocation),
-        noise_multiplier=config.noise_multiplier,
         server_optimizer=optimizer,
-        accountant=make_accountant(config.accountant, sampling=config.sampling),
         rounds=config.rounds,
-        local_lr=config.local_lr,
-        local_steps=config.local_steps,
-        local_max_grad_norm=config.local_max_grad_norm,
+        local=LocalTraining(
+            lr=config.local_lr,
+            steps=config.local_steps,
+            max_grad_norm=config.local_max_grad_norm,
+        ),
+        privacy=Privacy(
+            make_clipper(config.clip, config.clip_bound, allocation=config.clip_allocation),
+            noise_multiplier=config.noise_multiplier,
+            accountant=make_accountant(config.accountant, sampling=config.sampling),
+            delta=config.delta,
+            noise_seed=config.seed,  # simulation-only: None draws the noise from OS entropy
+        ),
         seed=config.seed,
-        delta=config.delta,
-        checkpoint_dir=checkpoint_dir,
-        checkpoint_every=max(1, min(10, config.rounds)),
-        resume=resume,
-        log_path=log_path,
-        eval_fn=eval_fn,
-        eval_every=eval_every,
-        progress=progress,
+        checkpointing=None
+        if checkpoint_dir is None
+        else Checkpointing(checkpoint_dir, every=max(1, min(10, config.rounds)), resume=resume),
+        logging=Logging(log_path, progress=progress),
+        evaluation=None if eval_fn is None else Evaluation(eval_fn, every=eval_every),
         dist=dist,
     )

@@ -5,8 +5,9 @@ Also a command-line training script: the resume test starts it as a real subproc
 as several ``torch.distributed`` ranks.
 
 Usage: ``python tests/_scripts/tiny_fl.py OUT_DIR --rounds N [--resume] [--dist]
-[--checkpoint-every K] [--slow S] [--timeout T]``. Writes ``OUT_DIR/log.jsonl``, ``OUT_DIR/ckpt/``,
-``OUT_DIR/progress.txt`` (one line per finished round, from ``eval_fn`` on rank 0), and the final
+[--checkpoint-every K] [--slow S] [--timeout T] [--kill-at K] [--noise seeded|entropy|secure]``.
+Writes ``OUT_DIR/log.jsonl``, ``OUT_DIR/ckpt/``, ``OUT_DIR/progress.txt`` (one line per noised
+model that ``eval_fn`` observed on rank 0, i.e. per release, appended across restarts), the final
 ``model.pt`` and ``ledger.json`` (accountant state) in ``OUT_DIR`` or, with ``--dist``, in
 ``OUT_DIR/rank<r>/``.
 """
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Hashable
@@ -27,8 +30,17 @@ from torch import nn
 from dpfl.accounting import PrivacyBudget, RDPAccountant
 from dpfl.clip import GlobalClip
 from dpfl.optim import LAMB
-from dpfl.simulation import InMemoryFederatedDataset, PoissonSampler
-from dpfl.simulation.rounds import RunResult, run_rounds
+from dpfl.simulation import (
+    Checkpointing,
+    Evaluation,
+    InMemoryFederatedDataset,
+    LocalTraining,
+    Logging,
+    PoissonSampler,
+    Privacy,
+    RunResult,
+    run_rounds,
+)
 
 IN, HIDDEN, OUT = 4, 8, 2
 #: Integer RDP orders: much faster to evaluate than dp_accounting's default fractional orders.
@@ -69,22 +81,37 @@ def run(
     slow: float = 0.0,
     budget: float | None = None,
     noise_multiplier: float = 1.0,
+    noise_seed: int | None = 4321,
+    secure_noise: bool = False,
+    vectorized: bool = False,
+    unsafe_metrics: bool = False,
     crash_at: int = 0,
+    kill_at: int = 0,
     scheduler: bool = False,
+    clipper: Any = None,
+    sampler: Any = None,
+    model: nn.Module | None = None,
+    optimizer_cls: Any = None,
+    server_lr: float = 0.01,
+    checkpoint_dir: Path | None = None,
+    log_path: Path | None = None,
     **kwargs: Any,
 ) -> tuple[nn.Module, RDPAccountant, RunResult]:
     """Build the tiny problem and run it; returns (model, accountant, result).
 
     ``crash_at=k`` makes the run raise right after round ``k`` was computed, before it is logged
-    or checkpointed (the in-process analogue of killing the process there).
+    or checkpointed (the in-process analogue of killing the process there); ``kill_at=k`` kills
+    the process (SIGKILL) at the same point of a fresh run. ``secure_noise`` implies
+    ``noise_seed=None``.
     """
-    model = make_model()
+    model = make_model() if model is None else model
     dataset = make_dataset()
-    sampler = PoissonSampler(dataset.user_ids(), 0.5, seed=11)
+    if sampler is None:
+        sampler = PoissonSampler(dataset.user_ids(), 0.5, seed=11)
     accountant = RDPAccountant(
         budget=None if budget is None else PrivacyBudget(budget, 1e-5), orders=ORDERS
     )
-    optimizer = LAMB(model.parameters(), lr=0.01)
+    optimizer = (LAMB if optimizer_cls is None else optimizer_cls)(model.parameters(), lr=server_lr)
     if scheduler:
         kwargs["lr_scheduler"] = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.8)
     progress_file = out / "progress.txt"
@@ -92,8 +119,12 @@ def run(
     def eval_fn(m: nn.Module) -> dict[str, float]:
         if accountant.rounds == crash_at:  # simulate a crash after the round, before its log
             raise RuntimeError(f"simulated crash after round {crash_at}")
-        with progress_file.open("a") as f:
+        with progress_file.open("a") as f:  # one line per noised model observed (a release)
             f.write(f"{accountant.rounds}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if kill_at and accountant.rounds == kill_at:  # die between a release and its checkpoint
+            os.kill(os.getpid(), signal.SIGKILL)
         if slow:
             time.sleep(slow)
         return {"weight_sum": float(sum(float(p.detach().sum()) for p in m.parameters()))}
@@ -103,22 +134,29 @@ def run(
         dataset,
         loss_fn,
         sampler=sampler,
-        clipper=GlobalClip(0.5),
-        noise_multiplier=noise_multiplier,
         server_optimizer=optimizer,
-        accountant=accountant,
         rounds=rounds,
-        local_lr=0.1,
-        local_steps=3,
+        local=LocalTraining(lr=0.1, steps=3, vectorized=vectorized),
+        privacy=Privacy(
+            GlobalClip(0.5) if clipper is None else clipper,
+            noise_multiplier=noise_multiplier,
+            accountant=accountant,
+            delta=1e-5,
+            noise_seed=None if secure_noise else noise_seed,
+            secure_noise=secure_noise,
+        ),
         seed=1234,
-        delta=1e-5,
-        checkpoint_dir=out / "ckpt",
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-        log_path=out / "log.jsonl",
-        eval_fn=eval_fn,
-        eval_every=1,
-        progress=False,
+        checkpointing=Checkpointing(
+            out / "ckpt" if checkpoint_dir is None else checkpoint_dir,
+            every=checkpoint_every,
+            resume=resume,
+        ),
+        logging=Logging(
+            out / "log.jsonl" if log_path is None else log_path,
+            progress=False,
+            unsafe_metrics=unsafe_metrics,
+        ),
+        evaluation=Evaluation(eval_fn, every=1),
         dist=dist,
         **kwargs,
     )
@@ -134,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-every", type=int, default=1)
     parser.add_argument("--slow", type=float, default=0.0, help="seconds to sleep per round")
     parser.add_argument("--timeout", type=float, default=30.0, help="collective timeout (s)")
+    parser.add_argument("--unsafe-metrics", action="store_true", help="log cohort statistics")
+    parser.add_argument("--kill-at", type=int, default=0, help="SIGKILL itself after round k")
+    parser.add_argument(
+        "--noise", choices=("seeded", "entropy", "secure"), default="seeded", help="noise source"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     ctx = None
@@ -150,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_every=args.checkpoint_every,
         dist=ctx,
         slow=args.slow,
+        kill_at=args.kill_at,
+        unsafe_metrics=args.unsafe_metrics,
+        noise_seed=4321 if args.noise == "seeded" else None,
+        secure_noise=args.noise == "secure",
     )
     torch.save(model.state_dict(), results / "model.pt")
     (results / "ledger.json").write_text(json.dumps(accountant.state_dict()))

@@ -5,6 +5,7 @@ References:
 """
 
 from dpfl.simulation.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dpfl.simulation.config import Checkpointing, Evaluation, LocalTraining, Logging, Privacy
 from dpfl.simulation.data import FederatedDataset, InMemoryFederatedDataset
 from dpfl.simulation.distributed import (
     DistContext,
@@ -24,14 +25,19 @@ from dpfl.simulation.vectorized import (
 
 __all__ = [
     "CheckpointError",
+    "Checkpointing",
     "DistContext",
     "DistributedError",
+    "Evaluation",
     "FederatedDataset",
     "FixedCohortSampler",
     "FunctionalModel",
     "InMemoryFederatedDataset",
+    "LocalTraining",
+    "Logging",
     "NonFiniteLossError",
     "PoissonSampler",
+    "Privacy",
     "RoundRecord",
     "RunResult",
     "StopReason",

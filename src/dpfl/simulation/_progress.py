@@ -13,51 +13,80 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-__all__ = ["Progress", "RoundRecord", "RunLog", "RunResult", "StopReason", "evaluate"]
+__all__ = [
+    "UNSAFE_WARNING",
+    "Progress",
+    "RoundRecord",
+    "RunLog",
+    "RunResult",
+    "StopReason",
+    "evaluate",
+]
 
 StopReason = Literal["completed", "budget"]
+
+
+#: What the log header, stderr and the docs say when ``Logging(unsafe_metrics=True)``.
+UNSAFE_WARNING = (
+    "unsafe_metrics=True: this log holds statistics of the raw cohort (realised and dropped user "
+    "counts, fraction clipped, mean update norm, per-round timings). They are NOT covered by the "
+    "differential-privacy guarantee: do not publish them."
+)
 
 
 @dataclass(frozen=True)
 class RoundRecord:
     """What happened in one completed round (one JSON line with ``"event": "round"`` in the log).
 
+    By default a record holds only what is differentially private or public: the round index, ε
+    and δ, and the evaluation metrics. The other fields are ``None`` unless the run was given
+    ``Logging(unsafe_metrics=True)``.
+
     Attributes:
         round: 1-based index of the round (counted across resumes).
-        num_users: users whose clipped updates entered the sum (all ranks together).
-        num_dropped: users dropped for a non-finite update (only with ``drop_nonfinite=True``).
-        fraction_clipped: fraction of the users whose update was scaled down by the clipper.
-        mean_norm: mean L2 norm of the users' updates before clipping.
         epsilon: ε spent so far (after this round) at ``delta``, from the accountant.
         delta: the δ at which ``epsilon`` is reported.
+        num_users: users whose clipped updates entered the sum (all ranks together). Unsafe.
+        num_dropped: users dropped for a non-finite update (only with ``drop_nonfinite=True``).
+            Unsafe.
+        fraction_clipped: fraction of the users whose update was scaled down by the clipper.
+            Unsafe.
+        mean_norm: mean L2 norm of the users' updates before clipping. Unsafe.
         time_s: wall-clock seconds of the round (sampling to accounting; no eval/checkpoint).
+            Unsafe: training time grows with the realised cohort.
         timings: seconds per phase: ``sample``, ``train``, ``aggregate`` (clip, sum, all-reduce,
-            noise), ``server_step``, ``account``, and ``eval`` when evaluation ran.
-        eval: the metrics returned by ``eval_fn`` after this round, or ``None``.
+            noise), ``server_step``, ``account``, and ``eval`` when evaluation ran. Unsafe.
+        eval: the metrics returned by the evaluation hook after this round, or ``None``.
 
     Warning:
-        ``num_users``, ``fraction_clipped`` and ``mean_norm`` come from raw user updates and are
-        **not** differentially private: use them for monitoring, do not publish them.
+        Under Poisson sampling the realised cohort size is a non-private function of the data;
+        so are the statistics of raw updates and the timings that grow with the cohort. The
+        fields marked "Unsafe" are not covered by the DP guarantee: use them for monitoring,
+        never publish them.
     """
 
     round: int
-    num_users: int
-    num_dropped: int
-    fraction_clipped: float
-    mean_norm: float
     epsilon: float
     delta: float
-    time_s: float
-    timings: dict[str, float] = field(default_factory=dict)
+    num_users: int | None = None
+    num_dropped: int | None = None
+    fraction_clipped: float | None = None
+    mean_norm: float | None = None
+    time_s: float | None = None
+    timings: dict[str, float] | None = None
     eval: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the record as a dict with ``"event": "round"`` first (what the log holds)."""
-        return {"event": "round", **asdict(self)}
+        """Return the record as a dict with ``"event": "round"`` first (what the log holds).
+
+        Unsafe fields that are ``None`` (the default) are left out.
+        """
+        data = {k: v for k, v in asdict(self).items() if v is not None or k == "eval"}
+        return {"event": "round", **data}
 
 
 @dataclass(frozen=True)
@@ -97,7 +126,9 @@ def evaluate(record: RoundRecord, eval_fn: Callable[[Any], Any], model: Any) -> 
             f"eval_fn must return a mapping metric -> number, got {type(metrics).__name__}"
         )
     values = {str(k): float(v) for k, v in metrics.items()}
-    timings = {**record.timings, "eval": time.perf_counter() - clock}
+    timings = record.timings
+    if timings is not None:  # unsafe metrics on: time the evaluation too
+        timings = {**timings, "eval": time.perf_counter() - clock}
     return RoundRecord(**{**asdict(record), "timings": timings, "eval": values})
 
 
@@ -112,6 +143,8 @@ class Progress:
             ``False``: nothing.
         every: Cadence of the plain lines, in rounds.
         stream: Where to write.
+        unsafe: Show the realised cohort size and per-round times (and tqdm's rate), which are
+            not covered by the DP guarantee; by default only the round and ε are shown.
     """
 
     def __init__(
@@ -122,7 +155,9 @@ class Progress:
         enabled: bool | None,
         every: int,
         stream: TextIO | None = None,
+        unsafe: bool = False,
     ) -> None:
+        self._unsafe = unsafe
         self._stream = stream if stream is not None else sys.stderr
         self._total = total
         self._every = every
@@ -140,22 +175,34 @@ class Progress:
                     unit="round",
                     file=self._stream,
                     dynamic_ncols=True,
+                    # no elapsed time or rate: they recover per-round times (cohort-dependent)
+                    bar_format=None if unsafe else "{l_bar}{bar}| {n_fmt}/{total_fmt}{postfix}",
                 )
 
-    def update(self, round_index: int, *, num_users: int, epsilon: float, time_s: float) -> None:
-        """Report that round ``round_index`` (1-based) finished."""
+    def update(
+        self,
+        round_index: int,
+        *,
+        epsilon: float,
+        num_users: int | None = None,
+        time_s: float | None = None,
+    ) -> None:
+        """Report that round ``round_index`` (1-based) finished.
+
+        ``num_users`` and ``time_s`` are shown only when the display was built ``unsafe``.
+        """
         if not self._enabled:
             return
+        show = self._unsafe and num_users is not None and time_s is not None
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(users=num_users, eps=f"{epsilon:.3g}", refresh=False)
+            extra = {"users": num_users} if show else {}
+            self._bar.set_postfix(**extra, eps=f"{epsilon:.3g}", refresh=False)
         elif round_index % self._every == 0 or round_index == self._total:
-            print(
-                f"dpfl: round {round_index}/{self._total}  users {num_users}  "
-                f"epsilon {epsilon:.4g}  {time_s:.3f}s/round",
-                file=self._stream,
-                flush=True,
-            )
+            line = f"dpfl: round {round_index}/{self._total}  epsilon {epsilon:.4g}"
+            if show:
+                line += f"  users {num_users}  {time_s:.3f}s/round"
+            print(line, file=self._stream, flush=True)
 
     def message(self, text: str) -> None:
         """Print a one-off line (e.g. the stop reason) without breaking the bar."""
@@ -201,19 +248,24 @@ class RunLog:
     def __init__(self, path: str | os.PathLike[str] | None) -> None:
         self.path = None if path is None else Path(path)
 
-    def begin(self, start: int, *, world_size: int, config: dict[str, Any]) -> None:
+    def begin(
+        self, start: int, *, world_size: int, config: dict[str, Any], unsafe: bool = False
+    ) -> None:
         """Open the log of a run starting after round ``start`` (0: fresh, else a resume).
 
         A fresh run empties the log and writes a ``start`` event with the configuration; a
         resumed run drops the events after round ``start`` (see :meth:`truncate_after`) and writes
-        a ``resume`` event.
+        a ``resume`` event. Both say whether unsafe metrics follow, with a warning if they do.
         """
+        header: dict[str, Any] = {"world_size": world_size, "unsafe_metrics": unsafe}
+        if unsafe:
+            header["warning"] = UNSAFE_WARNING
         if start > 0:
             self.truncate_after(start)
-            self.write({"event": "resume", "round": start, "world_size": world_size})
+            self.write({"event": "resume", "round": start, **header})
         else:
             self.reset()
-            self.write({"event": "start", "round": 0, "world_size": world_size, "config": config})
+            self.write({"event": "start", "round": 0, **header, "config": config})
 
     def reset(self) -> None:
         """Start an empty log (a fresh run)."""

@@ -10,7 +10,11 @@ instead of silently resuming from garbage:
   a crash at any instant leaves either the old or the new checkpoint, never a mix.
 * **Integrity digest**: a SHA-256 over the canonical content (keys, types, shapes, dtypes, tensor
   bytes) is stored beside the payload and checked on load, so truncation *and* silent bit flips in
-  tensor data are detected (the zip container of ``torch.save`` does not check its CRCs).
+  tensor data are detected (the zip container of ``torch.save`` does not check its CRCs). The
+  digest detects *accidental* corruption only: whoever can edit the file can recompute it, so
+  it is no defence against deliberate edits. The round loop therefore also cross-checks the
+  stored ledger against the round index and the write-ahead journal (see
+  :mod:`dpfl.simulation.journal`); protect the checkpoint directory like the model itself.
 * **Compatibility checks**: :func:`check_model_state` and :func:`check_config` compare the stored
   model keys/shapes/dtypes and run configuration with the current ones.
 

@@ -7,10 +7,12 @@ Protocol of one round with ``W`` workers (implemented by :func:`dpfl.simulation.
 2. Each rank clips and sums its own users into a :class:`dpfl.aggregate.DPAggregator`.
 3. ``release(reduce=ctx.all_reduce_sum_)``: one all-reduce (per dtype) of the clipped sums and
    statistics, **before** noise.
-4. Every rank then adds the **identical** noise (each holds a noise generator seeded with the same
-   seed) to the identical global sum, so the noise is added once to the released aggregate, every
-   rank ends with the bitwise identical model, and no broadcast is needed. The seed is agreed at
-   start-up (broadcast from rank 0 when the user gives none) and checked to be equal on all ranks.
+4. Noise is added once to the global sum. With ``Privacy(noise_seed=...)`` (simulations) every
+   rank holds a generator seeded with that seed, adds the **identical** noise and ends with the
+   bitwise identical model without a broadcast. Without a noise seed (the default: OS entropy,
+   or ``secure_noise``) rank 0's noised mean is broadcast to the other ranks.
+5. Only rank 0 charges the write-ahead journal, writes logs and checkpoints, and holds the
+   checkpoint directory's lock; every rank charges its own in-memory accountant identically.
 
 Failure handling: the process group is created with a ``timeout``; every collective is wrapped so
 that a dead or stuck peer (connection closed, timeout) raises :class:`DistributedError` naming the
@@ -20,8 +22,8 @@ after ``timeout_s``. With NCCL, keep ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` at its 
 watchdog aborts stuck collectives after the timeout.
 
 Warning:
-    Privacy: the identical noise on all ranks is reproducible from the shared seed. Anyone who
-    learns it can subtract the noise; treat the seed like the raw updates.
+    Privacy: seeded noise is reproducible from the noise seed. Anyone who learns it can subtract
+    the noise; seeds are for simulations only.
 
 References: Pelikan et al., arXiv 2310.00098 (cohorts of 1,024 users per round, trained in
 parallel).

@@ -17,9 +17,10 @@ from __future__ import annotations
 import copy
 import math
 import secrets
+import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping
-from os import PathLike
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from dpfl._checks import require_int, require_non_negative, require_positive, require_probability
+from dpfl._checks import require_int
 from dpfl.aggregate import DPAggregator
 from dpfl.noise import GaussianMechanism
 from dpfl.optim import server_step
+from dpfl.simulation._lock import DirectoryLock
 from dpfl.simulation._progress import (
+    UNSAFE_WARNING,
     Progress,
     RoundRecord,
     RunLog,
@@ -45,13 +48,15 @@ from dpfl.simulation.checkpoint import (
     restore_run,
     save_checkpoint,
 )
+from dpfl.simulation.config import Checkpointing, Evaluation, LocalTraining, Logging, Privacy
 from dpfl.simulation.distributed import DistContext
+from dpfl.simulation.journal import JOURNAL_FILE, Charge, LedgerJournal
 from dpfl.simulation.local import NonFiniteLossError, train_local
 from dpfl.simulation.vectorized import train_cohort_vectorized
 
 __all__ = ["CHECKPOINT_FILE", "RoundRecord", "RunResult", "StopReason", "run_rounds"]
 
-#: Name of the checkpoint file inside ``checkpoint_dir``.
+#: Name of the checkpoint file inside ``Checkpointing.dir``.
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
@@ -73,29 +78,15 @@ def run_rounds(
     loss_fn: Callable[[nn.Module, Any], torch.Tensor],
     *,
     sampler: Any,
-    clipper: Any,
-    noise_multiplier: float,
     server_optimizer: torch.optim.Optimizer,
-    accountant: Any,
     rounds: int,
-    local_lr: float,
-    local_steps: int | None = None,
-    local_epochs: int | None = None,
-    local_max_grad_norm: float | None = 1.0,
-    vectorized: bool = False,
+    local: LocalTraining,
+    privacy: Privacy,
     seed: int | None = None,
-    delta: float,
     lr_scheduler: Any = None,
-    drop_nonfinite: bool = False,
-    secure_noise: bool = False,
-    checkpoint_dir: str | PathLike[str] | None = None,
-    checkpoint_every: int = 10,
-    resume: bool = False,
-    log_path: str | PathLike[str] | None = None,
-    eval_fn: Callable[[nn.Module], Mapping[str, float]] | None = None,
-    eval_every: int = 10,
-    progress: bool | None = None,
-    progress_every: int = 10,
+    checkpointing: Checkpointing | None = None,
+    logging: Logging | None = None,
+    evaluation: Evaluation | None = None,
     dist: DistContext | None = None,
 ) -> RunResult:
     """Run DP-FedAvg rounds on ``model`` in place, with logging, checkpoints and budget stop.
@@ -108,70 +99,59 @@ def run_rounds(
     2. ``sampler.sample()`` draws the cohort. With ``dist`` every rank draws the same cohort from
        the same sampler state and trains the shard ``cohort[rank::world_size]``.
     3. Each user trains a copy of the server model with :func:`~dpfl.simulation.train_local`
-       (or :func:`~dpfl.simulation.train_cohort_vectorized` if ``vectorized``); its local
+       (or :func:`~dpfl.simulation.train_cohort_vectorized` if ``local.vectorized``); its local
        generator is seeded from ``(seed, t, position of the user in the cohort)``, so the result
        depends neither on which rank trains the user nor on restarts.
-    4. A :class:`~dpfl.aggregate.DPAggregator` clips each update with ``clipper`` and sums it;
-       ``release`` all-reduces the sums across ranks (``reduce=`` hook), adds Gaussian noise of
+    4. A :class:`~dpfl.aggregate.DPAggregator` clips each update with ``privacy.clipper`` and sums
+       it.
+    5. **Write-ahead accounting**: ``accountant.add_rounds(sampler.round_spec(noise_multiplier))``
+       charges the round, and with ``checkpointing`` a line ``{"charge": i, "round": t, "spec":
+       ...}`` is appended to ``ledger.jsonl`` in the checkpoint directory and ``fsync``-ed, all
+       *before* the noise is drawn. A round that fails after this point stays charged.
+    6. ``release`` all-reduces the sums across ranks (``reduce=`` hook), adds Gaussian noise of
        std ``noise_multiplier * clipper.sensitivity`` **once** to the global sum and divides by
-       ``sampler.expected_cohort_size``. The noise comes from a
-       :class:`~dpfl.noise.GaussianMechanism` seeded from ``seed``; every rank holds the same
-       generator and adds the identical noise after the all-reduce, so all ranks keep identical
-       models without a broadcast. With ``secure_noise`` (unseeded) rank 0's noised mean is
-       broadcast instead.
-    5. :func:`~dpfl.optim.server_step` applies the noised mean with ``server_optimizer`` (then
+       ``sampler.expected_cohort_size``. With ``privacy.noise_seed`` every rank holds the same
+       seeded generator and adds the identical noise after the all-reduce; otherwise (OS entropy,
+       or ``secure_noise``) rank 0's noised mean is broadcast.
+    7. :func:`~dpfl.optim.server_step` applies the noised mean with ``server_optimizer`` (then
        ``lr_scheduler.step()`` if given).
-    6. ``accountant.add_rounds(sampler.round_spec(noise_multiplier))`` charges the round.
-    7. The record is logged; ``eval_fn`` runs when ``t % eval_every == 0``; a checkpoint is written
-       when ``t % checkpoint_every == 0``, after the last round and on a budget stop.
+    8. The record is logged; ``evaluation.fn`` runs when ``t % evaluation.every == 0``; a
+       checkpoint is written when ``t % checkpointing.every == 0``, after the last round and on a
+       budget stop.
 
-    A checkpoint holds the complete state *after* round t (model, optimizer, scheduler, ledger
-    including round t, sampler, noise generator, seed, round index); the log line of round t is
-    written before it. Resuming continues with round t + 1 using exactly the randomness of an
-    uninterrupted run: the final model (bitwise on CPU) and the ledger equal those of an
-    uninterrupted run, and no round is lost or counted twice. A round interrupted before its
-    checkpoint is re-run identically (same cohort, same noise), so the repeat reveals nothing new.
+    A checkpoint holds the state *after* round t (model, optimizer, scheduler, ledger including
+    round t and the number of journal charges it holds, sampler, seeds, round index, and the noise
+    generator only when ``privacy.noise_seed`` is given); the log line of round t is written
+    before it. Resuming restores it, adds the journal's charges beyond the checkpoint to the
+    ledger, and continues with round t + 1. Rounds released after the checkpoint by a process that
+    died are re-run and charged again: after any crash and resume the ledger holds at least as
+    many rounds as noised releases left the process (conservative: a re-run seeded round repeats
+    identical noise and is still charged). Resume refuses a checkpoint written with other privacy
+    settings (noise multiplier, sensitivity, clipper configuration, sampling, adjacency,
+    accountant, budget, noise mode) and a ledger with fewer rounds than the round index.
 
-    Args:
+        Args:
         model: the server model; trained **in place**.
         dataset: a :class:`~dpfl.simulation.FederatedDataset` (``user_ids()``, ``user_data(uid)``).
         loss_fn: ``loss_fn(model, batch) -> scalar loss`` for local training.
         sampler: a :class:`~dpfl.simulation.PoissonSampler` or
             :class:`~dpfl.simulation.FixedCohortSampler` over ``dataset``'s user ids; advanced in
             place and checkpointed.
-        clipper: :class:`~dpfl.clip.GlobalClip` or :class:`~dpfl.clip.PerLayerClip`.
-        noise_multiplier: z; the noise std on the sum is ``z * clipper.sensitivity``.
         server_optimizer: a ``torch.optim.Optimizer`` over ``model``'s parameters.
-        accountant: an :class:`~dpfl.accounting.RDPAccountant` or ``PLDAccountant`` whose
-            adjacency matches the sampler; charged in place. Give it a ``budget`` to enable
-            stop-before-budget.
         rounds: total number of rounds, counted across resumes.
-        local_lr: local SGD learning rate.
-        local_steps: local steps per user (give exactly one of ``local_steps``/``local_epochs``).
-        local_epochs: local epochs per user (not with ``vectorized``).
-        local_max_grad_norm: per-step gradient-norm clip of local training (``None``: off).
-        vectorized: train each rank's shard with ``train_cohort_vectorized`` (``torch.func``).
-        seed: base seed of the noise and local-training generators; ``None`` draws one from OS
-            entropy (broadcast from rank 0 under ``dist``; stored in checkpoints).
-        delta: the δ at which ε is reported.
+        local: :class:`~dpfl.simulation.LocalTraining` (learning rate, steps or epochs, ...).
+        privacy: :class:`~dpfl.simulation.Privacy` (clipper, noise multiplier, accountant, δ,
+            noise seed and mode).
+        seed: the *simulation* seed: local-training generators only (not the noise, see
+            ``privacy.noise_seed``); ``None`` draws one from OS entropy (broadcast from rank 0
+            under ``dist``; stored in checkpoints).
         lr_scheduler: optional ``torch.optim.lr_scheduler`` of ``server_optimizer``, stepped once
             per round and checkpointed.
-        drop_nonfinite: drop users with a NaN/inf update instead of raising.
-        secure_noise: hardened, unseeded noise (:class:`~dpfl.noise.GaussianMechanism`
-            ``secure=True``); needs ``seed=None`` for the noise, so resumed runs are not bitwise
-            reproducible.
-        checkpoint_dir: directory of ``checkpoint.pt``; ``None`` disables checkpoints.
-        checkpoint_every: checkpoint cadence in rounds.
-        resume: restore ``checkpoint_dir/checkpoint.pt`` if it exists (fresh start otherwise).
-            Without ``resume`` an existing checkpoint there is an error (never overwritten).
-        log_path: JSON-lines log. A fresh start truncates it; a resume drops the lines of rounds
-            after the checkpoint so every round appears once. ``None``: no log.
-        eval_fn: ``eval_fn(model) -> {metric: value}``, called on rank 0 after every
-            ``eval_every``-th round; the metrics land in the record.
-        eval_every: evaluation cadence in rounds.
-        progress: ``None``: a tqdm bar if tqdm is installed and stderr is a terminal, else a plain
-            line every ``progress_every`` rounds; ``False``: silent; ``True``: never silent.
-        progress_every: cadence of the plain progress lines.
+        checkpointing: :class:`~dpfl.simulation.Checkpointing` (directory, cadence, resume), or
+            ``None`` for no checkpoints.
+        logging: :class:`~dpfl.simulation.Logging` (JSON-lines log, progress display), or
+            ``None`` for the defaults (no log, automatic progress display).
+        evaluation: :class:`~dpfl.simulation.Evaluation` (hook and cadence), or ``None``.
         dist: a :class:`~dpfl.simulation.distributed.DistContext` (from ``init_distributed``) or
             ``None`` for one process. Only rank 0 writes logs and checkpoints; all ranks must get
             the same arguments and read the same checkpoint directory.
@@ -180,35 +160,139 @@ def run_rounds(
         A :class:`RunResult` (rounds completed, records, stop reason, final ε).
 
     Raises:
+        TypeError: an argument of the wrong type (named).
         ValueError: invalid arguments, an empty population, a user without data or with a
             non-finite loss (the message names the user), a non-finite update (unless
-            ``drop_nonfinite``), or an existing checkpoint without ``resume``. A failed round
-            leaves model, optimizer, sampler, noise generator and ledger as they were.
+            ``privacy.drop_nonfinite``), or an existing checkpoint without ``resume``. A failed
+            round leaves model, optimizer, sampler and noise generator as they were (an
+            optimizer that raises half-way through its own ``step`` excepted); the ledger keeps
+            the round's charge if the round failed after it (from the release on).
         CheckpointError: a corrupt, truncated or mismatched checkpoint (names the file).
         DistributedError: a peer rank died or did not answer within the timeout.
 
     Warning:
-        Privacy: seeded noise is reproducible from ``seed`` (and from the generator state inside
-        checkpoints): keep both as secret as raw updates, or use ``secure_noise=True``. The mean
-        is always divided by the *expected* cohort size. The per-round statistics in the log are
-        not private.
+        Privacy: seeded noise (``privacy.noise_seed``) is for simulations only: it is
+        reproducible from the seed and from the generator state inside checkpoints, and two runs
+        with the same noise seed add identical noise, so their releases are not independent.
+        With ``noise_seed=None`` (the default) the noise comes from OS entropy and a resumed run
+        draws fresh noise. A known *sampler* seed reveals the cohorts and voids amplification by
+        sampling. By default nothing that depends on the realised cohort (its size, dropped
+        users, clipping statistics, cohort-dependent timings) is logged, printed or returned;
+        ``Logging(unsafe_metrics=True)`` turns that on, with a warning. The mean is always
+        divided by the *expected* cohort size.
 
     Examples:
         >>> result = run_rounds(model, dataset, loss_fn, sampler=sampler,   # doctest: +SKIP
-        ...     clipper=GlobalClip(0.1), noise_multiplier=1.0, server_optimizer=opt,
-        ...     accountant=RDPAccountant(), rounds=100, local_lr=0.1, local_steps=10,
-        ...     seed=0, delta=1e-6, log_path="run.jsonl", checkpoint_dir="ckpt", resume=True)
+        ...     server_optimizer=opt, rounds=100,
+        ...     local=LocalTraining(lr=0.1, steps=10),
+        ...     privacy=Privacy(GlobalClip(0.1), noise_multiplier=1.0,
+        ...                     accountant=RDPAccountant(), delta=1e-6),
+        ...     checkpointing=Checkpointing("ckpt", resume=True),
+        ...     logging=Logging("run.jsonl"))
         >>> result.stop_reason, result.epsilon                              # doctest: +SKIP
+
+    References:
+        Pelikan et al., arXiv 2310.00098, algorithm 1 (DP-FedAvg with a server optimizer).
     """
-    args = dict(locals())  # exactly the arguments above, by name; validated by _RoundLoop
-    return _RoundLoop(args).run()
+    loop = _RoundLoop(
+        model,
+        dataset,
+        loss_fn,
+        sampler=sampler,
+        server_optimizer=server_optimizer,
+        rounds=rounds,
+        local=local,
+        privacy=privacy,
+        seed=seed,
+        lr_scheduler=lr_scheduler,
+        checkpointing=checkpointing,
+        logging=logging if logging is not None else Logging(),
+        evaluation=evaluation,
+        dist=dist,
+    )
+    return loop.run()
+
+
+def _verify_ledger(path: Path, state: Mapping[str, Any], journal_count: int) -> int:
+    """Check a checkpoint's ledger against its round index and the journal; return its charges.
+
+    Raises:
+        CheckpointError: A ledger with fewer rounds than the round index, or a journal with fewer
+            charges than the checkpoint records (shrunk, replaced or from another run).
+    """
+    charges = state.get("charges")
+    if not isinstance(charges, int) or isinstance(charges, bool) or charges < 0:
+        raise CheckpointError(f"{path}: invalid or missing journal charge count {charges!r}")
+    if journal_count < charges:
+        raise CheckpointError(
+            f"{path}: the checkpoint's ledger holds {charges} journal charges but "
+            f"{JOURNAL_FILE} beside it holds {journal_count}; the privacy journal was shrunk, "
+            "deleted or replaced, so the releases since the checkpoint cannot be accounted"
+        )
+    round_index = state.get("round")
+    try:
+        ledger = state["accountant"]["ledger"]
+        rounds = sum(int(entry["count"]) for entry in ledger)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: malformed accountant state ({exc})") from exc
+    if isinstance(round_index, int) and rounds < round_index:
+        raise CheckpointError(
+            f"{path}: the stored ledger holds {rounds} rounds but the checkpoint is at round "
+            f"{round_index}; the ledger was shrunk or the round index moved"
+        )
+    if isinstance(round_index, int) and charges < round_index:
+        raise CheckpointError(
+            f"{path}: the checkpoint is at round {round_index} but records only {charges} "
+            "journal charges; every round is charged at least once"
+        )
+    return charges
+
+
+def _charge_journal(accountant: Any, charges: list[Charge]) -> None:
+    """Add the journal's ``charges`` to ``accountant`` (no budget check: they were released)."""
+    state = accountant.state_dict()
+    extra = [{"round": c.spec, "count": 1} for c in charges]
+    try:
+        accountant.load_state_dict({**state, "ledger": [*state["ledger"], *extra]})
+    except ValueError as exc:
+        raise CheckpointError(
+            f"the privacy journal holds charges this accountant cannot take: {exc}"
+        ) from exc
+
+
+def _sweep_temporaries(directory: Path) -> None:
+    """Remove temporary files a crash during an atomic write left behind (under the lock)."""
+    for pattern in (f".{CHECKPOINT_FILE}.*.tmp", f".{JOURNAL_FILE}.tmp"):
+        for leftover in directory.glob(pattern):
+            leftover.unlink(missing_ok=True)
+
+
+def _require_instance(name: str, value: Any, cls: type, hint: str) -> None:
+    if not isinstance(value, cls):
+        raise TypeError(f"{name} must be a {cls.__name__} ({hint}), got {type(value).__name__}")
 
 
 class _RoundLoop:
     """State and phases of one :func:`run_rounds` call (validated in the constructor)."""
 
-    def __init__(self, kw: dict[str, Any]) -> None:
-        model, dataset, loss_fn, sampler = kw["model"], kw["dataset"], kw["loss_fn"], kw["sampler"]
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset: Any,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+        *,
+        sampler: Any,
+        server_optimizer: torch.optim.Optimizer,
+        rounds: int,
+        local: LocalTraining,
+        privacy: Privacy,
+        seed: int | None,
+        lr_scheduler: Any,
+        checkpointing: Checkpointing | None,
+        logging: Logging,
+        evaluation: Evaluation | None,
+        dist: DistContext | None,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         _require_methods("dataset", dataset, ("user_ids", "user_data"), "a FederatedDataset")
@@ -218,52 +302,67 @@ class _RoundLoop:
             raise TypeError("loss_fn must be callable as loss_fn(model, batch) -> scalar tensor")
         methods = ("sample", "round_spec", "state_dict", "load_state_dict")
         _require_methods("sampler", sampler, methods, "a PoissonSampler or FixedCohortSampler")
-        if not isinstance(kw["server_optimizer"], torch.optim.Optimizer):
+        if not isinstance(server_optimizer, torch.optim.Optimizer):
             raise TypeError(
                 "server_optimizer must be a torch.optim.Optimizer over model's parameters"
             )
+        _require_instance("local", local, LocalTraining, "LocalTraining(lr=..., steps=...)")
+        _require_instance("privacy", privacy, Privacy, "Privacy(clipper, noise_multiplier, ...)")
+        _require_instance("logging", logging, Logging, "Logging(path=...)")
+        if checkpointing is not None:
+            _require_instance("checkpointing", checkpointing, Checkpointing, "Checkpointing(dir)")
+        if evaluation is not None:
+            _require_instance("evaluation", evaluation, Evaluation, "Evaluation(fn, every=...)")
         self.model, self.dataset, self.loss_fn = model, dataset, loss_fn
-        self.sampler, self.clipper, self.accountant = sampler, kw["clipper"], kw["accountant"]
-        self.optimizer, self.scheduler = kw["server_optimizer"], kw["lr_scheduler"]
-        self.progress = kw["progress"]
-        self.progress_every = require_int("progress_every", kw["progress_every"], minimum=1)
-        self.z = require_non_negative("noise_multiplier", kw["noise_multiplier"])
-        self.rounds = require_int("rounds", kw["rounds"], minimum=1)
-        self.lr = require_positive("local_lr", kw["local_lr"])
-        steps, epochs = kw["local_steps"], kw["local_epochs"]
-        if (steps is None) == (epochs is None):
-            raise ValueError("give exactly one of local_steps and local_epochs")
-        self.steps = None if steps is None else require_int("local_steps", steps, minimum=1)
-        self.epochs = None if epochs is None else require_int("local_epochs", epochs, minimum=1)
-        self.vectorized = bool(kw["vectorized"])
-        if self.vectorized and self.steps is None:
-            raise ValueError(
-                "vectorized=True needs local_steps (train_cohort_vectorized has no epochs)"
-            )
-        mgn = kw["local_max_grad_norm"]
-        self.max_grad_norm = None if mgn is None else require_positive("local_max_grad_norm", mgn)
+        self.sampler, self.clipper, self.accountant = sampler, privacy.clipper, privacy.accountant
+        self.optimizer, self.scheduler = server_optimizer, lr_scheduler
+        self.privacy, self.logging, self.evaluation = privacy, logging, evaluation
+        self.z = privacy.noise_multiplier
+        self.rounds = require_int("rounds", rounds, minimum=1)
+        self.steps, self.epochs, self.vectorized = local.steps, local.epochs, local.vectorized
         self.local: dict[str, Any] = {
-            "lr": self.lr,
-            "steps": self.steps,
-            "max_grad_norm": self.max_grad_norm,
+            "lr": local.lr,
+            "steps": local.steps,
+            "max_grad_norm": local.max_grad_norm,
         }
-        self.delta = require_probability("delta", kw["delta"], high_open=True)
-        self.drop_nonfinite, self.secure = bool(kw["drop_nonfinite"]), bool(kw["secure_noise"])
-        seed = kw["seed"]
+        self.delta = privacy.delta
+        self.drop_nonfinite, self.secure = privacy.drop_nonfinite, privacy.secure_noise
         self.user_seed = None if seed is None else require_int("seed", seed, minimum=0)
         if self.user_seed is not None and self.user_seed >= 2**63:
             raise ValueError(f"seed must be < 2**63, got {seed}")
-        self.ckpt_every = require_int("checkpoint_every", kw["checkpoint_every"], minimum=1)
-        self.eval_every = require_int("eval_every", kw["eval_every"], minimum=1)
-        self.eval_fn = kw["eval_fn"]
-        self.dist: DistContext | None = kw["dist"]
+        self.noise_seed = privacy.noise_seed
+        budget = getattr(self.accountant, "budget", None)
+        self.unsafe = logging.unsafe_metrics
+        self.dist: DistContext | None = dist
         self.is_main = self.dist is None or self.dist.is_main
-        ckdir = kw["checkpoint_dir"]
-        self.ckpt_path = None if ckdir is None else Path(ckdir) / CHECKPOINT_FILE
-        self.resume = bool(kw["resume"])
-        if self.resume and self.ckpt_path is None:
-            raise ValueError("resume=True needs checkpoint_dir (where the checkpoint lives)")
-        self.log = RunLog(kw["log_path"] if self.is_main else None)
+        self.ckpt_every = checkpointing.every if checkpointing is not None else 1
+        self.ckpt_path = (
+            None if checkpointing is None else Path(checkpointing.dir) / CHECKPOINT_FILE
+        )
+        self.resume = checkpointing is not None and checkpointing.resume
+        self.journal = (
+            None
+            if checkpointing is None
+            else LedgerJournal(Path(checkpointing.dir) / JOURNAL_FILE, writable=self.is_main)
+        )
+        if checkpointing is not None and Path(checkpointing.dir).exists():
+            if not Path(checkpointing.dir).is_dir():
+                raise ValueError(
+                    f"Checkpointing.dir {checkpointing.dir} exists and is not a directory"
+                )
+        if logging.path is not None and Path(logging.path).is_dir():
+            raise ValueError(f"Logging.path {logging.path} is a directory; give a file path")
+        population = getattr(sampler, "population", None)
+        if population is not None:
+            known = set(dataset.user_ids())
+            unknown = [uid for uid in population if uid not in known]
+            if unknown:
+                raise ValueError(
+                    f"sampler has {len(unknown)} user id(s) that dataset does not hold, e.g. "
+                    f"{unknown[:3]!r}; build the sampler from dataset.user_ids()"
+                )
+        self.log = RunLog(logging.path if self.is_main else None)
+        self.warnings: list[str] = []
         self.config = {
             "noise_multiplier": self.z,
             "sensitivity": float(self.clipper.sensitivity),
@@ -272,14 +371,20 @@ class _RoundLoop:
             "expected_cohort_size": float(sampler.expected_cohort_size),
             "accountant": type(self.accountant).__name__,
             "server_optimizer": type(self.optimizer).__name__,
-            "local_lr": self.lr,
-            "local_steps": self.steps,
-            "local_epochs": self.epochs,
-            "local_max_grad_norm": self.max_grad_norm,
-            "vectorized": self.vectorized,
+            "local_lr": local.lr,
+            "local_steps": local.steps,
+            "local_epochs": local.epochs,
+            "local_max_grad_norm": local.max_grad_norm,
+            "vectorized": local.vectorized,
             "drop_nonfinite": self.drop_nonfinite,
             "secure_noise": self.secure,
             "lr_scheduler": None if self.scheduler is None else type(self.scheduler).__name__,
+            # Everything the privacy guarantee of a resumed run depends on:
+            "clipper_config": repr(self.clipper),
+            "round_spec": sampler.round_spec(self.z).to_dict(),
+            "adjacency": getattr(self.accountant, "adjacency", None),
+            "budget": None if budget is None else budget.to_dict(),
+            "noise_seeded": self.noise_seed is not None,
         }
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.scratch = copy.deepcopy(model)
@@ -290,22 +395,28 @@ class _RoundLoop:
         parts = {
             "sampler": self.sampler,
             "accountant": self.accountant,
-            "mechanism": self.mechanism,
             "optimizer": self.optimizer,
         }
+        if self.noise_seed is not None:  # simulation only: unseeded noise is never stored
+            parts["mechanism"] = self.mechanism
         return parts if self.scheduler is None else {**parts, "scheduler": self.scheduler}
 
     def _setup(self) -> int:
         """Resolve the seed, build the mechanism, restore a checkpoint; return the start round."""
         self.accountant.would_exceed(self.sampler.round_spec(self.z))  # wrong adjacency raises now
         state = None
-        if self.ckpt_path is not None and self.ckpt_path.exists():
+        charges = [] if self.journal is None else self.journal.load()
+        if self.ckpt_path is not None and (self.ckpt_path.exists() or charges):
             if not self.resume:
+                journal = self.ckpt_path.with_name(JOURNAL_FILE)
+                held = self.ckpt_path if self.ckpt_path.exists() else journal
                 raise ValueError(
-                    f"checkpoint_dir already holds {self.ckpt_path}; pass resume=True to continue "
-                    "that run, or choose an empty checkpoint_dir (it is never overwritten)"
+                    f"Checkpointing.dir already holds {held} of an earlier run; pass "
+                    "Checkpointing(..., resume=True) to continue that run, or choose an empty "
+                    "directory (a checkpoint or privacy journal is never overwritten)"
                 )
-            state = load_checkpoint(self.ckpt_path)
+            if self.ckpt_path.exists():
+                state = load_checkpoint(self.ckpt_path)
         seed = self.user_seed
         if seed is None:
             stored = None if state is None else state.get("seed")
@@ -315,15 +426,43 @@ class _RoundLoop:
             if self.dist is not None:
                 seed = self.dist.broadcast_int(seed)
         self.seed = seed
-        noise_seed = None if self.secure else _derive_seed(seed, 0)
+        if state is not None and state.get("noise_seed") != self.noise_seed:
+            raise CheckpointError(
+                f"{self.ckpt_path}: checkpoint was written with noise_seed "
+                f"{state.get('noise_seed')!r}, this run has noise_seed {self.noise_seed!r}; "
+                "resume with the same Privacy settings"
+            )
         self.mechanism = GaussianMechanism(
-            self.z, self.clipper.sensitivity, seed=noise_seed, secure=self.secure
+            self.z,
+            self.clipper.sensitivity,
+            seed=None if self.noise_seed is None else _derive_seed(self.noise_seed, 0),
+            secure=self.secure,
         )
-        start = 0
+        start, charged = 0, 0
         if state is not None:
             assert self.ckpt_path is not None
+            charged = _verify_ledger(self.ckpt_path, state, len(charges))
+            stored_round = state.get("round")
+            if isinstance(stored_round, int) and stored_round > self.rounds:
+                raise ValueError(
+                    f"rounds={self.rounds} is below the round of {self.ckpt_path} "
+                    f"({stored_round}); a resumed run cannot undo released rounds, pass "
+                    f"rounds >= {stored_round}"
+                )
+            # A scheduler decays "lr" and keeps the configured rate as "initial_lr": compare that.
+            key = "initial_lr" if "initial_lr" in self.optimizer.param_groups[0] else "lr"
+            lrs = [group.get(key) for group in self.optimizer.param_groups]
             kw: dict[str, Any] = {"config": self.config, "seed": self.user_seed}
             start = restore_run(self.ckpt_path, state, model=self.model, parts=self._parts(), **kw)
+            restored = [group.get(key) for group in self.optimizer.param_groups]
+            if restored != lrs:
+                self.warnings.append(
+                    f"server_optimizer learning rate {lrs} differs from the checkpoint's "
+                    f"{restored}; the resumed run continues with the checkpoint's (restored with "
+                    "the optimizer state)"
+                )
+        if charges[charged:]:
+            _charge_journal(self.accountant, charges[charged:])
         if self.dist is not None:
             shapes = {k: list(v.shape) for k, v in self.model.state_dict().items()}
             self.dist.check_same("run configuration", (self.config, shapes, seed, start))
@@ -386,6 +525,12 @@ class _RoundLoop:
         except ValueError as exc:
             raise ValueError(f"round {t}, user {uid!r}: update rejected: {exc}") from exc
 
+    def _charge(self, t: int, spec: Any) -> None:
+        """Write-ahead accounting: charge round ``t`` durably before its noise is drawn."""
+        if self.journal is not None:
+            self.journal.append(t, spec.to_dict())  # fsync-ed before anything is released
+        self.accountant.add_rounds(spec)
+
     def _round(self, t: int, spec: Any) -> RoundRecord:
         timings = dict.fromkeys(("sample", "train", "aggregate", "server_step", "account"), 0.0)
         start = time.perf_counter()
@@ -402,32 +547,38 @@ class _RoundLoop:
             )
             self._train_and_add(t, cohort, agg, timings)
             clock = time.perf_counter()
+            self._charge(t, spec)  # from here on the round stays charged, even if it fails
+            timings["account"] = time.perf_counter() - clock
+            clock = time.perf_counter()
             reduce = None if self.dist is None else self.dist.all_reduce_sum_
             mean, stats = agg.release(reduce=reduce, allow_empty=True)
-            if self.dist is not None and self.secure:
-                self.dist.broadcast_(list(mean.values()))
+            if self.dist is not None and self.noise_seed is None:
+                self.dist.broadcast_(list(mean.values()))  # rank 0's unseeded noise
             timings["aggregate"] += time.perf_counter() - clock
+            clock = time.perf_counter()
+            # server_step validates before it changes anything, so when it raises the model and
+            # optimizer are as they were; the sampler and generator are restored below.
+            server_step(self.optimizer, self.model, mean)
         except BaseException:
             self.sampler.load_state_dict(saved[0])
             self.mechanism.load_state_dict(saved[1])
             raise
-        clock = time.perf_counter()
-        server_step(self.optimizer, self.model, mean)
         if self.scheduler is not None:
             self.scheduler.step()
         timings["server_step"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        self.accountant.add_rounds(spec)
         epsilon = float(self.accountant.epsilon(self.delta))
-        timings["account"] = time.perf_counter() - clock
+        timings["account"] += time.perf_counter() - clock
+        if not self.unsafe:  # cohort-dependent, not covered by the DP guarantee
+            return RoundRecord(round=t, epsilon=epsilon, delta=self.delta)
         return RoundRecord(
             round=t,
+            epsilon=epsilon,
+            delta=self.delta,
             num_users=stats.num_users,
             num_dropped=stats.num_dropped,
             fraction_clipped=stats.fraction_clipped,
             mean_norm=stats.mean_norm,
-            epsilon=epsilon,
-            delta=self.delta,
             time_s=time.perf_counter() - start,
             timings=timings,
         )
@@ -437,18 +588,43 @@ class _RoundLoop:
         if self.ckpt_path is None or not self.is_main:
             return
         parts = {key: obj.state_dict() for key, obj in self._parts().items()}
-        meta = {"round": t, "seed": self.seed, "config": self.config}
+        meta = {
+            "round": t,
+            "seed": self.seed,
+            "noise_seed": self.noise_seed,
+            "charges": 0 if self.journal is None else self.journal.count,
+            "config": self.config,
+        }
         save_checkpoint(self.ckpt_path, {**meta, "model": self.model.state_dict(), **parts})
 
     def run(self) -> RunResult:
+        """Run under the checkpoint directory's lock (rank 0 only; released on exit or death)."""
+        lock = None
+        if self.ckpt_path is not None and self.is_main:
+            lock = DirectoryLock(self.ckpt_path.parent)
+            lock.acquire()
+            _sweep_temporaries(self.ckpt_path.parent)
+        try:
+            return self._run()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self) -> RunResult:
         start = self._setup()
         world = 1 if self.dist is None else self.dist.world_size
-        self.log.begin(start, world_size=world, config=self.config)
+        self.log.begin(start, world_size=world, config=self.config, unsafe=self.unsafe)
+        if self.unsafe and self.is_main:
+            print(f"dpfl: WARNING: {UNSAFE_WARNING}", file=sys.stderr, flush=True)
+        for text in self.warnings:
+            warnings.warn(text, RuntimeWarning, stacklevel=3)
+            self.log.write({"event": "warning", "round": start, "message": text})
         bar = Progress(
             self.rounds,
             start,
-            enabled=self.progress if self.is_main else False,
-            every=self.progress_every,
+            enabled=self.logging.progress if self.is_main else False,
+            every=self.logging.every,
+            unsafe=self.unsafe,
         )
         records: list[RoundRecord] = []
         reason: StopReason = "completed"
@@ -468,12 +644,13 @@ class _RoundLoop:
                     break
                 t += 1
                 record = self._round(t, spec)
-                if self.eval_fn is not None and self.is_main and t % self.eval_every == 0:
-                    record = evaluate(record, self.eval_fn, self.model)
+                ev = self.evaluation
+                if ev is not None and self.is_main and t % ev.every == 0:
+                    record = evaluate(record, ev.fn, self.model)
                 records.append(record)
                 self.log.write(record.to_dict())
                 bar.update(
-                    t, num_users=record.num_users, epsilon=record.epsilon, time_s=record.time_s
+                    t, epsilon=record.epsilon, num_users=record.num_users, time_s=record.time_s
                 )
                 if t % self.ckpt_every == 0 or t == self.rounds:
                     self._checkpoint(t)

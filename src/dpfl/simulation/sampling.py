@@ -17,7 +17,9 @@ Randomness is counter-based: round ``t`` draws from a fresh ``numpy`` generator 
 ``SeedSequence(entropy=seed, spawn_key=(t,))``. The whole sampler state is therefore the seed and
 the round counter, ``state_dict()`` is a small dict of Python ints (JSON-able and loadable with
 ``torch.load(weights_only=True)``), and a resumed run samples exactly the cohorts it would have
-sampled without the interruption.
+sampled without the interruption. Without a seed the entropy comes from the OS; keep the state
+dict (and so checkpoints) as secret as the cohorts themselves, which amplification by sampling
+assumes nobody outside learns.
 
 References:
     Pelikan et al., "Enabling Differentially Private Federated Learning for Speech Recognition:
@@ -72,6 +74,11 @@ class _CounterSampler:
         self._population = _check_population(population)
         self._entropy = _resolve_entropy(seed)
         self._round = 0
+
+    @property
+    def population(self) -> Sequence[Hashable]:
+        """The user ids this sampler draws from."""
+        return self._population
 
     @property
     def population_size(self) -> int:
@@ -168,7 +175,10 @@ class PoissonSampler(_CounterSampler):
     Args:
         population: The user ids (unique, hashable), e.g. ``dataset.user_ids()`` or a ``range``.
         sample_rate: Inclusion probability ``q`` in (0, 1].
-        seed: Seed for the sampling generator; ``None`` draws one from OS entropy.
+        seed: Seed for the sampling generator; ``None`` (the default) draws one from OS entropy.
+            Amplification by sampling assumes nobody outside learns who was sampled: a seed that
+            anyone else knows (or a checkpoint holding the sampler state) reveals every cohort
+            and voids the amplification. Use seeds for simulations only.
 
     Raises:
         ValueError: If ``population`` is empty or has duplicates, or ``sample_rate`` is outside
@@ -231,7 +241,9 @@ class FixedCohortSampler(_CounterSampler):
     Args:
         population: The user ids (unique, hashable).
         cohort_size: Number of distinct users per round, ``1 <= cohort_size <= len(population)``.
-        seed: Seed for the sampling generator; ``None`` draws one from OS entropy.
+        seed: Seed for the sampling generator; ``None`` (the default) draws one from OS entropy.
+            The replace-one analysis of fixed cohorts also assumes the cohort stays secret: a
+            known seed (or a checkpoint holding the sampler state) reveals every cohort.
 
     Raises:
         ValueError: If ``population`` is empty or has duplicates, or ``cohort_size`` is not in

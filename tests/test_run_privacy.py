@@ -1,0 +1,185 @@
+"""Privacy of the round loop across crashes and resumes (design.md §6, "every release charged").
+
+* write-ahead accounting: whatever point a real process is killed at, the ledger after resuming
+  holds at least as many rounds as noised models left the process;
+* resume keeps the caller's budget and refuses a checkpoint written with other privacy settings;
+* unseeded noise is not reproducible from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpfl.accounting import PrivacyBudget
+from dpfl.clip import PerLayerClip
+from dpfl.simulation.checkpoint import CheckpointError, load_checkpoint
+from tests._scripts.tiny_fl import run
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "_scripts" / "tiny_fl.py"
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+    "OMP_NUM_THREADS": "1",
+}
+NOISE = {
+    "seeded": {"noise_seed": 4321},
+    "entropy": {"noise_seed": None},
+    "secure": {"secure_noise": True},
+}
+
+
+def releases(out: Path) -> int:
+    """Noised models observed by the runs in ``out`` (one line per eval, across restarts)."""
+    path = out / "progress.txt"
+    return len(path.read_text().split()) if path.exists() else 0
+
+
+def start(out: Path, rounds: int, noise: str, *extra: str) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, str(SCRIPT), str(out), "--rounds", str(rounds), "--noise", noise]
+    return subprocess.Popen(
+        [*cmd, "--checkpoint-every", "3", *extra],
+        env=ENV,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+@pytest.mark.parametrize("noise", ["seeded", "secure"])
+def test_killed_after_a_release_then_resumed_charges_every_release(
+    tmp_path: Path, noise: str
+) -> None:
+    """SIGKILL between a release and its checkpoint: releases never outnumber ledger rounds."""
+    rounds = 8
+    k = random.Random(os.getpid()).randint(1, rounds - 1)  # in the messages below
+    proc = start(tmp_path, rounds, noise, "--kill-at", str(k))
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, (k, output)
+    assert releases(tmp_path) == k
+    model, accountant, result = run(tmp_path, rounds=rounds, resume=True, **NOISE[noise])
+    assert result.rounds_completed == rounds
+    last_checkpoint = ((k - 1) // 3) * 3  # killed inside round k, before its checkpoint
+    assert releases(tmp_path) == k + rounds - last_checkpoint, k
+    assert accountant.rounds >= releases(tmp_path), (k, accountant.rounds, releases(tmp_path))
+    # Rounds re-run after the checkpoint are charged again (conservative, never fewer).
+    assert accountant.rounds == rounds + k - last_checkpoint, k
+
+
+@pytest.mark.slow
+def test_killed_at_a_random_instant_charges_every_release(tmp_path: Path) -> None:
+    """SIGKILL at a random instant (any phase), twice, then resume: ledger >= releases."""
+    rounds, rng = 9, random.Random(os.getpid())
+    for _attempt in range(2):
+        proc = start(tmp_path, rounds, "secure", "--slow", "0.15", "--resume")
+        try:
+            deadline = time.monotonic() + 60
+            target = releases(tmp_path) + rng.randint(1, 3)
+            while time.monotonic() < deadline and proc.poll() is None:
+                if releases(tmp_path) >= target:
+                    break
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.3))
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
+            assert proc.stdout is not None
+            proc.stdout.close()
+    _model, accountant, result = run(tmp_path, rounds=rounds, resume=True, secure_noise=True)
+    assert result.rounds_completed == rounds
+    assert accountant.rounds >= releases(tmp_path) >= rounds
+
+
+def test_crash_after_a_release_is_charged_in_process(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path, rounds=6, checkpoint_every=3, crash_at=5)
+    journal = tmp_path / "ckpt" / "ledger.jsonl"
+    charges = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert [c["charge"] for c in charges] == [1, 2, 3, 4, 5]
+    assert [c["round"] for c in charges] == [1, 2, 3, 4, 5]
+    assert load_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")["charges"] == 3
+    _model, accountant, result = run(tmp_path, rounds=6, checkpoint_every=3, resume=True)
+    assert result.resumed_from == 3
+    assert accountant.rounds == 8  # rounds 4 and 5 released twice, round 6 once
+    assert [json.loads(line)["round"] for line in journal.read_text().splitlines()] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        4,
+        5,
+        6,
+    ]
+
+
+def test_crash_before_the_first_checkpoint_is_charged(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path, rounds=4, checkpoint_every=3, crash_at=2)
+    assert not (tmp_path / "ckpt" / "checkpoint.pt").exists()
+    with pytest.raises(ValueError, match="resume=True"):
+        run(tmp_path, rounds=4, checkpoint_every=3)  # a fresh run would drop the 2 charges
+    _model, accountant, result = run(tmp_path, rounds=4, checkpoint_every=3, resume=True)
+    assert result.resumed_from is None and accountant.rounds == 6
+
+
+def test_resume_with_a_budget_over_a_checkpoint_without_one_is_refused(tmp_path: Path) -> None:
+    run(tmp_path, rounds=2)
+    with pytest.raises(CheckpointError, match=r"budget: checkpoint None, this run \{'epsilon': 4"):
+        run(tmp_path, rounds=4, resume=True, budget=4.0)
+
+
+def test_resume_keeps_the_callers_budget(tmp_path: Path) -> None:
+    run(tmp_path, rounds=2, budget=50.0)
+    _model, accountant, result = run(tmp_path, rounds=3, resume=True, budget=50.0)
+    assert accountant.budget == PrivacyBudget(50.0, 1e-5) and result.rounds_completed == 3
+    with pytest.raises(CheckpointError, match="budget"):
+        run(tmp_path, rounds=4, resume=True, budget=60.0)
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        PerLayerClip(0.5, normalize=True),
+        PerLayerClip(0.5, allocation="uniform"),
+    ],
+    ids=["normalize", "allocation"],
+)
+def test_resume_refuses_a_changed_clipper_configuration(tmp_path: Path, changed: object) -> None:
+    run(tmp_path, rounds=1, clipper=PerLayerClip(0.5))
+    with pytest.raises(CheckpointError, match="clipper"):
+        run(tmp_path, rounds=2, resume=True, clipper=changed)
+
+
+def test_resume_refuses_a_changed_noise_mode(tmp_path: Path) -> None:
+    run(tmp_path, rounds=1, noise_seed=None)
+    with pytest.raises(CheckpointError, match="secure_noise"):
+        run(tmp_path, rounds=2, resume=True, secure_noise=True)
+
+
+def test_unseeded_noise_is_not_reproducible_from_a_checkpoint(tmp_path: Path) -> None:
+    run(tmp_path / "a", rounds=2, noise_seed=None)
+    state = load_checkpoint(tmp_path / "a" / "ckpt" / "checkpoint.pt")
+    assert "mechanism" not in state and state["noise_seed"] is None
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    a = run(tmp_path / "a", rounds=3, resume=True, noise_seed=None)[0].state_dict()
+    b = run(tmp_path / "b", rounds=3, resume=True, noise_seed=None)[0].state_dict()
+    assert all(not torch.equal(a[k], b[k]) for k in a if k.endswith("weight"))
+
+
+def test_seeded_noise_is_restored_from_a_checkpoint(tmp_path: Path) -> None:
+    run(tmp_path / "a", rounds=2)
+    state = load_checkpoint(tmp_path / "a" / "ckpt" / "checkpoint.pt")
+    assert "generator" in state["mechanism"] and state["noise_seed"] == 4321

@@ -1,0 +1,154 @@
+"""Run safety of the round loop (issue 11): one writer per directory, verified resume, sweeping
+of crash leftovers, and arguments checked before any training."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpfl.simulation import PoissonSampler
+from dpfl.simulation.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tests._scripts.tiny_fl import make_dataset, run
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "_scripts" / "tiny_fl.py"
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+    "OMP_NUM_THREADS": "1",
+}
+
+
+def wait_for(predicate, proc: subprocess.Popen[bytes], timeout: float = 90) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None and not predicate():
+        time.sleep(0.005)
+    assert proc.poll() is None, proc.communicate()[0]
+
+
+def test_a_second_writer_is_refused_naming_the_directory_and_holder(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(SCRIPT), str(tmp_path), "--rounds", "40", "--slow", "0.2"]
+    proc = subprocess.Popen(
+        cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        wait_for(lambda: (tmp_path / "progress.txt").exists(), proc)
+        with pytest.raises(CheckpointError, match=rf"{tmp_path / 'ckpt'}.*pid {proc.pid}"):
+            run(tmp_path, rounds=40, resume=True)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    # The OS dropped the dead holder's lock: the run resumes and finishes.
+    result = run(tmp_path, rounds=_last_round(tmp_path) + 1, resume=True)[2]
+    assert result.rounds_completed == _last_round(tmp_path)
+
+
+def _last_round(out: Path) -> int:
+    ckpt = out / "ckpt" / "checkpoint.pt"
+    return int(load_checkpoint(ckpt)["round"]) if ckpt.exists() else 0
+
+
+def test_temporaries_of_a_write_killed_midway_are_swept(tmp_path: Path) -> None:
+    """SIGKILL a process inside save_checkpoint; the next run removes its temporary file."""
+    ckpt = tmp_path / "ckpt"
+    code = (
+        "import sys, torch\n"
+        "from dpfl.simulation.checkpoint import save_checkpoint\n"
+        "state = {'model': {'w': torch.zeros(2**25)}}\n"
+        "while True:\n"
+        f"    save_checkpoint({str(ckpt / 'other.pt')!r}, state)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], env=ENV, cwd=ROOT)
+    try:
+        wait_for(lambda: any(ckpt.glob(".other.pt.*.tmp")), proc)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    leftovers = list(ckpt.glob(".other.pt.*.tmp"))
+    assert leftovers  # what the crash left behind, renamed as a checkpoint temporary
+    for i, leftover in enumerate(leftovers):
+        leftover.rename(ckpt / f".checkpoint.pt.crash{i}.tmp")
+    run(tmp_path, rounds=1)
+    assert not list(ckpt.glob(".checkpoint.pt.*.tmp"))
+    assert (ckpt / "checkpoint.pt").exists()
+
+
+def test_resume_with_fewer_rounds_than_the_checkpoint_is_refused(tmp_path: Path) -> None:
+    run(tmp_path, rounds=3)
+    with pytest.raises(ValueError, match=r"rounds=2 is below the round .* \(3\)"):
+        run(tmp_path, rounds=2, resume=True)
+
+
+def test_resume_reports_a_changed_server_learning_rate(tmp_path: Path) -> None:
+    import json
+
+    run(tmp_path, rounds=1)
+    with pytest.warns(RuntimeWarning, match="learning rate"):
+        run(tmp_path, rounds=2, resume=True, server_lr=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a scheduler's decayed rate is not a change
+        run(tmp_path / "s", rounds=2, scheduler=True)
+        run(tmp_path / "s", rounds=3, resume=True, scheduler=True)
+    events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "warning" and "learning rate" in e["message"] for e in events)
+
+
+def test_a_shrunk_ledger_with_a_recomputed_digest_is_refused(tmp_path: Path) -> None:
+    run(tmp_path, rounds=3)
+    path = tmp_path / "ckpt" / "checkpoint.pt"
+    state = load_checkpoint(path)
+    state["accountant"]["ledger"][0]["count"] = 1  # ε under-reported by a deliberate edit
+    save_checkpoint(path, state)  # ... with a valid digest
+    with pytest.raises(CheckpointError, match="ledger holds 1 rounds .* round 3"):
+        run(tmp_path, rounds=4, resume=True)
+
+
+def test_a_deleted_journal_is_refused(tmp_path: Path) -> None:
+    run(tmp_path, rounds=2)
+    (tmp_path / "ckpt" / "ledger.jsonl").unlink()
+    with pytest.raises(CheckpointError, match="journal"):
+        run(tmp_path, rounds=3, resume=True)
+
+
+def test_bad_paths_and_foreign_users_fail_before_training(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="Checkpointing.dir .* not a directory"):
+        run(tmp_path, rounds=1, checkpoint_dir=tmp_path / "file")
+    (tmp_path / "logdir").mkdir()
+    with pytest.raises(ValueError, match="Logging.path .* is a directory"):
+        run(tmp_path, rounds=1, log_path=tmp_path / "logdir")
+    foreign = PoissonSampler([*make_dataset().user_ids(), "stranger"], 0.5, seed=0)
+    with pytest.raises(ValueError, match="'stranger'"):
+        run(tmp_path, rounds=1, sampler=foreign)
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "log.jsonl").exists()
+
+
+class _FailingSGD(torch.optim.SGD):
+    def step(self, closure=None):  # type: ignore[no-untyped-def, override]
+        raise RuntimeError("optimizer exploded")
+
+
+def test_a_failed_server_step_restores_the_sampler_and_keeps_the_charge(tmp_path: Path) -> None:
+    from tests._scripts.tiny_fl import make_model
+
+    dataset = make_dataset()
+    sampler = PoissonSampler(dataset.user_ids(), 0.5, seed=11)
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="optimizer exploded"):
+        run(tmp_path, rounds=2, sampler=sampler, model=model, optimizer_cls=_FailingSGD)
+    assert sampler.rounds_sampled == 0  # the next attempt draws the same cohort
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    journal = (tmp_path / "ckpt" / "ledger.jsonl").read_text().splitlines()
+    assert len(journal) == 1  # charged before its noise existed: the charge stays
