@@ -117,3 +117,31 @@ def test_documentation_snippets_run(page: Path, tmp_path: Path) -> None:
                 _run_console(code)
     finally:
         os.chdir(cwd)
+
+
+def test_the_docstring_check_flags_an_undocumented_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    module = types.ModuleType("dpfl._undocumented_probe")
+
+    def documented() -> None:
+        """Has a docstring."""
+
+    def bare() -> None:
+        pass
+
+    class Public:
+        """Documented class with an undocumented public method."""
+
+        def method(self) -> None:
+            pass
+
+    Public.__module__ = module.__name__
+    module.documented, module.bare, module.Public = documented, bare, Public  # type: ignore[attr-defined]
+    module.__all__ = ["documented", "bare", "Public"]  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    assert _undocumented(module.__name__) == [
+        "dpfl._undocumented_probe.bare",
+        "dpfl._undocumented_probe.Public.method",
+    ]
