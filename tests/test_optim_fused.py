@@ -227,3 +227,24 @@ def test_kernel_builds_into_a_private_cache_dir(tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         _kernel.reset()
+
+
+@needs_kernel
+def test_fused_guards_the_kernel_against_bad_state():
+    """The C kernel reads raw memory: a wrong-shaped state raises, a strided one is made dense."""
+    p = torch.randn(4, 3).requires_grad_()
+    q = p.detach().clone().requires_grad_()
+    opt = LAMB([p], lr=0.1, fused=True)
+    ref = LAMB([q], lr=0.1, fused=False, foreach=False)
+    for o, t in ((opt, p), (ref, q)):
+        t.grad = torch.ones(4, 3)
+        o.step()
+    opt.state[p]["exp_avg"] = opt.state[p]["exp_avg"].t().contiguous().t()  # same values, strided
+    opt.step()
+    ref.step()
+    torch.testing.assert_close(p, q)
+    opt.state[p]["exp_avg_sq"] = torch.zeros(5)
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match=r"exp_avg_sq of parameter 0 .* shape \(5,\)"):
+        opt.step()
+    assert torch.equal(p.detach(), before)

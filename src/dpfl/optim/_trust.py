@@ -10,7 +10,10 @@ by ``‖θ_h‖`` rather than by the scale of the (noisy, clipped) pseudo-gradie
   (e.g. biases and LayerNorm parameters) from the ratio,
 * ``_LayerwiseOptimizer``, the ``torch.optim.Optimizer`` base class of :class:`~dpfl.optim.LAMB`
   and :class:`~dpfl.optim.LARS` (group validation, ``exclude_from_trust`` splitting, the choice
-  between the ``torch._foreach_*`` fast path and the per-tensor reference path).
+  between the ``torch._foreach_*`` fast path and the per-tensor reference path; LAMB adds a
+  fused CPU path),
+* :class:`NonFiniteGradientError` and ``first_non_finite``, the finiteness check that
+  ``step(check_finite=True)`` and :func:`~dpfl.optim.server_step` share.
 
 References:
     Pelikan et al., "Enabling Differentially Private Federated Learning for Speech Recognition:

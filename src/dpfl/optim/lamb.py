@@ -222,23 +222,36 @@ class _GroupStep:
         path: str,
     ) -> None:
         self.index, self.group, self.params, self.path = index, group, params, path
-        self.grads = [g.contiguous() for g in grads] if path == "fused" else grads
+        if path == "fused":
+            grads = [g.to(dtype=p.dtype).contiguous() for p, g in zip(params, grads, strict=True)]
+        self.grads = grads
         self.exp_avgs: list[Tensor] = []
         self.exp_avg_sqs: list[Tensor] = []
         self.steps: list[int] = []
         self.sums: Tensor | None = None
 
     def gather(self, states: Mapping[Tensor, dict[str, Any]]) -> None:
-        for p in self.params:
+        for i, p in enumerate(self.params):
             state = states.get(p)
             if state:
-                self.exp_avgs.append(state["exp_avg"])
-                self.exp_avg_sqs.append(state["exp_avg_sq"])
+                m, v = state["exp_avg"], state["exp_avg_sq"]
                 self.steps.append(int(state["step"]) + 1)
             else:
-                self.exp_avgs.append(torch.zeros_like(p, memory_format=torch.preserve_format))
-                self.exp_avg_sqs.append(torch.zeros_like(p, memory_format=torch.preserve_format))
+                m = torch.zeros_like(p, memory_format=torch.preserve_format)
+                v = torch.zeros_like(p, memory_format=torch.preserve_format)
                 self.steps.append(1)
+            if self.path == "fused":  # the C kernel reads raw memory: check shapes, layouts
+                for t, what in ((self.grads[i], "gradient"), (m, "exp_avg"), (v, "exp_avg_sq")):
+                    if t.shape != p.shape:
+                        raise RuntimeError(
+                            f"the {what} of parameter {i} of param group {self.index} has shape "
+                            f"{tuple(t.shape)}, the parameter {tuple(p.shape)}"
+                        )
+                like = {"dtype": p.dtype, "device": p.device}
+                m = m.to(**like, memory_format=torch.contiguous_format)  # no copy if it fits
+                v = v.to(**like, memory_format=torch.contiguous_format)
+            self.exp_avgs.append(m)
+            self.exp_avg_sqs.append(v)
         if self.path == "fused" and self.group["trust_ratio"]:
             kernel = _kernel.load()
             assert kernel is not None  # _path chose "fused" only if it loaded
