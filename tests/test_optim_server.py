@@ -215,3 +215,37 @@ def test_group_that_already_maximizes_is_flipped_and_restored():
     assert opt_a.param_groups[0]["maximize"] is True
     for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
         torch.testing.assert_close(pa, pb)
+
+
+class _DecayingLAMB(LAMB):
+    """A subclass whose step(closure) knows nothing of check_finite (as in examples/asr)."""
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            group["lr"] *= 0.5
+        return loss
+
+
+class _MyAdam(torch.optim.Adam):
+    pass
+
+
+def test_subclasses_keep_the_check_and_the_no_copy_path():
+    model = _model()
+    opt = _DecayingLAMB(model.parameters(), lr=0.01)
+    server_step(opt, model, _update(model, 7))
+    assert opt.param_groups[0]["lr"] == 0.005
+    before = _snapshot(model, opt)
+    bad = {**_update(model), "2.bias": torch.tensor([float("inf"), 0.0])}
+    with pytest.raises(ValueError, match=r"update\['2\.bias'\] contains NaN or infinite"):
+        server_step(opt, model, bad)
+    assert before[2] == _snapshot(model, opt)[2]  # lr not decayed, state unchanged
+    adam = _MyAdam(model.parameters(), lr=0.01)
+    delta = _update(model)
+    seen = []
+    adam.register_step_pre_hook(
+        lambda o, a, k: seen.append(model[0].weight.grad.data_ptr() == delta["0.weight"].data_ptr())
+    )
+    server_step(adam, model, delta)
+    assert seen == [True]

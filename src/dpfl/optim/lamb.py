@@ -21,9 +21,10 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -114,6 +115,30 @@ class LAMB(_LayerwiseOptimizer):
         }
         self._validate_group(defaults)
         super().__init__(params, defaults, exclude_from_trust=exclude_from_trust)
+        self._finite_scope = False
+
+    @contextlib.contextmanager
+    def checking_finite(self) -> Iterator[None]:
+        """Within the block every :meth:`step` checks finiteness as with ``check_finite=True``.
+
+        :func:`~dpfl.optim.server_step` uses it, so a subclass whose ``step(closure)`` calls
+        ``super().step(closure)`` keeps the (free, on the fused path) check.
+
+        Examples:
+            >>> p = torch.zeros(2, requires_grad=True)
+            >>> opt = LAMB([p], lr=0.1)
+            >>> p.grad = torch.tensor([1.0, float("nan")])
+            >>> with opt.checking_finite():
+            ...     opt.step()  # doctest: +IGNORE_EXCEPTION_DETAIL
+            Traceback (most recent call last):
+            dpfl.optim._trust.NonFiniteGradientError: ...
+        """
+        previous = getattr(self, "_finite_scope", False)
+        self._finite_scope = True
+        try:
+            yield
+        finally:
+            self._finite_scope = previous
 
     def _validate_group(self, group: Mapping[str, Any]) -> None:
         require_non_negative("lr", group["lr"])
@@ -179,7 +204,7 @@ class LAMB(_LayerwiseOptimizer):
         Args:
             closure: Optional closure re-evaluating the model and returning the loss.
             check_finite: Raise :class:`~dpfl.optim.NonFiniteGradientError` if any gradient
-                holds NaN/inf. Free on the fused path (its norms are checked; a NaN/inf gradient
+                holds NaN/inf (also on inside :meth:`checking_finite`). Free on the fused path (its norms are checked; a NaN/inf gradient
                 always yields a non-finite ``‖r_h‖``); one read pass over the gradients
                 elsewhere.
 
@@ -202,7 +227,7 @@ class LAMB(_LayerwiseOptimizer):
                 )
         for item in work:  # read-only phase: new state is created but not yet stored
             item.gather(self.state)
-        if check_finite:
+        if check_finite or getattr(self, "_finite_scope", False):
             for item in work:
                 item.raise_if_non_finite()
         for item in work:

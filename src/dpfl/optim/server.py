@@ -11,6 +11,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 import torch
@@ -89,8 +90,18 @@ def _negates_itself(optimizer: torch.optim.Optimizer) -> bool:
     Only optimizers known to implement ``maximize`` as "use −grad" qualify; others get a negated
     copy of the update instead.
     """
-    known = isinstance(optimizer, LAMB) or type(optimizer).__module__.startswith("torch.optim.")
+    known = isinstance(optimizer, (LAMB, *_TORCH_MAXIMIZERS))
     return known and all("maximize" in g for g in optimizer.param_groups)
+
+
+_TORCH_MAXIMIZERS = tuple(
+    getattr(torch.optim, name)
+    for name in (
+        "Adadelta", "Adagrad", "Adam", "Adamax", "AdamW", "ASGD", "NAdam", "RAdam", "RMSprop",
+        "Rprop", "SGD",
+    )
+    if hasattr(torch.optim, name)
+)  # fmt: skip
 
 
 def server_step(
@@ -176,14 +187,15 @@ def server_step(
         if not negate:
             for group, flag in zip(optimizer.param_groups, flags, strict=True):
                 group["maximize"] = not flag
-        if lamb is not None:
-            try:
-                lamb.step(check_finite=True)
-            except NonFiniteGradientError as err:
-                names = {id(p): n for n, p in params.items()}
-                raise _non_finite_error(names.get(id(err.param), "?")) from err
-        else:
-            optimizer.step()
+        scope = lamb.checking_finite() if lamb is not None else contextlib.nullcontext()
+        try:
+            with scope:
+                optimizer.step()
+        except NonFiniteGradientError as err:
+            if lamb is None:
+                raise
+            names = {id(p): n for n, p in params.items()}
+            raise _non_finite_error(names.get(id(err.param), "?")) from err
     finally:
         for group, flag in zip(optimizer.param_groups, flags, strict=True):
             if flag is not None:
