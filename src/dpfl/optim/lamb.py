@@ -204,9 +204,9 @@ class LAMB(_LayerwiseOptimizer):
         Args:
             closure: Optional closure re-evaluating the model and returning the loss.
             check_finite: Raise :class:`~dpfl.optim.NonFiniteGradientError` if any gradient
-                holds NaN/inf (also on inside :meth:`checking_finite`). Free on the fused path (its norms are checked; a NaN/inf gradient
-                always yields a non-finite ``‖r_h‖``); one read pass over the gradients
-                elsewhere.
+                holds NaN/inf (always on inside :meth:`checking_finite`). Free on the fused
+                path (its norms are checked; a NaN/inf gradient always yields a non-finite
+                ``‖r_h‖``); one read pass over the gradients elsewhere.
 
         Returns:
             The closure's loss, or None.
