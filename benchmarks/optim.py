@@ -1,15 +1,17 @@
 """Benchmark one server optimizer step on the paper-shaped parameter set.
 
-Compares, side by side in one run (interleaved repeats, median):
+Compares, side by side in one run (interleaved repeats, medians of per-repeat ratios):
 
-* ``LAMB`` on the ``torch._foreach_*`` fast path,
-* ``LAMB`` on the per-tensor reference path,
-* ``torch.optim.Adam`` (foreach), the unnormalized baseline,
-* ``server_step`` with foreach LAMB (validation, ``g = −Δ``, step, grad restore),
+* ``torch.optim.Adam(fused=True)``, the baseline, and ``torch.optim.Adam(foreach=True)``,
+* ``LAMB`` on its fused CPU path, its ``torch._foreach_*`` path and its per-tensor reference path,
+* ``server_step`` with fused and with foreach LAMB (validation, update as gradient, finiteness
+  check, step, grad restore), and the procedure ``server_step`` followed before (a separate
+  finiteness pass and a ``−Δ`` copy, then a foreach LAMB step),
 
-and writes a markdown table to ``benchmarks/results/optim.md``. Timings are reported as ratios to
-Adam measured in the same run. The three optimizers share one set of moment buffers (the benchmark
-times passes over memory, not the trajectory), so a full-scale run needs about 5-6 GB of RAM.
+plus the one-off build time of the fused kernel (in a fresh cache directory), and writes
+``benchmarks/results/optim.md`` and ``benchmarks/results/optim.png``. The optimizers share one set
+of moment buffers (the benchmark times passes over memory, not the trajectory), so a full-scale
+run needs about 5-6 GB of RAM.
 
 Usage::
 
@@ -24,17 +26,21 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from dpfl.optim import LAMB, server_step
+from dpfl.optim import LAMB, _kernel, server_step
+from dpfl.optim.server import _check_finite
 
 RESULTS = Path(__file__).resolve().parent / "results" / "optim.md"
+BASE = "torch Adam (fused)"
 
 
 def paper_param_shapes(num_blocks: int = 36) -> list[tuple[str, tuple[int, ...]]]:
@@ -85,6 +91,47 @@ def _timed(fn: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
+def _kernel_build_seconds() -> tuple[float, str]:
+    """Time building the fused kernel from scratch in a fresh cache dir (then use the real one)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = os.environ.get("DPFL_KERNEL_DIR")
+        os.environ["DPFL_KERNEL_DIR"] = tmp
+        _kernel.reset()
+        start = time.perf_counter()
+        ok = _kernel.load() is not None
+        seconds = time.perf_counter() - start
+        reason = _kernel.unavailable_reason() or ""
+        if saved is None:
+            del os.environ["DPFL_KERNEL_DIR"]
+        else:
+            os.environ["DPFL_KERNEL_DIR"] = saved
+        _kernel.reset()
+        _kernel.load()  # cached one, loaded outside the temporary directory
+    return seconds, ("built" if ok else f"unavailable: {reason}")
+
+
+def _plot(path: Path, paired: dict[str, float], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(paired)
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
+    bars = ax.barh(names[::-1], [paired[n] for n in names[::-1]], color="tab:blue")
+    for bar, name in zip(bars, names[::-1], strict=True):
+        if name.startswith("LAMB fused") or name.startswith("server_step(LAMB fused"):
+            bar.set_color("tab:orange")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.axvline(1.5, color="tab:red", linewidth=0.8, linestyle="--", label="1.5x target")
+    ax.set_xlabel("time relative to torch Adam (fused), median of paired ratios")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -99,97 +146,129 @@ def main() -> None:
     if not 0 < args.scale <= 1:
         parser.error("--scale must lie in (0, 1]")
 
+    build_s, build_status = _kernel_build_seconds()
     num_blocks = max(1, round(36 * args.scale))
     shapes = paper_param_shapes(num_blocks)
     gen = torch.Generator().manual_seed(0)
     named = {n: torch.nn.Parameter(0.02 * torch.randn(s, generator=gen)) for n, s in shapes}
     params = list(named.values())
     grads = [1e-3 * torch.randn(p.shape, generator=gen) for p in params]
-    # Timing only: reuse the gradient tensors as the update (sign is irrelevant), no extra copy.
+    # Timing only: the gradient tensors double as the update (sign is irrelevant), no extra copy.
     update = dict(zip(named, grads, strict=True))
     numel = sum(p.numel() for p in params)
     print(f"{len(params)} tensors, {numel:,} parameters, {torch.get_num_threads()} threads")
+    print(f"fused kernel build: {build_s:.2f} s ({build_status})")
 
-    lamb_fe = LAMB(params, lr=0.002, foreach=True)
-    lamb_ref = LAMB(params, lr=0.002, foreach=False)
-    adam = torch.optim.Adam(params, lr=0.002, eps=1e-6, foreach=True)
+    fused_ok = _kernel.load() is not None
+    lamb_fused = LAMB(params, lr=0.002, fused=True) if fused_ok else None
+    lamb_fe = LAMB(params, lr=0.002, foreach=True, fused=False)
+    lamb_ref = LAMB(params, lr=0.002, foreach=False, fused=False)
+    adam_fused = torch.optim.Adam(params, lr=0.002, eps=1e-6, fused=True)
+    adam_fe = torch.optim.Adam(params, lr=0.002, eps=1e-6, foreach=True)
 
     def set_grads() -> None:
         for p, g in zip(params, grads, strict=True):
             p.grad = g
 
-    # Warm up once (allocates state), then make all three share the same moment buffers.
+    # Warm up once (allocates state), then make all optimizers share the same moment buffers.
     set_grads()
     lamb_fe.step()
     for p in params:
         shared = lamb_fe.state[p]
-        lamb_ref.state[p] = {
-            "step": 0,
-            "exp_avg": shared["exp_avg"],
-            "exp_avg_sq": shared["exp_avg_sq"],
-        }
-        adam.state[p] = {
-            "step": torch.tensor(1.0),
-            "exp_avg": shared["exp_avg"],
-            "exp_avg_sq": shared["exp_avg_sq"],
-        }
-    for opt in (lamb_ref, adam):
-        opt.step()
+        moments = {"exp_avg": shared["exp_avg"], "exp_avg_sq": shared["exp_avg_sq"]}
+        for opt in (lamb_fused, lamb_ref):
+            if opt is not None:
+                opt.state[p] = {"step": 1, **moments}
+        for opt in (adam_fused, adam_fe):
+            opt.state[p] = {"step": torch.tensor(1.0), **moments}
 
-    def server() -> None:
+    def server(opt: LAMB) -> Callable[[], None]:
+        def run() -> None:
+            for p in params:
+                p.grad = None
+            server_step(opt, named, update)
+
+        return run
+
+    def server_as_before() -> None:
+        """What server_step did before: a finiteness pass, a −Δ copy, then the step."""
+        _check_finite(update, list(named))
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                p.grad = torch.neg(g)
+        lamb_fe.step()
         for p in params:
             p.grad = None
-        server_step(lamb_fe, named, update)
 
     methods: dict[str, Callable[[], None]] = {
-        "torch.optim.Adam (foreach)": adam.step,
-        "LAMB foreach": lamb_fe.step,
-        "LAMB per-tensor reference": lamb_ref.step,
-        "server_step(LAMB foreach)": server,
+        BASE: adam_fused.step,
+        "torch Adam (foreach)": adam_fe.step,
     }
+    if lamb_fused is not None:
+        methods["LAMB fused"] = lamb_fused.step
+    methods["LAMB foreach"] = lamb_fe.step
+    methods["LAMB per-tensor reference"] = lamb_ref.step
+    if lamb_fused is not None:
+        methods["server_step(LAMB fused)"] = server(lamb_fused)
+    methods["server_step(LAMB foreach)"] = server(lamb_fe)
+    methods["server_step as before (copy + check), LAMB foreach"] = server_as_before
+    for fn in methods.values():  # warm-up round, not timed
+        set_grads()
+        fn()
     times: dict[str, list[float]] = {k: [] for k in methods}
     for _ in range(args.repeats):
         for name, fn in methods.items():  # interleaved: drift hits every method alike
-            if name != "server_step(LAMB foreach)":
-                set_grads()
+            set_grads()
             times[name].append(_timed(fn))
             print(f"  {name}: {times[name][-1]:.3f} s")
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    base = med["torch.optim.Adam (foreach)"]
-    base_min = min(times["torch.optim.Adam (foreach)"])
-    adam_times = times["torch.optim.Adam (foreach)"]
-    # Paired ratio: each method against the Adam step of the same repeat, then the median; this
-    # is the most robust figure on a shared machine whose load drifts between repeats.
-    paired = {
-        k: statistics.median(t / a for t, a in zip(v, adam_times, strict=True))
-        for k, v in times.items()
-    }
+
+    def paired(num: str, den: str) -> float:
+        # Each method against the other's time in the same repeat, then the median: the most
+        # robust figure on a shared machine whose load drifts between repeats.
+        return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
+
+    vs_base = {k: paired(k, BASE) for k in methods}
+    vs_foreach_adam = {k: paired(k, "torch Adam (foreach)") for k in methods}
     rows = [
-        f"| {k} | {med[k]:.3f} | {min(times[k]):.3f} | {paired[k]:.2f}x | {med[k] / base:.2f}x "
-        f"| {min(times[k]) / base_min:.2f}x |"
+        f"| {k} | {med[k]:.3f} | {min(times[k]):.3f} | {vs_base[k]:.2f}x "
+        f"| {vs_foreach_adam[k]:.2f}x |"
         for k in methods
     ]
-    header = (
-        "| method | median s | min s | vs Adam (median of paired ratios) "
-        "| vs Adam (ratio of medians) | vs Adam (ratio of mins) |"
-    )
-    table = "\n".join([header, "|---|---|---|---|---|---|", *rows])
+    header = "| method | median s | min s | vs torch Adam (fused) | vs torch Adam (foreach) |"
+    table = "\n".join([header, "|---|---|---|---|---|", *rows])
+    overhead = [("server_step(LAMB foreach)", "LAMB foreach")]
+    overhead.append(("server_step as before (copy + check), LAMB foreach", "LAMB foreach"))
+    if lamb_fused is not None:
+        overhead.insert(0, ("server_step(LAMB fused)", "LAMB fused"))
+    over_rows = "\n".join(f"| {a} | {b} | {paired(a, b):.2f}x |" for a, b in overhead)
+    over_table = "| server step | optimizer step alone | ratio |\n|---|---|---|\n" + over_rows
     info = (
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
         f"- machine: {_cpu_name()}, {torch.get_num_threads()} torch threads, "
         f"{platform.system()} {platform.machine()}, Python {platform.python_version()}, "
-        f"torch {torch.__version__}\n"
+        f"torch {torch.__version__}; load average before the run "
+        f"{os.getloadavg()[0]:.1f}\n"
         f"- parameter set: {len(params)} tensors, {numel:,} float32 parameters "
-        f"({num_blocks} of 36 blocks, --scale {args.scale}); {args.repeats} interleaved repeats\n"
-        "- shared-CPU machine: absolute seconds are noisy, compare the ratios\n"
+        f"({num_blocks} of 36 blocks, --scale {args.scale}); {args.repeats} interleaved repeats "
+        "after one warm-up round\n"
+        f"- fused kernel build (once per machine, cached): {build_s:.2f} s ({build_status})\n"
+        "- ratios are medians of per-repeat ratios; shared-CPU machine: absolute seconds are "
+        "noisy, compare the ratios\n"
     )
     text = (
-        "# Server optimizer step: LAMB (foreach / reference) vs torch.optim.Adam\n\n"
-        "Generated by `benchmarks/optim.py`.\n\n" + info + "\n" + table + "\n"
+        "# Server optimizer step: LAMB (fused / foreach / reference) vs torch.optim.Adam\n\n"
+        "Generated by `benchmarks/optim.py`.\n\n" + info + "\n" + table + "\n\n"
+        "## server_step overhead over the optimizer step alone\n\n" + over_table + "\n"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
+    _plot(
+        args.out.with_suffix(".png"),
+        vs_base,
+        f"{numel / 1e6:.1f}M params in {len(params)} tensors, {torch.get_num_threads()} threads",
+    )
     print()
     print(text)
 

@@ -8,7 +8,19 @@ import math
 import pytest
 import torch
 
-from dpfl.optim import LAMB, LARS, layerwise_adam, trust_ratio, trust_ratio_groups
+from dpfl.optim import LAMB, LARS, _kernel, layerwise_adam, trust_ratio, trust_ratio_groups
+
+# The three LAMB paths; "fused" needs a C compiler once (tests/test_optim_fused.py covers the
+# fallback when there is none).
+FUSED = pytest.param(
+    {"fused": True},
+    id="fused",
+    marks=pytest.mark.skipif(
+        _kernel.load() is None, reason=f"fused kernel unavailable: {_kernel.unavailable_reason()}"
+    ),
+)
+LAMB_PATHS = [FUSED, pytest.param({"fused": False, "foreach": True}, id="foreach")]
+LAMB_PATHS.append(pytest.param({"fused": False, "foreach": False}, id="reference"))
 
 SHAPES = [(3, 4), (5,), (2, 3, 2), (4,), (6,), (1,)]
 ZERO_PARAM, ZERO_GRAD, SOMETIMES_NONE = 3, 4, 5  # indices with special roles
@@ -108,7 +120,7 @@ def _run(make_opt, *, gamma=None, dtype=torch.float64):
     return [p.detach() for p in params], lrs
 
 
-@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("path", LAMB_PATHS)
 @pytest.mark.parametrize(
     ("wd", "trust", "clip", "gamma"),
     [
@@ -116,11 +128,12 @@ def _run(make_opt, *, gamma=None, dtype=torch.float64):
         (0.05, True, None, None),
         (0.01, True, 0.7, 0.95),
         (0.02, False, None, None),
+        (0.01, True, 1e-3, None),  # the clip binds on every tensor
     ],
 )
-def test_lamb_matches_float64_loop(foreach, wd, trust, clip, gamma):
+def test_lamb_matches_float64_loop(path, wd, trust, clip, gamma):
     kw = dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=wd, trust_ratio=trust, trust_clip=clip)
-    got, lrs = _run(lambda ps: LAMB(ps, lr=0.05, foreach=foreach, **kw), gamma=gamma)
+    got, lrs = _run(lambda ps: LAMB(ps, lr=0.05, **path, **kw), gamma=gamma)
     want = _ref_lamb(lrs, kw["betas"], kw["eps"], wd, trust, clip)
     if gamma:
         assert lrs[-1] == pytest.approx(0.05 * gamma ** (STEPS - 1))
@@ -162,30 +175,46 @@ def test_foreach_float32_close_to_reference(cls):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("cls", [LAMB, LARS])
-def test_mixed_dtypes_in_one_group(cls):
-    """The foreach path buckets tensors by dtype; results match the per-tensor path."""
+@pytest.mark.parametrize("path", [FUSED])
+def test_fused_float32_close_to_float64_reference(path):
+    a, lrs = _run(lambda ps: LAMB(ps, lr=0.01, weight_decay=0.01, **path), dtype=torch.float32)
+    want = _ref_lamb(lrs, (0.9, 0.999), 1e-6, 0.01, True, None)
+    for x, w in zip(a, want, strict=True):
+        assert x.dtype == torch.float32
+        torch.testing.assert_close(x.double(), w, rtol=1e-5, atol=1e-6)
 
-    def run(foreach):
+
+@pytest.mark.parametrize(
+    ("cls", "path"),
+    [(LARS, {"foreach": True}), (LAMB, {"foreach": True, "fused": False}), (LAMB, FUSED.values[0])],
+    ids=["LARS-foreach", "LAMB-foreach", "LAMB-fused"],
+)
+def test_mixed_dtypes_in_one_group(cls, path):
+    """The fast paths handle float32 and float64 in one group; results match the reference."""
+    if path.get("fused") and _kernel.load() is None:
+        pytest.skip("fused kernel unavailable")
+
+    def run(kwargs):
         gen = torch.Generator().manual_seed(3)
         ps = [
             torch.randn(4, generator=gen, dtype=dt).requires_grad_()
             for dt in (torch.float32, torch.float64, torch.float32)
         ]
-        opt = cls(ps, lr=0.1, foreach=foreach)
+        opt = cls(ps, lr=0.1, **kwargs)
         for _ in range(3):
             for p in ps:
                 p.grad = torch.randn(4, generator=gen, dtype=p.dtype)
             opt.step()
         return ps
 
-    for x, y in zip(run(True), run(False), strict=True):
+    for x, y in zip(run(path), run({"foreach": False}), strict=True):
         assert x.dtype == y.dtype
         torch.testing.assert_close(x, y)
 
 
-def test_lamb_without_trust_ratio_is_adam():
-    got, _ = _run(lambda ps: LAMB(ps, lr=0.01, eps=1e-7, trust_ratio=False))
+@pytest.mark.parametrize("path", LAMB_PATHS)
+def test_lamb_without_trust_ratio_is_adam(path):
+    got, _ = _run(lambda ps: LAMB(ps, lr=0.01, eps=1e-7, trust_ratio=False, **path))
     adam, _ = _run(lambda ps: torch.optim.Adam(ps, lr=0.01, eps=1e-7, foreach=True))
     for x, y in zip(got, adam, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
@@ -330,11 +359,13 @@ def test_sparse_gradients_rejected():
 
 
 @pytest.mark.parametrize("cls", [LAMB, LARS])
-def test_default_picks_foreach_path_on_cpu(cls):
-    """foreach=None on dense CPU tensors runs the same kernel as foreach=True, bit for bit."""
+def test_default_picks_fastest_path_on_cpu(cls):
+    """The defaults on dense CPU tensors run the fused kernel (LAMB, where it can be built) or
+    the foreach kernel, bit for bit."""
+    fastest = {"foreach": True}
+    if cls is LAMB:
+        fastest = {"fused": True} if _kernel.load() is not None else {"foreach": True}
     auto, _ = _run(lambda ps: cls(ps, lr=0.01, weight_decay=0.01), dtype=torch.float32)
-    fast, _ = _run(
-        lambda ps: cls(ps, lr=0.01, weight_decay=0.01, foreach=True), dtype=torch.float32
-    )
+    fast, _ = _run(lambda ps: cls(ps, lr=0.01, weight_decay=0.01, **fastest), dtype=torch.float32)
     for x, y in zip(auto, fast, strict=True):
         assert torch.equal(x, y)

@@ -5,9 +5,17 @@ References:
     You et al., arXiv 1708.03888 (LARS).
 """
 
-from dpfl.optim._trust import trust_ratio, trust_ratio_groups
+from dpfl.optim._trust import NonFiniteGradientError, trust_ratio, trust_ratio_groups
 from dpfl.optim.lamb import LAMB, layerwise_adam
 from dpfl.optim.lars import LARS
 from dpfl.optim.server import server_step
 
-__all__ = ["LAMB", "LARS", "layerwise_adam", "server_step", "trust_ratio", "trust_ratio_groups"]
+__all__ = [
+    "LAMB",
+    "LARS",
+    "NonFiniteGradientError",
+    "layerwise_adam",
+    "server_step",
+    "trust_ratio",
+    "trust_ratio_groups",
+]

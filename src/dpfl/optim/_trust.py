@@ -10,7 +10,10 @@ by ``‖θ_h‖`` rather than by the scale of the (noisy, clipped) pseudo-gradie
   (e.g. biases and LayerNorm parameters) from the ratio,
 * ``_LayerwiseOptimizer``, the ``torch.optim.Optimizer`` base class of :class:`~dpfl.optim.LAMB`
   and :class:`~dpfl.optim.LARS` (group validation, ``exclude_from_trust`` splitting, the choice
-  between the ``torch._foreach_*`` fast path and the per-tensor reference path).
+  between the ``torch._foreach_*`` fast path and the per-tensor reference path; LAMB adds a
+  fused CPU path),
+* :class:`NonFiniteGradientError` and ``first_non_finite``, the finiteness check that
+  ``step(check_finite=True)`` and :func:`~dpfl.optim.server_step` share.
 
 References:
     Pelikan et al., "Enabling Differentially Private Federated Learning for Speech Recognition:
@@ -21,6 +24,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -29,9 +33,41 @@ from torch import Tensor
 
 from dpfl._checks import require_positive
 
-__all__ = ["trust_ratio", "trust_ratio_groups"]
+__all__ = ["NonFiniteGradientError", "trust_ratio", "trust_ratio_groups"]
 
 _FOREACH_DEVICES = ("cpu", "cuda")
+
+
+class NonFiniteGradientError(ValueError):
+    """A gradient holds NaN or ±inf; raised by ``step(check_finite=True)`` before any change.
+
+    Attributes:
+        param: The parameter tensor whose ``.grad`` is not finite (callers map it to a name).
+    """
+
+    def __init__(self, message: str, param: Tensor) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def first_non_finite(tensors: list[Tensor]) -> int | None:
+    """Index of the first tensor holding NaN/inf, else None (one read pass through norms).
+
+    A norm can overflow for huge finite entries, so a non-finite norm is confirmed with an exact
+    ``isfinite`` test of that tensor before it is reported.
+    """
+    bad: list[int] = []
+    for idx in group_by_device_and_dtype(tensors):
+        bucket = [tensors[i] for i in idx]
+        if not bucket[0].is_floating_point() and not bucket[0].is_complex():
+            continue
+        norms = torch.stack(torch._foreach_norm(bucket)).float()
+        if bool(torch.isfinite(norms).all()):
+            continue
+        for i, norm in zip(idx, norms.tolist(), strict=True):
+            if not math.isfinite(norm) and not bool(torch.isfinite(tensors[i]).all()):
+                bad.append(i)
+    return min(bad) if bad else None
 
 
 def trust_ratio(

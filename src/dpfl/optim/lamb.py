@@ -21,16 +21,21 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from dpfl._checks import require_non_negative, require_probability
+from dpfl.optim import _kernel, _lamb_fused
 from dpfl.optim._trust import (
+    NonFiniteGradientError,
     _LayerwiseOptimizer,
+    first_non_finite,
     group_by_device_and_dtype,
     trust_ratio,
     validate_common,
@@ -55,12 +60,22 @@ class LAMB(_LayerwiseOptimizer):
             trust-ratio group are moved into a sibling group with ``trust_ratio=False``
             (e.g. ``lambda p: p.ndim <= 1``). For name-based rules use
             :func:`~dpfl.optim.trust_ratio_groups`.
-        foreach: None (default) picks the ``torch._foreach_*`` path when all tensors are dense
-            and on CPU/CUDA; True/False forces the fast path or the per-tensor reference path.
+        maximize: Use ``−g`` as the gradient (as in ``torch.optim.Adam``); default False.
+            :func:`~dpfl.optim.server_step` sets it to pass the update ``Δ = −g`` without copying.
+        foreach: With ``fused`` not True: None picks the ``torch._foreach_*`` path when all
+            tensors are dense and on CPU/CUDA; True/False forces the ``foreach`` path or the
+            per-tensor reference path.
+        fused: The fused CPU path (one read-only norm pass, then torch's fused AdamW kernel with
+            the per-tensor learning rate ``lr·φ_h``; needs a C compiler once, see
+            :mod:`dpfl.optim._kernel`). None (default) uses it when ``foreach`` is None, every
+            tensor of the group is a contiguous float32/float64 CPU tensor and the kernel can be
+            built (else as ``foreach`` says, with a warning if the build failed); True requires
+            it (``RuntimeError`` naming the reason where it cannot run); False never uses it.
 
     Raises:
         ValueError: If an option is out of range; the message names the option.
         TypeError: If an option has the wrong type.
+        RuntimeError: If ``fused=True`` and the fused path cannot run on these parameters.
 
     Examples:
         >>> model = torch.nn.Linear(4, 2)
@@ -83,7 +98,9 @@ class LAMB(_LayerwiseOptimizer):
         trust_ratio: bool = True,
         trust_clip: float | None = None,
         exclude_from_trust: Callable[[Tensor], bool] | None = None,
+        maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -92,10 +109,36 @@ class LAMB(_LayerwiseOptimizer):
             "weight_decay": weight_decay,
             "trust_ratio": trust_ratio,
             "trust_clip": trust_clip,
+            "maximize": maximize,
             "foreach": foreach,
+            "fused": fused,
         }
         self._validate_group(defaults)
         super().__init__(params, defaults, exclude_from_trust=exclude_from_trust)
+        self._finite_scope = False
+
+    @contextlib.contextmanager
+    def checking_finite(self) -> Iterator[None]:
+        """Within the block every :meth:`step` checks finiteness as with ``check_finite=True``.
+
+        :func:`~dpfl.optim.server_step` uses it, so a subclass whose ``step(closure)`` calls
+        ``super().step(closure)`` keeps the (free, on the fused path) check.
+
+        Examples:
+            >>> p = torch.zeros(2, requires_grad=True)
+            >>> opt = LAMB([p], lr=0.1)
+            >>> p.grad = torch.tensor([1.0, float("nan")])
+            >>> with opt.checking_finite():
+            ...     opt.step()  # doctest: +IGNORE_EXCEPTION_DETAIL
+            Traceback (most recent call last):
+            dpfl.optim._trust.NonFiniteGradientError: ...
+        """
+        previous = getattr(self, "_finite_scope", False)
+        self._finite_scope = True
+        try:
+            yield
+        finally:
+            self._finite_scope = previous
 
     def _validate_group(self, group: Mapping[str, Any]) -> None:
         require_non_negative("lr", group["lr"])
@@ -107,40 +150,193 @@ class LAMB(_LayerwiseOptimizer):
         require_non_negative("eps", group["eps"])
         require_non_negative("weight_decay", group["weight_decay"])
         validate_common(group)
+        if not isinstance(group["maximize"], bool):
+            raise TypeError(f"maximize must be a bool, got {group['maximize']!r}")
+        fused = group["fused"]
+        if fused is not None and not isinstance(fused, bool):
+            raise TypeError(f"fused must be None, True or False, got {fused!r}")
+        if fused and group["foreach"]:
+            raise ValueError("fused=True and foreach=True cannot both be set; choose one path")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Validate and register a group; with ``fused=True`` also check that it can run fused.
+
+        Raises:
+            ValueError: If an option is out of range (the message names it); no group is added.
+            RuntimeError: If ``fused=True`` but the fused path cannot run on these tensors.
+        """
+        if isinstance(param_group, dict) and {**self.defaults, **param_group}.get("fused"):
+            params = param_group["params"]
+            params = [params] if isinstance(params, Tensor) else list(params)
+            param_group = {**param_group, "params": params}
+            problem = _lamb_fused.unsupported(params) or _kernel_problem()
+            if problem is not None:
+                raise RuntimeError(f"LAMB(fused=True) cannot run: {problem}")
+        super().add_param_group(param_group)
+
+    def _path(
+        self, index: int, group: Mapping[str, Any], params: list[Tensor], grads: list[Tensor]
+    ) -> str:
+        """``"fused"``, ``"foreach"`` or ``"single"`` for this group (see the ``fused`` option)."""
+        fused = group.get("fused")
+        if fused is not False and not (fused is None and group["foreach"] is not None):
+            problem = _lamb_fused.unsupported(params)
+            if problem is None:
+                problem = _kernel_problem()
+                if problem is not None and fused is None:
+                    _warn_fallback(problem)
+            if problem is None:
+                return "fused"
+            if fused:
+                raise RuntimeError(f"LAMB(fused=True) cannot run on param group {index}: {problem}")
+        return "foreach" if self._use_foreach(group, params, grads) else "single"
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], float] | None = None, *, check_finite: bool = False
+    ) -> float | None:
         """Take one LAMB step on every parameter that has a ``.grad``.
+
+        Everything that can fail is checked before any parameter or state changes: sparse
+        gradients, a ``fused=True`` group that cannot run fused, and (with ``check_finite``)
+        non-finite gradients.
 
         Args:
             closure: Optional closure re-evaluating the model and returning the loss.
+            check_finite: Raise :class:`~dpfl.optim.NonFiniteGradientError` if any gradient
+                holds NaN/inf (always on inside :meth:`checking_finite`). Free on the fused
+                path (its norms are checked; a NaN/inf gradient always yields a non-finite
+                ``‖r_h‖``); one read pass over the gradients elsewhere.
 
         Returns:
             The closure's loss, or None.
 
         Raises:
-            RuntimeError: If a gradient is sparse.
+            RuntimeError: If a gradient is sparse, or ``fused=True`` cannot run.
+            NonFiniteGradientError: With ``check_finite``, naming the parameter (a ValueError).
         """
         loss = self._evaluate(closure)
-        for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-            for p, grad in self._params_with_grad(group):
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                params.append(p)
-                grads.append(grad)
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                steps.append(int(state["step"]))
-            if not params:
-                continue
-            kernel = _lamb_foreach if self._use_foreach(group, params, grads) else _lamb_single
-            kernel(params, grads, exp_avgs, exp_avg_sqs, steps, group)
+        work = []
+        for index, group in enumerate(self.param_groups):
+            pairs = self._params_with_grad(group)
+            if pairs:
+                params = [p for p, _ in pairs]
+                grads = [g for _, g in pairs]
+                work.append(
+                    _GroupStep(index, group, params, grads, self._path(index, group, params, grads))
+                )
+        for item in work:  # read-only phase: new state is created but not yet stored
+            item.gather(self.state)
+        if check_finite or getattr(self, "_finite_scope", False):
+            for item in work:
+                item.raise_if_non_finite()
+        for item in work:
+            item.commit(self.state)
         return loss
+
+
+class _GroupStep:
+    """One parameter group's step, split into a read-only phase and a commit."""
+
+    def __init__(
+        self,
+        index: int,
+        group: Mapping[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        path: str,
+    ) -> None:
+        self.index, self.group, self.params, self.path = index, group, params, path
+        if path == "fused":
+            grads = [g.to(dtype=p.dtype).contiguous() for p, g in zip(params, grads, strict=True)]
+        self.grads = grads
+        self.exp_avgs: list[Tensor] = []
+        self.exp_avg_sqs: list[Tensor] = []
+        self.steps: list[int] = []
+        self.sums: Tensor | None = None
+
+    def gather(self, states: Mapping[Tensor, dict[str, Any]]) -> None:
+        for i, p in enumerate(self.params):
+            state = states.get(p)
+            if state:
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                self.steps.append(int(state["step"]) + 1)
+            else:
+                m = torch.zeros_like(p, memory_format=torch.preserve_format)
+                v = torch.zeros_like(p, memory_format=torch.preserve_format)
+                self.steps.append(1)
+            if self.path == "fused":  # the C kernel reads raw memory: check shapes, layouts
+                for t, what in ((self.grads[i], "gradient"), (m, "exp_avg"), (v, "exp_avg_sq")):
+                    if t.shape != p.shape:
+                        raise RuntimeError(
+                            f"the {what} of parameter {i} of param group {self.index} has shape "
+                            f"{tuple(t.shape)}, the parameter {tuple(p.shape)}"
+                        )
+                like = {"dtype": p.dtype, "device": p.device}
+                m = m.to(**like, memory_format=torch.contiguous_format)  # no copy if it fits
+                v = v.to(**like, memory_format=torch.contiguous_format)
+            self.exp_avgs.append(m)
+            self.exp_avg_sqs.append(v)
+        if self.path == "fused" and self.group["trust_ratio"]:
+            kernel = _kernel.load()
+            assert kernel is not None  # _path chose "fused" only if it loaded
+            self.sums = _lamb_fused.lamb_sums(
+                kernel,
+                self.params,
+                self.grads,
+                self.exp_avgs,
+                self.exp_avg_sqs,
+                self.steps,
+                self.group,
+            )
+
+    def raise_if_non_finite(self) -> None:
+        if self.sums is not None:
+            suspects = (~torch.isfinite(self.sums[:, 0])).nonzero().flatten().tolist()
+            bad = next((i for i in suspects if not bool(torch.isfinite(self.grads[i]).all())), None)
+        else:
+            bad = first_non_finite(self.grads)
+        if bad is not None:
+            p = self.params[bad]
+            raise NonFiniteGradientError(
+                f"the gradient of parameter {bad} of param group {self.index} (shape "
+                f"{tuple(p.shape)}) contains NaN or infinite values; no parameter or optimizer "
+                "state was changed",
+                p,
+            )
+
+    def commit(self, states: dict[Tensor, dict[str, Any]]) -> None:
+        for p, m, v, t in zip(
+            self.params, self.exp_avgs, self.exp_avg_sqs, self.steps, strict=True
+        ):
+            state = states[p]
+            state["exp_avg"], state["exp_avg_sq"], state["step"] = m, v, t
+        args = (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps, self.group)
+        if self.path == "fused":
+            _lamb_fused.apply(*args, self.sums)
+        elif self.path == "foreach":
+            _lamb_foreach(*args)
+        else:
+            _lamb_single(*args)
+
+
+def _kernel_problem() -> str | None:
+    reason = _kernel.unavailable_reason()
+    return None if reason is None else f"the fused kernel could not be built ({reason})"
+
+
+_warned: list[str] = []
+
+
+def _warn_fallback(problem: str) -> None:
+    if problem not in _warned:
+        _warned.append(problem)
+        warnings.warn(
+            f"LAMB: {problem}; using the slower foreach path. Install a C compiler (or set $CC) "
+            "for the fused path, or pass fused=False to silence this.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def _lamb_single(
@@ -154,6 +350,8 @@ def _lamb_single(
     """Reference path: the formula written out per tensor."""
     beta1, beta2 = group["betas"]
     for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
+        if group.get("maximize", False):
+            g = -g
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         m_hat = m / (1 - beta1**t)
@@ -197,7 +395,11 @@ def _lamb_foreach(
         bc2_sqrt = [math.sqrt(1 - beta2 ** steps[i]) for i in idx]
         scale = [b2 / b1 for b1, b2 in zip(bc1, bc2_sqrt, strict=True)]  # c per tensor
 
-        torch._foreach_lerp_(ms, gs, 1 - beta1)
+        if group.get("maximize", False):  # m ← β1·m − (1−β1)·g without a negated copy of g
+            torch._foreach_mul_(ms, beta1)
+            torch._foreach_add_(ms, gs, alpha=-(1 - beta1))
+        else:
+            torch._foreach_lerp_(ms, gs, 1 - beta1)
         torch._foreach_mul_(vs, beta2)
         torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
         u = torch._foreach_sqrt(vs)
@@ -228,6 +430,7 @@ def layerwise_adam(
     trust_clip: float | None = None,
     exclude_from_trust: Callable[[Tensor], bool] | None = None,
     foreach: bool | None = None,
+    fused: bool | None = None,
 ) -> LAMB:
     """Layer-wise-normalized Adam: Adam's update rescaled by the per-tensor trust ratio.
 
@@ -243,6 +446,7 @@ def layerwise_adam(
         trust_clip: Optional upper bound on the trust ratio.
         exclude_from_trust: Optional predicate ``param -> bool`` excluding tensors from the ratio.
         foreach: Fast-path selection, as in :class:`LAMB`.
+        fused: Fused CPU path selection, as in :class:`LAMB` (None: use it where it can run).
 
     Returns:
         A configured :class:`LAMB` optimizer.
@@ -268,4 +472,5 @@ def layerwise_adam(
         trust_clip=trust_clip,
         exclude_from_trust=exclude_from_trust,
         foreach=foreach,
+        fused=fused,
     )

@@ -11,10 +11,14 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
+
+from dpfl.optim._trust import NonFiniteGradientError, first_non_finite
+from dpfl.optim.lamb import LAMB
 
 __all__ = ["server_step"]
 
@@ -31,10 +35,7 @@ def _named_trainable(named_params: Mapping[str, Tensor] | nn.Module) -> dict[str
 
 
 def _validate(
-    optimizer: torch.optim.Optimizer,
-    params: dict[str, Tensor],
-    update: Mapping[str, Tensor],
-    check_finite: bool,
+    optimizer: torch.optim.Optimizer, params: dict[str, Tensor], update: Mapping[str, Tensor]
 ) -> None:
     if not isinstance(update, Mapping):
         raise TypeError(f"update must be a mapping {{name: tensor}}, got {type(update).__name__}")
@@ -55,6 +56,11 @@ def _validate(
         u = update[name]
         if not isinstance(u, Tensor):
             raise TypeError(f"update[{name!r}] must be a tensor, got {type(u).__name__}")
+        if not (u.is_floating_point() or (u.is_complex() and p.is_complex())):
+            raise TypeError(
+                f"update[{name!r}] has dtype {u.dtype} but parameter {name!r} is {p.dtype}; a "
+                "model update must be a floating-point tensor (it is not cast silently)"
+            )
         if u.shape != p.shape:
             raise ValueError(
                 f"update[{name!r}] has shape {tuple(u.shape)} but parameter {name!r} has shape "
@@ -65,19 +71,37 @@ def _validate(
                 f"parameter {name!r} is not in optimizer.param_groups; build the optimizer "
                 "from the same model's parameters"
             )
-    if check_finite:
-        _check_finite(update, list(params))
+
+
+def _non_finite_error(name: str) -> ValueError:
+    return ValueError(f"update[{name!r}] contains NaN or infinite values")
 
 
 def _check_finite(update: Mapping[str, Tensor], names: list[str]) -> None:
     """Raise naming the first key whose tensor has NaN/inf (one read pass via norms)."""
-    names = [n for n in names if update[n].is_floating_point() or update[n].is_complex()]
-    tensors = [update[n].detach() for n in names]
-    norms = [n.float() for n in torch._foreach_norm(tensors)] if tensors else []
-    for name, t, norm in zip(names, tensors, norms, strict=True):
-        # A non-finite norm is either a NaN/inf entry or an overflow of huge finite entries.
-        if not bool(torch.isfinite(norm)) and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"update[{name!r}] contains NaN or infinite values")
+    bad = first_non_finite([update[n].detach() for n in names])
+    if bad is not None:
+        raise _non_finite_error(names[bad])
+
+
+def _negates_itself(optimizer: torch.optim.Optimizer) -> bool:
+    """True if the optimizer's ``maximize`` group flag negates the gradient (torch.optim, LAMB).
+
+    Only optimizers known to implement ``maximize`` as "use −grad" qualify; others get a negated
+    copy of the update instead.
+    """
+    known = isinstance(optimizer, (LAMB, *_TORCH_MAXIMIZERS))
+    return known and all("maximize" in g for g in optimizer.param_groups)
+
+
+_TORCH_MAXIMIZERS = tuple(
+    getattr(torch.optim, name)
+    for name in (
+        "Adadelta", "Adagrad", "Adam", "Adamax", "AdamW", "ASGD", "NAdam", "RAdam", "RMSprop",
+        "Rprop", "SGD",
+    )
+    if hasattr(torch.optim, name)
+)  # fmt: skip
 
 
 def server_step(
@@ -91,10 +115,19 @@ def server_step(
 
     Everything is validated before any state changes. Then, for every parameter the optimizer
     manages, the existing ``.grad`` is set aside; the trainable parameters of ``named_params``
-    get ``.grad = −update[name]`` (cast to the parameter's dtype and device), all others get
-    ``.grad = None`` (so the optimizer leaves them alone); ``optimizer.step()`` runs; finally
-    every ``.grad`` is restored to what it was before the call (None in the usual server loop,
-    i.e. the gradients are cleared). ``update`` itself is never modified.
+    get the update as their gradient, all others get ``.grad = None`` (so the optimizer leaves
+    them alone); ``optimizer.step()`` runs; finally every ``.grad`` is restored to what it was
+    before the call (None in the usual server loop, i.e. the gradients are cleared).
+    ``update`` itself is never modified.
+
+    No copy of the update is made when its dtype and device match the parameter's and the
+    optimizer negates gradients through its ``maximize`` group flag (:class:`~dpfl.optim.LAMB`
+    and the ``torch.optim`` optimizers): ``.grad`` is ``update[name]`` itself and ``maximize`` is
+    flipped for the step (then restored). Other optimizers get ``.grad = −update[name]``; a
+    dtype or device mismatch costs one cast copy. With :class:`~dpfl.optim.LAMB` the
+    finiteness check runs inside its step, before anything changes (free on its fused path: a
+    NaN/inf update makes the direction norms it needs anyway non-finite); other optimizers pay
+    one read pass over the update.
 
     Args:
         optimizer: Any ``torch.optim.Optimizer`` over the model's parameters (e.g.
@@ -104,13 +137,14 @@ def server_step(
         update: The mean model update ``{name: Δ}`` with ``Δ = θ_user − θ_server`` (e.g. the
             noised mean released by ``DPAggregator.release``), one tensor per trainable
             parameter with the parameter's shape.
-        check_finite: Reject updates containing NaN/inf (default True; costs one read pass).
+        check_finite: Reject updates containing NaN/inf (default True).
 
     Raises:
         ValueError: If ``update`` misses a trainable parameter, has an extra key, has a tensor of
             the wrong shape or non-finite values, or a parameter is not managed by the optimizer;
             the message names the key. Parameters, grads and optimizer state are then unchanged.
-        TypeError: If an argument has the wrong type.
+        TypeError: If an argument has the wrong type, or an update tensor is not floating point
+            (e.g. int64; the message names the key). Nothing is changed.
 
     Warning:
         The update must already be the privatized (clipped, noised, fixed-denominator) mean;
@@ -130,20 +164,41 @@ def server_step(
         Pelikan et al., arXiv 2310.00098.
     """
     params = _named_trainable(named_params)
-    _validate(optimizer, params, update, check_finite)
+    _validate(optimizer, params, update)
+    # LAMB checks the gradients itself, for free on its fused path (the norms it needs anyway).
+    lamb = optimizer if check_finite and isinstance(optimizer, LAMB) else None
+    if check_finite and lamb is None:
+        _check_finite(update, list(params))
+    negate = not _negates_itself(optimizer)
     all_params = [p for g in optimizer.param_groups for p in g["params"]]
     saved = [p.grad for p in all_params]
+    flags = [g.get("maximize") for g in optimizer.param_groups]
     try:
         for p in all_params:
             p.grad = None
         with torch.no_grad():
             for name, p in params.items():
                 u = update[name].detach()
-                if u.dtype == p.dtype and u.device == p.device:
-                    p.grad = torch.neg(u)
-                else:
-                    p.grad = u.to(device=p.device, dtype=p.dtype, copy=True).neg_()
-        optimizer.step()
+                if u.dtype != p.dtype or u.device != p.device:
+                    u = u.to(device=p.device, dtype=p.dtype, copy=True)
+                    p.grad = u.neg_() if negate else u
+                else:  # the update itself is the gradient of the flipped-``maximize`` step
+                    p.grad = torch.neg(u) if negate else u
+        if not negate:
+            for group, flag in zip(optimizer.param_groups, flags, strict=True):
+                group["maximize"] = not flag
+        scope = lamb.checking_finite() if lamb is not None else contextlib.nullcontext()
+        try:
+            with scope:
+                optimizer.step()
+        except NonFiniteGradientError as err:
+            if lamb is None:
+                raise
+            names = {id(p): n for n, p in params.items()}
+            raise _non_finite_error(names.get(id(err.param), "?")) from err
     finally:
+        for group, flag in zip(optimizer.param_groups, flags, strict=True):
+            if flag is not None:
+                group["maximize"] = flag
         for p, g in zip(all_params, saved, strict=True):
             p.grad = g

@@ -1,0 +1,250 @@
+"""LAMB's fused path: agreement across paths, maximize, check_finite, fallback without a compiler."""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+
+import pytest
+import torch
+
+from dpfl.optim import LAMB, NonFiniteGradientError, _kernel, lamb, layerwise_adam
+from tests.test_optim import LAMB_PATHS, _grad_sequence, _initial_params, _ref_lamb, _run
+
+needs_kernel = pytest.mark.skipif(
+    _kernel.load() is None, reason=f"fused kernel unavailable: {_kernel.unavailable_reason()}"
+)
+KW = dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=0.02, trust_clip=5.0)
+
+
+def _set_grads(params, grads):
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ({"fused": True}, {"fused": False, "foreach": True}),
+        ({"fused": False, "foreach": True}, {"fused": True}),
+        ({"fused": True}, {"fused": False, "foreach": False}),
+    ],
+    ids=["fused->foreach", "foreach->fused", "fused->reference"],
+)
+@needs_kernel
+def test_state_dict_round_trip_across_paths(first, second):
+    """State saved on one path continues on another and still matches the float64 reference."""
+    params = [p.clone().requires_grad_() for p in _initial_params()]
+    opt = LAMB(params, lr=0.05, **KW, **first)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)
+    grads = _grad_sequence()
+    lrs = []
+    for gs in grads[:5]:
+        lrs.append(opt.param_groups[0]["lr"])
+        _set_grads(params, gs)
+        opt.step()
+        sched.step()
+    buf = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+    params2 = [p.detach().clone().requires_grad_() for p in params]
+    opt2 = LAMB(params2, lr=0.05, **KW, **second)
+    sched2 = torch.optim.lr_scheduler.ExponentialLR(opt2, 0.9)
+    opt2.load_state_dict(saved["opt"])
+    sched2.load_state_dict(saved["sched"])
+    assert opt2.param_groups[0]["fused"] == first.get("fused")  # groups come from the save...
+    for group in opt2.param_groups:  # ...so choose the path for the rest of the run here
+        group.update(second)
+    for gs in grads[5:]:
+        lrs.append(opt2.param_groups[0]["lr"])
+        _set_grads(params2, gs)
+        opt2.step()
+        sched2.step()
+    want = _ref_lamb(lrs, KW["betas"], KW["eps"], KW["weight_decay"], True, KW["trust_clip"])
+    for g, w in zip(params2, want, strict=True):
+        torch.testing.assert_close(g.detach(), w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", LAMB_PATHS)
+def test_maximize_steps_along_the_gradient(path):
+    """maximize=True with gradient −g is the float64 reference run on g."""
+    got, lrs = _run(lambda ps: _Negated(LAMB(ps, lr=0.05, maximize=True, **KW, **path), ps))
+    want = _ref_lamb(lrs, KW["betas"], KW["eps"], KW["weight_decay"], True, KW["trust_clip"])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+class _Negated:
+    """Wraps an optimizer so that ``step`` sees ``−grad`` (restoring ``grad`` afterwards)."""
+
+    def __init__(self, opt, params):
+        self.opt, self.params, self.param_groups = opt, params, opt.param_groups
+
+    def step(self):
+        saved = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None if p.grad is None else -p.grad
+        self.opt.step()
+        for p, g in zip(self.params, saved, strict=True):
+            p.grad = g
+
+
+def _two_group_setup(path):
+    gen = torch.Generator().manual_seed(5)
+    a = [torch.randn(3, 4, generator=gen).requires_grad_(), torch.randn(5, generator=gen)]
+    b = [torch.randn(6, generator=gen).requires_grad_()]
+    a[1].requires_grad_()
+    opt = LAMB([{"params": a}, {"params": b, "trust_ratio": False}], lr=0.1, **path)
+    return gen, a + b, opt
+
+
+@pytest.mark.parametrize("path", LAMB_PATHS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize(("where", "fresh"), [(1, False), (2, False), (0, True)])
+def test_check_finite_raises_before_any_change(path, bad, where, fresh):
+    """A NaN/inf gradient in any group raises naming it; params and state stay as they were."""
+    gen, params, opt = _two_group_setup(path)
+    if not fresh:
+        _set_grads(params, [torch.randn(p.shape, generator=gen) for p in params])
+        opt.step()
+    grads = [torch.randn(p.shape, generator=gen) for p in params]
+    grads[where].view(-1)[1] = bad
+    _set_grads(params, grads)
+    before = [p.detach().clone() for p in params]
+    state_before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(NonFiniteGradientError, match="NaN or infinite") as info:
+        opt.step(check_finite=True)
+    assert info.value.param is params[where]
+    assert isinstance(info.value, ValueError)
+    for x, y in zip(params, before, strict=True):
+        assert torch.equal(x.detach(), y)
+    state_after = opt.state_dict()
+    assert state_after["state"].keys() == state_before["state"].keys()
+    for k, st in state_before["state"].items():
+        assert st["step"] == state_after["state"][k]["step"]
+        assert torch.equal(st["exp_avg"], state_after["state"][k]["exp_avg"])
+        assert torch.equal(st["exp_avg_sq"], state_after["state"][k]["exp_avg_sq"])
+    grads[where].view(-1)[1] = 0.0  # once repaired, the step goes through
+    opt.step(check_finite=True)
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+@pytest.mark.parametrize("path", LAMB_PATHS)
+def test_check_finite_accepts_huge_finite_gradients(path):
+    """Squares of 3e38 overflow float32, but the gradient is finite: no error."""
+    _, params, opt = _two_group_setup(path)
+    _set_grads(params, [torch.full(p.shape, 3e38) for p in params])
+    opt.step(check_finite=True)
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+@needs_kernel
+def test_fused_handles_empty_and_single_element_tensors():
+    def run(kwargs):
+        ps = [torch.zeros(0).requires_grad_(), torch.ones(1).requires_grad_()]
+        opt = layerwise_adam(ps, lr=0.1, **kwargs)
+        for step in range(3):
+            ps[0].grad, ps[1].grad = torch.zeros(0), torch.full((1,), float(step) - 1)
+            opt.step()
+        return [p.detach() for p in ps]
+
+    for x, y in zip(run({"fused": True}), run({"fused": False, "foreach": False}), strict=True):
+        torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: [torch.zeros(3, dtype=torch.float16, requires_grad=True)], "float16"),
+        (lambda: [torch.zeros(3, 4).t().requires_grad_()], "contiguous"),
+    ],
+    ids=["float16", "non-contiguous"],
+)
+@needs_kernel
+def test_fused_true_raises_where_unsupported(make, match):
+    with pytest.raises(RuntimeError, match=match):
+        LAMB(make(), lr=0.1, fused=True)
+    params = make()
+    opt = LAMB(params, lr=0.1)  # fused=None: falls back to foreach, no error
+    params[0].grad = torch.ones_like(params[0])
+    opt.step()
+    assert not torch.equal(params[0].detach(), torch.zeros_like(params[0]))
+
+
+def test_fused_option_validation():
+    p = [torch.zeros(2, requires_grad=True)]
+    with pytest.raises(ValueError, match="fused=True and foreach=True"):
+        LAMB(p, lr=0.1, fused=True, foreach=True)
+    with pytest.raises(TypeError, match="fused"):
+        LAMB(p, lr=0.1, fused="yes")
+    with pytest.raises(TypeError, match="maximize"):
+        LAMB(p, lr=0.1, maximize=1)
+
+
+@pytest.fixture
+def no_compiler(tmp_path, monkeypatch):
+    """A process where the kernel cannot be built: $CC names a missing compiler, empty cache."""
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("DPFL_KERNEL_DIR", str(tmp_path / "kernels"))
+    monkeypatch.setattr(lamb, "_warned", [])
+    _kernel.reset()
+    yield
+    monkeypatch.undo()
+    _kernel.reset()
+
+
+def test_without_compiler_fused_true_raises_and_default_falls_back(no_compiler):
+    assert _kernel.load() is None
+    assert "no-such-cc" in _kernel.unavailable_reason()
+    with pytest.raises(RuntimeError, match="could not be built.*no-such-cc"):
+        LAMB([torch.zeros(2, requires_grad=True)], lr=0.1, fused=True)
+    with pytest.warns(RuntimeWarning, match="foreach path"):
+        auto, _ = _run(lambda ps: LAMB(ps, lr=0.01, weight_decay=0.01), dtype=torch.float32)
+    fast, _ = _run(
+        lambda ps: LAMB(ps, lr=0.01, weight_decay=0.01, foreach=True), dtype=torch.float32
+    )
+    for x, y in zip(auto, fast, strict=True):
+        assert torch.equal(x, y)
+
+
+@needs_kernel
+def test_kernel_builds_into_a_private_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPFL_KERNEL_DIR", str(tmp_path / "k"))
+    _kernel.reset()
+    try:
+        kernel = _kernel.load()
+        assert kernel is not None and kernel.path.parent == tmp_path / "k"
+        assert (tmp_path / "k").stat().st_mode & 0o077 == 0
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        os.chmod(shared, 0o777)
+        monkeypatch.setenv("DPFL_KERNEL_DIR", str(shared))
+        _kernel.reset()
+        assert _kernel.load() is None
+        assert "writable by other users" in _kernel.unavailable_reason()
+    finally:
+        monkeypatch.undo()
+        _kernel.reset()
+
+
+@needs_kernel
+def test_fused_guards_the_kernel_against_bad_state():
+    """The C kernel reads raw memory: a wrong-shaped state raises, a strided one is made dense."""
+    p = torch.randn(4, 3).requires_grad_()
+    q = p.detach().clone().requires_grad_()
+    opt = LAMB([p], lr=0.1, fused=True)
+    ref = LAMB([q], lr=0.1, fused=False, foreach=False)
+    for o, t in ((opt, p), (ref, q)):
+        t.grad = torch.ones(4, 3)
+        o.step()
+    opt.state[p]["exp_avg"] = opt.state[p]["exp_avg"].t().contiguous().t()  # same values, strided
+    opt.step()
+    ref.step()
+    torch.testing.assert_close(p, q)
+    opt.state[p]["exp_avg_sq"] = torch.zeros(5)
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match=r"exp_avg_sq of parameter 0 .* shape \(5,\)"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
