@@ -12,14 +12,25 @@ is generated once and cached; ``--librispeech-root`` / ``--common-voice-root`` u
 
 Usage::
 
-    python examples/asr_librispeech.py                 # default run (about 15 min on 2 cores)
-    python examples/asr_librispeech.py --quick         # smoke run (under 2 minutes)
+    python examples/asr_librispeech.py                 # default run (measured time: docs/asr.md)
+    python examples/asr_librispeech.py --quick         # smoke run: tiny corpus, model and rounds
     python examples/asr_librispeech.py --target-epsilon 8 --rounds 200 --cohort-size 64
     torchrun --nproc-per-node 2 examples/asr_librispeech.py --quick   # cohort split over ranks
 
-Outputs (``--output-dir``, default ``runs/asr``): ``seed_model.pt``, per-round JSON-lines logs
-``fl_no_noise.jsonl`` / ``fl_dp.jsonl``, checkpoints (``--resume`` continues), ``results.json``
-and the printed results table.
+Data: features are extracted once, by ``--workers`` processes, into an on-disk store under
+``--cache-dir`` (default ``$DPFL_CACHE`` or ``~/.cache/dpfl``, never inside a dataset) and read
+per batch and per user (:mod:`examples.asr.store`), so memory does not grow with the corpus.
+Files that cannot be used (missing or corrupt audio, audio that decodes shorter than its header
+says, a missing transcript) are skipped, counted per split with reasons, printed and recorded in
+``results.json``; ``--strict`` makes any skip an error.
+
+Outputs: a run directory, by default a new ``runs/asr/<YYYYmmdd-HHMMSS>/``
+(``runs/asr-quick/...`` with ``--quick``), or ``--output-dir``: ``run.json`` (command line),
+``seed_model.pt``, per-round JSON-lines logs ``fl_no_noise.jsonl`` / ``fl_dp.jsonl``,
+checkpoints ``ckpt_fl_no_noise/`` and ``ckpt_fl_dp/`` (``--resume`` continues the latest run,
+or the one in ``--output-dir``; ``--overwrite`` replaces it), ``results.json`` and
+``results.md`` (the printed table). Usage and data problems end with one line on stderr and
+exit status 2.
 
 References:
     Pelikan et al., "Enabling Differentially Private Federated Learning for Speech Recognition:

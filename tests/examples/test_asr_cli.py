@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from examples.asr.data import Utterance
 from examples.asr_librispeech import build_parser, main, sample_utterances
@@ -65,6 +66,12 @@ def test_the_same_command_twice_gets_two_run_directories(
     main(argv)
     runs = sorted(p for p in (tmp_path / "runs" / "asr").iterdir())
     assert len(runs) == 2 and all((r / "results.json").is_file() for r in runs)
+    # same command, same machine: the same numbers and the same seed model, bit for bit
+    first, second = (json.loads((r / "results.json").read_text()) for r in runs)
+    for name in ("seed", "fl_no_noise", "fl_dp"):
+        assert first[name]["wer"] == second[name]["wer"] and first[name]["cer"] == second[name]["cer"]
+    states = [torch.load(r / "seed_model.pt", weights_only=True)["state"] for r in runs]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     # an explicit folder that holds a run needs --resume or --overwrite
     line = _exit_2([*argv, "--output-dir", str(runs[0])], capsys)
     assert "already holds a run" in line and "--resume" in line and "--overwrite" in line
