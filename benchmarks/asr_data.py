@@ -208,7 +208,8 @@ def write_results(rows: list[dict[str, Any]], out: Path, workers: int) -> None:
             f"| {r['scale']}x | {e['utterances']:,} | {e['hours']:.2f} | {e['seconds']:.0f} | "
             f"{e['utt_per_s']:.0f} | {e['audio_h_per_wall_h']:.0f} | {e['store_mb']:.0f} | "
             f"{e['rss_parent_mb']:.0f} / {e['rss_worker_mb']:.0f} | "
-            f"{s.get('rss_imports_mb', float('nan')):.0f} | {s['rss_mb']:.0f} | "
+            + (f"{s['rss_imports_mb']:.0f} | " if "rss_imports_mb" in s else "– | ")
+            + f"{s['rss_mb']:.0f} | "
             + (f"{mem:.0f} |" if mem is not None else "not run |"))
     lines += [
         "",

@@ -562,7 +562,12 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
         "data": {"source": splits.source, "seed_utterances": data.seed_batches.num_utterances(),
                  "fl_users": len(dataset), "fl_utterances": data.fl_utterances,
                  "eval_utterances": data.eval_utterances, "splits": data.report},
-        "model": model.config.to_dict()}
+        "model": model.config.to_dict(),
+        # what the printed numbers depend on besides the command line (see docs/asr.md,
+        # "Determinism"): the float kernels torch picks for this CPU and the thread count
+        "environment": {"torch": torch.__version__,
+                        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                        "threads": args.threads, "device": str(device)}}
 
     def score(m: torch.nn.Module) -> dict[str, float]:
         out = _rates(m, ev_batches, tok)
@@ -687,6 +692,10 @@ def format_table(results: dict[str, Any]) -> str:
             f"K={e['population'] / 1e6:g}M, T={e['rounds']:,} (z={e['noise_multiplier']:.3g}) | – | – |"
             + (" – |" if dev else "") + f" {e['epsilon']:.3g} (δ={e['delta']:g}) |")
     lines.append(f"\nwall time {results['wall_time_s']:.0f}s; data: {results['data']['source']}")
+    if "environment" in results:
+        env = results["environment"]
+        lines.append(f"torch {env['torch']}, CPU kernels {env['cpu_capability']}, "
+                     f"{env['threads']} threads, device {env['device']}")
     return "\n".join(lines)
 
 
