@@ -4,6 +4,8 @@ API:
     ``extract_features(utterances, *, cache_dir=None, workers=None, name="utterances",
     progress=False) -> FeatureStore``: log-mel features of every utterance, written once into
     ``<cache_dir>/features/<key>/`` by ``workers`` processes and reused afterwards.
+    ``extract_splits({name: utterances}, ...) -> dict[name, FeatureStore]``: the same for several
+    splits with one worker pool and one progress bar (what the command line uses).
     ``FeatureStore``: ``store[utterance_id] -> Tensor[frames, 80]`` (float32, read from disk on
     every access), ``num_frames(utterance_id)``, ``skipped`` (what could not be used, and why).
     ``StoredBatches(store, utterances, tokenizer, *, batch_size, seed=None)``: a lazy
