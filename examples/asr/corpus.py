@@ -9,7 +9,7 @@ in the standard LibriSpeech layout, so :func:`examples.asr.data.read_librispeech
 API:
     ``CorpusConfig`` (frozen; ``CorpusConfig()`` is the default corpus with 570 speakers,
     ``CorpusConfig.quick()`` a small one for ``--quick`` runs and tests).
-    ``ensure_corpus(config=None, *, cache_dir=None, workers=2) -> Path``: the corpus root,
+    ``ensure_corpus(config=None, *, cache_dir=None, workers=2, progress=False) -> Path``: the corpus root,
     generated on first use and reused afterwards; pass it with a split name to
     ``read_librispeech(root, split)``.
     ``SPLITS``: ``("seed-train", "seed-dev", "fl-train", "eval")``, disjoint speaker sets.
@@ -238,6 +238,7 @@ def ensure_corpus(
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     workers: int = 2,
+    progress: bool = False,
 ) -> Path:
     """Return the root of ``config``'s corpus, generating it on first use.
 
@@ -247,6 +248,7 @@ def ensure_corpus(
         workers: synthesis processes run at once (does not change the output). They are
             started with the ``spawn`` method, so a script calling this must guard its entry
             point with ``if __name__ == "__main__":``.
+        progress: show a progress bar (utterances written) while generating.
 
     Returns:
         The corpus root, holding one LibriSpeech-style directory per split in :data:`SPLITS`
@@ -272,7 +274,7 @@ def ensure_corpus(
     _remove_stale_temporaries(final)
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:12]}"
     try:
-        _generate(config, tmp, workers)
+        _generate(config, tmp, workers, progress=progress)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -296,7 +298,7 @@ def _remove_stale_temporaries(final: Path, max_age_s: float = 3600.0) -> None:
             pass
 
 
-def _generate(config: CorpusConfig, out: Path, workers: int) -> None:
+def _generate(config: CorpusConfig, out: Path, workers: int, *, progress: bool = False) -> None:
     speakers = plan_speakers(config)
     per_split = config.utterances_per_split()
     tasks: list[tuple[int, str, list[dict[str, Any]]]] = [
@@ -309,7 +311,10 @@ def _generate(config: CorpusConfig, out: Path, workers: int) -> None:
         (out / split).mkdir()
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(processes=min(workers, config.shards), maxtasksperchild=1) as pool:
-        pool.map(_generate_shard, tasks, chunksize=1)
+        pending = pool.map_async(_generate_shard, tasks, chunksize=1)
+        if progress:
+            _show_progress(pending, out, sum(per_split[s.split] for s in speakers))
+        pending.get()
     manifest = {
         "format": CORPUS_FORMAT,
         "fingerprint": config.fingerprint(),
@@ -318,6 +323,18 @@ def _generate(config: CorpusConfig, out: Path, workers: int) -> None:
         "speakers": [asdict(s) for s in speakers],
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def _show_progress(pending: Any, out: Path, total: int) -> None:
+    """Count the FLAC files written under ``out`` until ``pending`` is ready."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, unit="utt", desc="synthesizing corpus (espeak-ng)",
+              dynamic_ncols=True) as bar:
+        while not pending.ready():
+            pending.wait(2.0)
+            done = sum(1 for _ in out.glob("*/*/*/*.flac"))
+            bar.update(done - bar.n)
 
 
 def _generate_shard(task: tuple[int, str, list[dict[str, Any]]]) -> int:

@@ -9,6 +9,7 @@ API:
     ``Utterance(user_id, audio_path, transcript, utterance_id)``: plain frozen data.
     ``DataError``: raised for missing or corrupt audio/transcripts; its message and ``path``
     name the file.
+    ``summarize_skips(skipped) -> dict``: counts of skipped files by kind, first files named.
 
 Users are LibriSpeech speakers and Common Voice ``client_id`` values, as in the paper. Readers
 return file paths and transcripts only; audio is decoded later (:func:`load_audio`, or the
@@ -36,7 +37,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import soundfile
 import torch
@@ -52,6 +53,7 @@ __all__ = [
     "load_audio",
     "read_common_voice",
     "read_librispeech",
+    "summarize_skips",
 ]
 
 SAMPLE_RATE = 16_000
@@ -86,10 +88,18 @@ class Utterance:
 
 @dataclass(frozen=True)
 class SkippedFile:
-    """A file dropped by ``on_error="skip"`` and the reason."""
+    """A file dropped by ``on_error="skip"`` (or by feature extraction) and the reason.
+
+    Attributes:
+        path: the file.
+        reason: what is wrong, in words.
+        kind: a short category for counts (e.g. ``"missing transcript file"``,
+            ``"truncated audio"``); see :func:`summarize_skips`.
+    """
 
     path: Path
     reason: str
+    kind: str = "other"
 
 
 @dataclass(frozen=True)
@@ -131,25 +141,32 @@ class _Collector:
         self.verify_audio = verify_audio
         self.users: dict[str, list[Utterance]] = {}
         self.skipped: list[SkippedFile] = []
+        self.seen: dict[str, Path] = {}
 
-    def fail(self, path: Path, reason: str) -> None:
+    def fail(self, path: Path, reason: str, kind: str = "other") -> None:
         if self.on_error == "raise":
             raise DataError(path, reason)
-        self.skipped.append(SkippedFile(path, reason))
+        self.skipped.append(SkippedFile(path, reason, kind))
 
     def add(self, user_id: str, audio: Path, raw_transcript: str, utterance_id: str) -> None:
         transcript = normalize_transcript(raw_transcript)
         if not transcript:
-            self.fail(audio, "transcript is missing or empty after normalisation")
+            self.fail(audio, "transcript is missing or empty after normalisation",
+                      "empty transcript")
             return
         if not audio.is_file():
-            self.fail(audio, "audio file is missing")
+            self.fail(audio, "audio file is missing", "missing audio")
+            return
+        if utterance_id in self.seen:
+            self.fail(audio, f"duplicate utterance id {utterance_id!r} (also "
+                             f"{self.seen[utterance_id]})", "duplicate id")
             return
         if self.verify_audio:
             reason = _audio_problem(audio)
             if reason is not None:
-                self.fail(audio, reason)
+                self.fail(audio, reason, "corrupt audio")
                 return
+        self.seen[utterance_id] = audio
         self.users.setdefault(user_id, []).append(
             Utterance(user_id, audio, transcript, utterance_id)
         )
@@ -227,9 +244,10 @@ def _read_chapter(speaker: str, chapter_dir: Path, collector: _Collector) -> Non
     if not trans.is_file():
         if audio_files or collector.on_error == "raise":
             collector.fail(trans, f"transcript file is missing ({len(audio_files)} audio files "
-                                  "in the chapter have no transcript)")
+                                  "in the chapter have no transcript)", "missing transcript file")
         for stem in sorted(audio_files):
-            collector.skipped.append(SkippedFile(audio_files[stem], "no transcript file"))
+            collector.skipped.append(SkippedFile(audio_files[stem], f"no transcript file {trans}",
+                                                 "no transcript"))
         return
     seen: set[str] = set()
     for number, line in enumerate(_read_lines(trans, collector), start=1):
@@ -238,19 +256,21 @@ def _read_chapter(speaker: str, chapter_dir: Path, collector: _Collector) -> Non
         utt_id, _, text = line.strip().partition(" ")
         seen.add(utt_id)
         if not text.strip():
-            collector.fail(trans, f"line {number} ({utt_id}) has an empty transcript")
+            collector.fail(trans, f"line {number} ({utt_id}) has an empty transcript",
+                           "empty transcript")
             continue
         audio = audio_files.get(utt_id, chapter_dir / f"{utt_id}.flac")
         collector.add(speaker, audio, text, utt_id)
     for stem in sorted(set(audio_files) - seen):
-        collector.fail(audio_files[stem], f"audio file has no line in {trans.name}")
+        collector.fail(audio_files[stem], f"audio file has no line in {trans.name}",
+                       "no transcript")
 
 
 def _read_lines(path: Path, collector: _Collector) -> Iterable[str]:
     try:
         return path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        collector.fail(path, f"transcript file is unreadable ({exc})")
+        collector.fail(path, f"transcript file is unreadable ({exc})", "missing transcript file")
         return []
 
 
@@ -294,7 +314,8 @@ def read_common_voice(
         for row in reader:
             client, clip = (row.get("client_id") or "").strip(), (row.get("path") or "").strip()
             if not client or not clip:
-                collector.fail(index, f"line {reader.line_num} lacks client_id or path")
+                collector.fail(index, f"line {reader.line_num} lacks client_id or path",
+                               "bad index row")
                 continue
             collector.add(client, Path(root) / "clips" / clip, row.get("sentence") or "",
                           Path(clip).stem)
@@ -332,3 +353,22 @@ def load_audio(path: str | os.PathLike[str], *, sample_rate: int = SAMPLE_RATE) 
 
         wave = torchaudio.functional.resample(wave, int(rate), sample_rate)
     return wave.contiguous()
+
+
+def summarize_skips(skipped: Iterable[SkippedFile], *, examples: int = 3) -> dict[str, Any]:
+    """Counts of skipped files by kind, with the first ``examples`` files of each kind.
+
+    Returns:
+        ``{"count": n, "by_kind": {kind: {"count": k, "examples": ["path: reason", ...]}}}``,
+        kinds ordered by decreasing count (plain data, ready for ``results.json``).
+    """
+    by_kind: dict[str, list[SkippedFile]] = {}
+    total = 0
+    for entry in skipped:
+        by_kind.setdefault(entry.kind, []).append(entry)
+        total += 1
+    ordered = sorted(by_kind.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    return {"count": total, "by_kind": {
+        kind: {"count": len(entries),
+               "examples": [f"{e.path}: {e.reason}" for e in entries[:examples]]}
+        for kind, entries in ordered}}

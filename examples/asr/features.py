@@ -7,7 +7,9 @@ API:
     ``SpecAugmentConfig`` / ``SpecAugment(config)``: ``augment(features, generator) -> Tensor``.
     ``cached_features(utterances, *, cache_dir=None, dtype=torch.float32) -> dict[id, Tensor]``:
     features of every utterance, computed once and stored in a ``.pt`` file (loaded with
-    ``weights_only=True``) keyed by the files' paths, sizes and modification times.
+    ``weights_only=True``) keyed by the files' paths, sizes and modification times. It holds
+    all features in memory: for corpora of more than a few hours use the on-disk store of
+    :mod:`examples.asr.store`, which the command-line example uses.
 
 Filterbanks come from ``torchaudio.transforms.MelSpectrogram`` (power spectrum, 400-point FFT,
 Hann window, centred frames, natural log with a 1e-10 floor); it used about 1.6x less CPU than
@@ -205,9 +207,12 @@ def compute_features(utterances: Sequence[Utterance]) -> dict[str, Tensor]:
 
 
 def _check_unique(utterances: Sequence[Utterance]) -> None:
-    ids = [u.utterance_id for u in utterances]
-    if len(set(ids)) != len(ids):
-        raise ValueError("utterances must have distinct utterance_id values")
+    seen: dict[str, Path] = {}
+    for u in utterances:
+        if u.utterance_id in seen:
+            raise ValueError(f"utterances must have distinct utterance_id values: "
+                             f"{u.utterance_id!r} is both {seen[u.utterance_id]} and {u.audio_path}")
+        seen[u.utterance_id] = Path(u.audio_path)
 
 
 def _cache_key(utterances: Sequence[Utterance]) -> str:
@@ -219,19 +224,10 @@ def _cache_key(utterances: Sequence[Utterance]) -> str:
     return digest.hexdigest()[:20]
 
 
-def _default_cache_dir(utterances: Sequence[Utterance]) -> Path:
-    common = Path(os.path.commonpath([str(Path(u.audio_path).resolve()) for u in utterances]))
-    if common.is_file():
-        common = common.parent
-    candidate = common / ".dpfl-features"
-    try:
-        candidate.mkdir(exist_ok=True)
-        if os.access(candidate, os.W_OK):
-            return candidate
-    except OSError:
-        pass
-    env = os.environ.get("DPFL_CACHE")
-    return (Path(env) if env else Path.home() / ".cache" / "dpfl") / "features"
+def _default_cache_dir() -> Path:
+    from examples.asr.corpus import default_cache_dir
+
+    return default_cache_dir() / "features"
 
 
 def cached_features(
@@ -249,9 +245,8 @@ def cached_features(
 
     Args:
         utterances: the utterances (distinct ``utterance_id`` values).
-        cache_dir: where to store the file; default ``.dpfl-features/`` in the directory that
-            contains all the audio files (next to the corpus), or ``$DPFL_CACHE/features``
-            (``~/.cache/dpfl/features``) when that is not writable.
+        cache_dir: where to store the file; default ``$DPFL_CACHE/features``
+            (``~/.cache/dpfl/features``), never a directory of the dataset.
         dtype: dtype of the returned tensors (stored as float16 either way).
 
     Returns:
@@ -262,9 +257,9 @@ def cached_features(
         examples.asr.data.DataError: if an audio file cannot be read (names the file).
     """
     if not utterances:
-        raise ValueError("utterances must not be empty")
+        raise ValueError("utterances must not be empty (found 0 utterances)")
     _check_unique(utterances)
-    directory = Path(cache_dir) if cache_dir is not None else _default_cache_dir(utterances)
+    directory = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
     path = directory / f"features-{_cache_key(utterances)}.pt"
     if path.is_file():
         return _unpack(torch.load(path, weights_only=True), dtype)

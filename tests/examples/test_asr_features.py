@@ -177,11 +177,15 @@ def test_cached_features_compute_once_then_load(tmp_path: Path) -> None:
     assert third["u1"].shape[0] == 1 + 4000 // HOP_LENGTH
 
 
-def test_cached_features_default_location_is_next_to_audio(tmp_path: Path) -> None:
+def test_cached_features_default_location_is_the_user_cache_not_the_dataset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     utts = _utterances(tmp_path / "corpus" / "split", 2)
+    monkeypatch.setenv("DPFL_CACHE", str(tmp_path / "cache"))
     feats = cached_features(utts, dtype=torch.float16)
     assert feats["u0"].dtype == torch.float16
-    assert len(list((tmp_path / "corpus" / "split" / ".dpfl-features").glob("*.pt"))) == 1
+    assert not list((tmp_path / "corpus").rglob("*.pt"))  # datasets are often read-only
+    assert len(list((tmp_path / "cache" / "features").glob("features-*.pt"))) == 1
 
 
 def test_cached_features_rejects_duplicates_and_empty(tmp_path: Path) -> None:

@@ -1,0 +1,154 @@
+"""The on-disk feature store: equality with in-memory features, validation, resumption, cache
+location, and the lazy federated dataset, on real encoded FLAC/MP3 files (see conftest.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from examples.asr import store as store_module
+from examples.asr.data import Utterance, load_audio, read_common_voice, read_librispeech
+from examples.asr.features import cached_features, log_mel
+from examples.asr.store import (
+    FeatureStore,
+    StoredBatches,
+    StoredFederatedDataset,
+    extract_features,
+)
+from examples.asr.text import CharTokenizer
+from examples.asr.train import make_batches
+
+
+def _files(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*")}
+
+
+def test_store_batches_equal_in_memory_batches(librispeech_root: Path, tmp_path: Path) -> None:
+    utts = read_librispeech(librispeech_root, "train-clean-100").utterances()
+    store = extract_features(utts, cache_dir=tmp_path / "cache", workers=1)
+    assert len(store) == len(utts) and store.skipped == ()
+    memory = cached_features(utts, cache_dir=tmp_path / "old")
+    tok = CharTokenizer()
+    for seed in (None, 3):
+        lazy = StoredBatches(store, utts, tok, batch_size=2, seed=seed)
+        eager = make_batches([memory[u.utterance_id] for u in utts], [u.transcript for u in utts],
+                             tok, batch_size=2, seed=seed)
+        assert len(lazy) == len(eager)
+        for a, b in zip(lazy, eager, strict=True):
+            assert torch.equal(a.features, b.features) and a.texts == b.texts
+            assert torch.equal(a.lengths, b.lengths) and torch.equal(a.targets, b.targets)
+    reference = log_mel(load_audio(utts[0].audio_path))
+    assert store[utts[0].utterance_id].dtype == torch.float32
+    assert (store[utts[0].utterance_id] - reference).abs().max() < 5e-3 * (1 + reference.abs().max())
+
+
+def test_truncated_and_corrupt_files_are_counted_skips(librispeech_root: Path,
+                                                       common_voice_root: Path,
+                                                       tmp_path: Path) -> None:
+    data = read_librispeech(librispeech_root, "train-clean-360", on_error="skip")
+    kinds = {(s.path.name, s.kind) for s in data.skipped}
+    assert ("301-7.trans.txt", "missing transcript file") in kinds  # the chapter is visible
+    assert {"301-7-0000.flac", "301-7-0001.flac"} <= {s.path.name for s in data.skipped}
+    store = extract_features(data.utterances(), cache_dir=tmp_path, workers=1, name="fl")
+    bad = {s.path.name: s for s in store.skipped}
+    assert set(bad) == {"300-1-0001.flac", "300-1-0002.flac"}  # header-valid, body broken
+    assert all(s.kind == "corrupt audio" and "decoded" in s.reason for s in bad.values())
+    assert "300-1-0000" in store and "300-1-0001" not in store
+
+    cv = read_common_voice(common_voice_root, tsv="train.tsv", on_error="skip")
+    cv_store = extract_features(cv.utterances(), cache_dir=tmp_path, workers=1, name="cv")
+    skipped = {s.path.name: s.kind for s in (*cv.skipped, *cv_store.skipped)}
+    assert skipped == {"truncated.mp3": "truncated audio", "corrupt.mp3": "corrupt audio",
+                       "missing.mp3": "missing audio"}
+    assert len(cv_store) == 6
+
+
+def test_truncated_mp3_is_caught_by_its_frame_count(common_voice_root: Path) -> None:
+    samples, _, reason = store_module.check_audio(common_voice_root / "clips" / "truncated.mp3")
+    assert samples is None and reason is not None and reason.startswith("truncated audio")
+    good, rate, ok = store_module.check_audio(common_voice_root / "clips" / "common_voice_en_1000.mp3")
+    assert ok is None and good is not None and rate == 48000
+
+
+def test_audio_too_short_for_its_transcript_is_skipped(librispeech_root: Path,
+                                                       tmp_path: Path) -> None:
+    utt = read_librispeech(librispeech_root, "dev-clean").utterances()[0]
+    wordy = Utterance(utt.user_id, utt.audio_path, "a" * 200, utt.utterance_id)
+    store = extract_features([wordy], cache_dir=tmp_path, workers=1)
+    assert len(store) == 0 and store.skipped[0].kind == "audio too short for its transcript"
+
+
+def test_extraction_resumes_after_interruption(librispeech_root: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "CHUNK_SIZE", 2)
+    utts = read_librispeech(librispeech_root, "train-clean-100").utterances()  # 6: 3 chunks
+    store = extract_features(utts, cache_dir=tmp_path, workers=1)
+    chunks = sorted(store.directory.glob("chunk-*.f16"))
+    assert len(chunks) == 3
+    stamps = {p.name: p.stat().st_mtime_ns for p in chunks}
+    middle = chunks[1].read_bytes()
+    chunks[1].with_suffix(".json").unlink()  # killed after the data file, before the index
+    with pytest.raises(FileNotFoundError, match="2 of 3 chunks"):
+        FeatureStore(store.directory, expected=3)
+    again = extract_features(utts, cache_dir=tmp_path, workers=1)
+    assert again.directory == store.directory and len(again) == 6
+    assert chunks[0].stat().st_mtime_ns == stamps[chunks[0].name]  # not recomputed
+    assert chunks[2].stat().st_mtime_ns == stamps[chunks[2].name]
+    assert chunks[1].read_bytes() == middle
+
+
+@pytest.mark.slow
+def test_worker_count_does_not_change_the_stored_bytes(librispeech_root: Path,
+                                                       tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "CHUNK_SIZE", 2)
+    utts = read_librispeech(librispeech_root, "train-clean-100").utterances()
+    one = extract_features(utts, cache_dir=tmp_path / "one", workers=1)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]))
+    two = extract_features(utts, cache_dir=tmp_path / "two", workers=2)
+    for a in sorted(one.directory.glob("chunk-*")):
+        assert a.read_bytes() == (two.directory / a.name).read_bytes()
+
+
+def test_default_cache_is_outside_the_dataset(librispeech_root: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DPFL_CACHE", str(tmp_path / "home-cache"))
+    before = _files(librispeech_root)
+    utts = read_librispeech(librispeech_root, "dev-clean").utterances()
+    store = extract_features(utts, workers=1)
+    cached_features(utts)
+    assert _files(librispeech_root) == before  # nothing written into the dataset
+    assert store.directory.parent == tmp_path / "home-cache" / "features"
+    assert len(list((tmp_path / "home-cache" / "features").glob("features-*.pt"))) == 1
+
+
+def test_errors_name_the_split_the_id_and_both_files(librispeech_root: Path,
+                                                      tmp_path: Path) -> None:
+    utts = read_librispeech(librispeech_root, "dev-clean").utterances()
+    twin = Utterance("x", utts[1].audio_path, "hello", utts[0].utterance_id)
+    with pytest.raises(ValueError, match="dev-clean.*900-5-0000.*900-5-0000.flac.*900-5-0001.flac"):
+        extract_features([*utts, twin], cache_dir=tmp_path, workers=1, name="dev-clean")
+    with pytest.raises(ValueError, match="900-5-0000.*both.*900-5-0000.flac.*900-5-0001.flac"):
+        cached_features([utts[0], twin], cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="dev-other.*found 0"):
+        extract_features([], cache_dir=tmp_path, name="dev-other")
+    with pytest.raises(ValueError, match="workers"):
+        extract_features(utts, cache_dir=tmp_path, workers=0)
+
+
+def test_federated_dataset_reads_one_user_at_a_time(librispeech_root: Path,
+                                                    tmp_path: Path) -> None:
+    data = read_librispeech(librispeech_root, "train-clean-100")
+    store = extract_features(data.utterances(), cache_dir=tmp_path, workers=1)
+    dataset = StoredFederatedDataset(store, data.users, CharTokenizer(), batch_size=2, seed=0)
+    assert list(dataset.user_ids()) == ["100", "101"]
+    batches = dataset.user_data("101")
+    texts = [t for b in batches for t in b.texts]
+    assert sorted(texts) == sorted(u.transcript for u in data.users["101"])
+    assert sum(len(b) for b in batches) == 3 and [len(b) for b in batches] in ([2, 1], [1, 2])
+    with pytest.raises(KeyError, match="nobody"):
+        dataset.user_data("nobody")
