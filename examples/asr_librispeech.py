@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "under the default folder unless --output-dir names one)")
     run.add_argument("--overwrite", action="store_true",
                      help="replace the run in --output-dir (its results, logs and checkpoints)")
-    a("--seed", type=int, default=0, help="seed of data order, sampling, training and noise")
+    a("--seed", type=int, default=0,
+      help="seed of data order, sampling and training (not of the DP noise: see --noise-seed)")
     a("--threads", type=int, default=2, help="torch CPU threads per process")
     a("--workers", type=int, default=None,
       help="processes for corpus synthesis and feature extraction (default: the number of CPU "
@@ -218,6 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--accountant", choices=["rdp", "pld"], default="rdp",
                    help="privacy accountant for the reported ε (PLD: tighter, Poisson only)")
     g.add_argument("--delta", type=float, default=1e-6, help="δ of the reported ε")
+    seeding = g.add_mutually_exclusive_group()
+    seeding.add_argument("--noise-seed", type=int, default=None,
+                         help="seed the DP noise, to reproduce a table exactly (simulations only: "
+                              "anyone who knows it can subtract the noise; default: unseeded, "
+                              "from OS entropy)")
+    seeding.add_argument("--secure-noise", action="store_true",
+                         help="draw the DP noise from a CSPRNG keystream rekeyed every release "
+                              "(default: off)")
     return p
 
 
@@ -591,7 +600,8 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
         local_lr=args.local_lr, server_optimizer=args.server_optimizer, server_lr=args.server_lr,
         server_lr_decay=args.server_lr_decay, clip=args.clip, clip_allocation=args.clip_allocation,
         clip_bound=args.clip_bound, noise_multiplier=0.0, accountant=args.accountant,
-        delta=args.delta, sampling=args.sampling, seed=args.seed)
+        delta=args.delta, sampling=args.sampling, seed=args.seed,
+        noise_seed=args.noise_seed, secure_noise=args.secure_noise)
     eval_fn = (lambda m: _rates(m, ev_batches, tok))  # noqa: E731
     for name, cfg in (("fl_no_noise", base), ("fl_dp", replace(base, noise_multiplier=z))):
         model.load_state_dict(seed_state)
@@ -691,7 +701,9 @@ def format_table(results: dict[str, Any]) -> str:
             f"| FL + DP extrapolated to the paper's scale: same σ_DP, S={e['cohort_size']:,}, "
             f"K={e['population'] / 1e6:g}M, T={e['rounds']:,} (z={e['noise_multiplier']:.3g}) | – | – |"
             + (" – |" if dev else "") + f" {e['epsilon']:.3g} (δ={e['delta']:g}) |")
-    lines.append(f"\nwall time {results['wall_time_s']:.0f}s; data: {results['data']['source']}")
+    lines.append(f"\nDP noise: {dp.get('noise', 'unknown')}; sampling and training seeded by --seed "
+                 "(a simulation: the cohorts are reproducible)")
+    lines.append(f"wall time {results['wall_time_s']:.0f}s; data: {results['data']['source']}")
     if "environment" in results:
         env = results["environment"]
         lines.append(f"torch {env['torch']}, CPU kernels {env['cpu_capability']}, "

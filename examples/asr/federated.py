@@ -237,7 +237,12 @@ class FederatedConfig:
         delta: the δ at which ε is reported.
         sampling: ``"poisson"`` (what the accountant assumes) or ``"fixed"`` (the reference
             code's fixed-size cohorts, accounted for as such).
-        seed: seed of sampling, local training and noise (None: OS entropy).
+        seed: seed of sampling and local training (None: OS entropy). A simulation seed: a
+            known sampler seed reveals the cohorts and voids amplification by sampling.
+        noise_seed: seed of the DP noise, for reproducible simulations only (anyone who knows it
+            can subtract the noise); ``None`` (default) draws the noise from OS entropy.
+        secure_noise: draw the noise from a CSPRNG keystream rekeyed every release
+            (:class:`dpfl.noise.GaussianMechanism` ``secure=True``); needs ``noise_seed=None``.
     """
 
     rounds: int
@@ -256,6 +261,18 @@ class FederatedConfig:
     delta: float = 1e-6
     sampling: Literal["poisson", "fixed"] = "poisson"
     seed: int | None = 0
+    noise_seed: int | None = None
+    secure_noise: bool = False
+
+    def noise_source(self) -> str:
+        """Which noise the run adds, in words (printed with the results)."""
+        if self.noise_multiplier == 0:
+            return "none"
+        if self.secure_noise:
+            return "secure (CSPRNG keystream, rekeyed every release)"
+        if self.noise_seed is not None:
+            return f"seeded (--noise-seed {self.noise_seed}; simulation only, not private)"
+        return "OS entropy (unseeded)"
 
     def sigma_dp(self) -> float:
         """σ_DP = z / S, the noise std on the mean update per unit of C."""
@@ -263,7 +280,7 @@ class FederatedConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form for logs and result files."""
-        return dict(asdict(self), sigma_dp=self.sigma_dp())
+        return dict(asdict(self), sigma_dp=self.sigma_dp(), noise=self.noise_source())
 
 
 def run_federated(
@@ -302,8 +319,9 @@ def run_federated(
         The round loop's :class:`~dpfl.simulation.rounds.RunResult` (ε spent, records).
 
     Warning:
-        Privacy: ``config.seed`` also seeds the noise; anyone who knows it can remove the noise.
-        Use ``seed=None`` for a real deployment.
+        Privacy: the noise is unseeded unless ``config.noise_seed`` is set (simulations only:
+        anyone who knows it can remove the noise). ``config.seed`` seeds sampling and local
+        training; use ``seed=None`` for a real deployment.
 
     References:
         arXiv:2310.00098, algorithm 1 and section 5.
@@ -338,7 +356,8 @@ def run_federated(
             noise_multiplier=config.noise_multiplier,
             accountant=make_accountant(config.accountant, sampling=config.sampling),
             delta=config.delta,
-            noise_seed=config.seed,  # simulation-only: None draws the noise from OS entropy
+            noise_seed=config.noise_seed,  # None (default): OS entropy
+            secure_noise=config.secure_noise,
         ),
         seed=config.seed,
         checkpointing=None

@@ -61,7 +61,7 @@ def test_the_same_command_twice_gets_two_run_directories(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    argv = _libri(librispeech_root, tmp_path / "cache")
+    argv = _libri(librispeech_root, tmp_path / "cache", "--noise-seed", "0")  # reproducible noise
     main(argv)
     main(argv)
     runs = sorted(p for p in (tmp_path / "runs" / "asr").iterdir())
@@ -134,3 +134,19 @@ def test_help_states_every_default_once_and_documents_every_option() -> None:
     for flag in ("--cache-dir", "--device"):
         assert build_parser()._option_string_actions[flag].help.count("default") == 1
     assert "(default: small; with --quick: tiny)" in " ".join(text.split())
+
+
+def test_dp_noise_is_unseeded_unless_a_noise_seed_is_given() -> None:
+    from examples.asr.federated import FederatedConfig
+
+    parser = build_parser()
+    default = parser.parse_args([])
+    assert default.noise_seed is None and default.secure_noise is False
+    assert parser.parse_args(["--noise-seed", "7"]).noise_seed == 7
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--noise-seed", "7", "--secure-noise"])  # a seed is not secure
+    dp = FederatedConfig(rounds=1, cohort_size=2, noise_multiplier=1.0, seed=0)
+    assert dp.noise_seed is None and dp.noise_source() == "OS entropy (unseeded)"
+    assert "simulation only" in FederatedConfig(
+        rounds=1, cohort_size=2, noise_multiplier=1.0, noise_seed=3).noise_source()
+    assert dp.to_dict()["noise"].startswith("OS entropy")
