@@ -60,6 +60,7 @@ import torch  # noqa: E402
 import torch.distributed as tdist  # noqa: E402
 
 from dpfl.accounting import extrapolate  # noqa: E402
+from dpfl.audit import CanaryAudit  # noqa: E402
 from dpfl.simulation.distributed import (  # noqa: E402
     DistContext,
     init_distributed,
@@ -219,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--accountant", choices=["rdp", "pld"], default="rdp",
                    help="privacy accountant for the reported ε (PLD: tighter, Poisson only)")
     g.add_argument("--delta", type=float, default=1e-6, help="δ of the reported ε")
+    g.add_argument("--canaries", type=int, default=0, metavar="K",
+                   help="insert K canary clients into the DP run and print the one-shot "
+                        "empirical ε (Andrew et al. 2023) beside the proven one; canaries are "
+                        "not users and cost no privacy (default: 0, off; K >= 2)")
     seeding = g.add_mutually_exclusive_group()
     seeding.add_argument("--noise-seed", type=int, default=None,
                          help="seed the DP noise, to reproduce a table exactly (simulations only: "
@@ -608,14 +613,20 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
         _say(dist, f"{name}: {cfg.rounds} rounds, cohort {cfg.cohort_size} of {population}, "
              f"z={cfg.noise_multiplier:.4g} (σ_DP={cfg.sigma_dp():.3g}), C={cfg.clip_bound:g} {cfg.clip}")
         t0 = time.time()
+        audit = (CanaryAudit(args.canaries, seed=args.seed)
+                 if args.canaries and cfg.noise_multiplier > 0 else None)
         run = run_federated(
             model, dataset, cfg, augment=augment, log_path=args.output_dir / f"{name}.jsonl",
             checkpoint_dir=args.output_dir / f"ckpt_{name}", resume=args.resume, eval_fn=eval_fn,
-            eval_every=args.eval_every, dist=dist)
+            eval_every=args.eval_every, dist=dist, audit=audit)
         if _rank0(dist):
             entry = {**score(model), "epsilon": run.epsilon, "delta": run.delta,
                      "rounds": run.rounds_completed, "stop_reason": run.stop_reason,
                      "time_s": round(time.time() - t0, 1), **cfg.to_dict()}
+            if run.audit is not None:
+                entry["audit"] = run.audit
+                _say(dist, f"{name}: empirical ε {run.audit['empirical_epsilon']:.3g} "
+                     f"({args.canaries} canaries, one-shot estimate) vs proven ε {run.epsilon:.4g}")
             results[name] = entry
             _say(dist, f"{name}: {_summary(entry)}  ε={run.epsilon:.4g}")
     if sigma_dp > 0:
@@ -694,7 +705,11 @@ def format_table(results: dict[str, Any]) -> str:
         r = results[name]
         noise = f" σ_DP={r['sigma_dp']:.3g}, z={r['noise_multiplier']:.3g}," if r["noise_multiplier"] else ""
         what = f"{label} ({r['rounds']} rounds, S={r['cohort_size']},{noise} C={r['clip_bound']:g} {r['clip']})"
-        lines.append(row(what, r, _eps(r["epsilon"])))
+        eps = _eps(r["epsilon"])
+        if r.get("audit"):
+            a = r["audit"]
+            eps += f" (empirical {a['empirical_epsilon']:.3g}, {a['num_canaries']} canaries)"
+        lines.append(row(what, r, eps))
     if "extrapolated" in results:
         e = results["extrapolated"]
         lines.append(
@@ -723,6 +738,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "or give --noise-multiplier / --sigma-dp with --sampling fixed")
     if args.output_dir is not None and args.output_dir.exists() and not args.output_dir.is_dir():
         parser.error(f"--output-dir {args.output_dir} is a file, not a folder")
+    if args.canaries == 1 or args.canaries < 0:
+        parser.error(f"--canaries must be 0 (off) or at least 2, got {args.canaries}")
     for name in ("workers", "threads", "max_eval_utterances"):
         value = getattr(args, name)
         if value is not None and value < 1:

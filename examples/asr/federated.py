@@ -26,6 +26,7 @@ from torch import nn
 
 from dpfl._checks import require_non_negative, require_positive
 from dpfl.accounting import PLDAccountant, RDPAccountant, calibrate_noise_multiplier
+from dpfl.audit import CanaryAudit
 from dpfl.clip import GlobalClip, PerLayerClip
 from dpfl.optim import LAMB
 from dpfl.simulation import (
@@ -296,6 +297,7 @@ def run_federated(
     eval_every: int = 10,
     progress: bool | None = None,
     dist: DistContext | None = None,
+    audit: CanaryAudit | None = None,
 ) -> RunResult:
     """Federated fine-tuning of ``model`` (in place) with DP-FedAvg through dpfl's round loop.
 
@@ -314,6 +316,7 @@ def run_federated(
         eval_every: evaluation cadence.
         progress: progress display (see ``run_rounds``).
         dist: distributed context for ``torchrun`` runs.
+        audit: optional :class:`dpfl.audit.CanaryAudit` (one-shot empirical ε in the result).
 
     Returns:
         The round loop's :class:`~dpfl.simulation.rounds.RunResult` (ε spent, records).
@@ -366,4 +369,5 @@ def run_federated(
         logging=Logging(log_path, progress=progress),
         evaluation=None if eval_fn is None else Evaluation(eval_fn, every=eval_every),
         dist=dist,
+        audit=audit,
     )

@@ -150,3 +150,10 @@ def test_dp_noise_is_unseeded_unless_a_noise_seed_is_given() -> None:
     assert "simulation only" in FederatedConfig(
         rounds=1, cohort_size=2, noise_multiplier=1.0, noise_seed=3).noise_source()
     assert dp.to_dict()["noise"].startswith("OS entropy")
+
+
+def test_canaries_option_is_validated(capsys: pytest.CaptureFixture[str]) -> None:
+    assert build_parser().parse_args([]).canaries == 0
+    assert build_parser().parse_args(["--canaries", "50"]).canaries == 50
+    line = _exit_2(["--canaries", "1"], capsys)
+    assert "--canaries" in line

@@ -267,6 +267,11 @@ class CanaryAudit:
     def __repr__(self) -> str:
         return f"CanaryAudit(num_canaries={self.num_canaries!r}, seed={self.seed!r})"
 
+    @property
+    def rounds_observed(self) -> int:
+        """Released iterates passed to :meth:`observe` so far."""
+        return self._rounds_observed
+
     def _reset_progress(self) -> None:
         self._round = 0
         self._participations = np.zeros(self.num_canaries, np.int64)
@@ -295,6 +300,7 @@ class CanaryAudit:
                 rows.append(torch.cat([t.detach().flatten().float().cpu() for t in upd.values()]))
         self._schema = [(n, t.shape, t.dtype, t.device) for n, t in template.items()]
         self._directions = torch.stack(rows)
+        self._begun_with = (template, clipper)
         self._reset_progress()
 
     def _require_begun(self) -> Tensor:
@@ -439,7 +445,9 @@ class CanaryAudit:
         for key in (*keys, "total", "max_cos"):
             if key not in state:
                 raise ValueError(f"state is missing {key!r}; pass CanaryAudit.state_dict() output")
-        if state["num_canaries"] != self.num_canaries or state["entropy"] != self._entropy:
+        if state["num_canaries"] != self.num_canaries or (
+            state["entropy"] != self._entropy and self.seed is not None
+        ):
             raise ValueError("state comes from a CanaryAudit with another num_canaries or seed")
         total, max_cos = state["total"], state["max_cos"]
         if (total is None) != (max_cos is None) or (
@@ -451,6 +459,16 @@ class CanaryAudit:
             raise ValueError("state['participations'] must have one count per canary")
         round_ = require_int("state['round']", state["round"], minimum=0)
         observed = require_int("state['rounds_observed']", state["rounds_observed"], minimum=0)
+        if state["entropy"] != self._entropy:  # unseeded audit resumed: adopt the stored seed
+            entropy = require_int("state['entropy']", state["entropy"], minimum=0)
+            previous = self._entropy
+            self._entropy = entropy
+            try:
+                self.begin(*self._begun_with)
+            except BaseException:
+                self._entropy = previous
+                self.begin(*self._begun_with)
+                raise
         self._round, self._rounds_observed = round_, observed
         self._participations = np.asarray(state["participations"], dtype=np.int64)
         self._total = None if total is None else total.clone().to(torch.float64)

@@ -102,6 +102,9 @@ class RunResult:
         epsilon: ε spent at the end of the run, at ``delta``.
         delta: the δ at which ``epsilon`` is reported.
         resumed_from: the round index restored from a checkpoint, or ``None`` for a fresh start.
+        audit: with ``run_rounds(audit=CanaryAudit(k))``, the one-shot empirical estimate
+            (``empirical_epsilon`` at ``delta`` and its details, see
+            :meth:`dpfl.audit.CanaryEstimate.to_dict`) to set beside ``epsilon``; else ``None``.
     """
 
     rounds_completed: int
@@ -111,6 +114,7 @@ class RunResult:
     epsilon: float
     delta: float
     resumed_from: int | None = None
+    audit: dict[str, Any] | None = None
 
 
 def evaluate(record: RoundRecord, eval_fn: Callable[[Any], Any], model: Any) -> RoundRecord:

@@ -30,6 +30,7 @@ from torch import nn
 
 from dpfl._checks import require_int
 from dpfl.aggregate import DPAggregator
+from dpfl.audit.canary import CanaryAudit
 from dpfl.noise import GaussianMechanism
 from dpfl.optim import server_step
 from dpfl.simulation._lock import DirectoryLock
@@ -88,6 +89,7 @@ def run_rounds(
     logging: Logging | None = None,
     evaluation: Evaluation | None = None,
     dist: DistContext | None = None,
+    audit: CanaryAudit | None = None,
 ) -> RunResult:
     """Run DP-FedAvg rounds on ``model`` in place, with logging, checkpoints and budget stop.
 
@@ -155,6 +157,13 @@ def run_rounds(
         dist: a :class:`~dpfl.simulation.distributed.DistContext` (from ``init_distributed``) or
             ``None`` for one process. Only rank 0 writes logs and checkpoints; all ranks must get
             the same arguments and read the same checkpoint directory.
+        audit: a :class:`~dpfl.audit.CanaryAudit` to estimate the run's privacy empirically in
+            one shot (Andrew et al., arXiv 2302.03098): its canary clients take part in each round
+            with the users' inclusion probability (added to the sum on rank 0 after the real
+            users, clipped and noised like them), every released iterate is observed, and the
+            estimate lands in ``RunResult.audit`` and in the log (``"event": "audit"``) beside
+            the accountant's ε. Canaries are not users of the population and are charged
+            nothing; their updates are synthetic, so no user's data is touched. Checkpointed.
 
     Returns:
         A :class:`RunResult` (rounds completed, records, stop reason, final ε).
@@ -209,6 +218,7 @@ def run_rounds(
         logging=logging if logging is not None else Logging(),
         evaluation=evaluation,
         dist=dist,
+        audit=audit,
     )
     return loop.run()
 
@@ -292,6 +302,7 @@ class _RoundLoop:
         logging: Logging,
         evaluation: Evaluation | None,
         dist: DistContext | None,
+        audit: CanaryAudit | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -361,6 +372,9 @@ class _RoundLoop:
                     f"sampler has {len(unknown)} user id(s) that dataset does not hold, e.g. "
                     f"{unknown[:3]!r}; build the sampler from dataset.user_ids()"
                 )
+        if audit is not None and not isinstance(audit, CanaryAudit):
+            raise TypeError(f"audit must be a dpfl.audit.CanaryAudit or None, got {audit!r}")
+        self.audit = audit
         self.log = RunLog(logging.path if self.is_main else None)
         self.warnings: list[str] = []
         self.config = {
@@ -399,6 +413,8 @@ class _RoundLoop:
         }
         if self.noise_seed is not None:  # simulation only: unseeded noise is never stored
             parts["mechanism"] = self.mechanism
+        if self.audit is not None:
+            parts["audit"] = self.audit
         return parts if self.scheduler is None else {**parts, "scheduler": self.scheduler}
 
     def _setup(self) -> int:
@@ -438,6 +454,8 @@ class _RoundLoop:
             seed=None if self.noise_seed is None else _derive_seed(self.noise_seed, 0),
             secure=self.secure,
         )
+        if self.audit is not None:
+            self.audit.begin(self.trainable, self.clipper)  # before its state is restored
         start, charged = 0, 0
         if state is not None:
             assert self.ckpt_path is not None
@@ -531,10 +549,20 @@ class _RoundLoop:
             self.journal.append(t, spec.to_dict())  # fsync-ed before anything is released
         self.accountant.add_rounds(spec)
 
+    def _add_canaries(self, agg: DPAggregator) -> None:
+        """Add this round's canaries (inclusion probability of a user) on rank 0 only."""
+        assert self.audit is not None
+        rate = min(1.0, float(self.sampler.expected_cohort_size) / self.sampler.population_size)
+        members = self.audit.sample(rate)  # every rank advances the audit identically
+        if self.is_main:
+            for i in members:
+                agg.add(self.audit.update(i))
+
     def _round(self, t: int, spec: Any) -> RoundRecord:
         timings = dict.fromkeys(("sample", "train", "aggregate", "server_step", "account"), 0.0)
         start = time.perf_counter()
         saved = (self.sampler.state_dict(), self.mechanism.state_dict())
+        audit_saved = None if self.audit is None else self.audit.state_dict()
         try:
             cohort = list(self.sampler.sample())
             timings["sample"] = time.perf_counter() - start
@@ -546,6 +574,8 @@ class _RoundLoop:
                 template=self.trainable,
             )
             self._train_and_add(t, cohort, agg, timings)
+            if self.audit is not None:
+                self._add_canaries(agg)
             clock = time.perf_counter()
             self._charge(t, spec)  # from here on the round stays charged, even if it fails
             timings["account"] = time.perf_counter() - clock
@@ -558,11 +588,18 @@ class _RoundLoop:
             clock = time.perf_counter()
             # server_step validates before it changes anything, so when it raises the model and
             # optimizer are as they were; the sampler and generator are restored below.
+            before = None
+            if self.audit is not None:
+                before = {n: p.detach().clone() for n, p in self.trainable.items()}
             server_step(self.optimizer, self.model, mean)
         except BaseException:
             self.sampler.load_state_dict(saved[0])
             self.mechanism.load_state_dict(saved[1])
+            if self.audit is not None and audit_saved is not None:
+                self.audit.load_state_dict(audit_saved)
             raise
+        if self.audit is not None and before is not None:
+            self.audit.observe(before, self.trainable)  # the released iterate
         if self.scheduler is not None:
             self.scheduler.step()
         timings["server_step"] = time.perf_counter() - clock
@@ -596,6 +633,14 @@ class _RoundLoop:
             "config": self.config,
         }
         save_checkpoint(self.ckpt_path, {**meta, "model": self.model.state_dict(), **parts})
+
+    def _audit_result(self, t: int) -> dict[str, Any] | None:
+        """The canary estimate beside the accountant's ε (logged; None without an audit)."""
+        if self.audit is None or self.audit.rounds_observed == 0:
+            return None
+        estimate = self.audit.result(self.delta).to_dict()
+        self.log.write({"event": "audit", "round": t, **estimate})
+        return estimate
 
     def run(self) -> RunResult:
         """Run under the checkpoint directory's lock (rank 0 only; released on exit or death)."""
@@ -660,6 +705,7 @@ class _RoundLoop:
                 {"event": "stop", "round": t, "reason": reason, "message": message}
                 | {"epsilon": epsilon, "delta": self.delta}
             )
+            audit = self._audit_result(t)
             if last_saved != t:
                 self._checkpoint(t)
             bar.message(message)
@@ -673,4 +719,5 @@ class _RoundLoop:
             epsilon=epsilon,
             delta=self.delta,
             resumed_from=start if start > 0 else None,
+            audit=audit,
         )
