@@ -48,7 +48,9 @@ class NoiseRelease(Protocol):
 
     sensitivity: float
 
-    def add_noise(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]: ...
+    def add_noise(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Return noised copies of ``tensors`` (one release of the mechanism under audit)."""
+        ...
 
 
 def tail_thresholds(
