@@ -192,7 +192,9 @@ def plan(protocol: Protocol, done: Mapping[str, dict[str, Any]]) -> list[Cell]:
     comparison; depth; the other clipping modes; the cohort-size and local-work questions.
     """
     cells: list[Cell] = []
-    sig, seeds, mid = protocol.sigma_levels, protocol.seeds, protocol.sigma_depth
+    seeds, mid = protocol.seeds, protocol.sigma_depth
+    # Most informative sigma first: where noise matters, no noise, the largest, then the rest.
+    sig = sorted(protocol.sigma_levels, key=lambda s: (s != mid, s != 0.0, s != max(protocol.sigma_levels), s))
     lr_grid = dict(protocol.lr_grid)
 
     def sweep(opt: str) -> None:
@@ -569,8 +571,9 @@ def _fmt(values: list[float] | None, pct: bool = True) -> str:
 def aggregate(records: list[dict[str, Any]], protocol: Protocol) -> dict[tuple, dict[str, list[float]]]:
     """Cells of the current protocol grouped by configuration without the seed."""
     out: dict[tuple, dict[str, list[float]]] = {}
+    current = json.loads(json.dumps(protocol.key_dict()))  # tuples become lists, as in the files
     for r in records:
-        if r["protocol"] != protocol.key_dict() or r["protocol_version"] != PROTOCOL_VERSION:
+        if r["protocol"] != current or r["protocol_version"] != PROTOCOL_VERSION:
             continue
         c = r["cell"]
         k = (c["clip"], c["optimizer"], c["sigma_dp"], c["server_lr"], c["n_layers"],
@@ -696,6 +699,7 @@ def write_report(protocol: Protocol, out: Path) -> Path:
     norms = out / "update_norms.json"
     if norms.is_file():
         lines += _norms_section(json.loads(norms.read_text()))
+    lines += claims_section(protocol, agg, lr)
     plots = make_plots(protocol, agg, lr, eps, out)
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
@@ -705,6 +709,70 @@ def write_report(protocol: Protocol, out: Path) -> Path:
     path = out / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _relative_rms(layer: Mapping[str, Any], n: Mapping[str, Any]) -> float:
+    """(‖Δ_h‖/√d_h) / (‖Δ‖/√D): a layer's share of the global norm relative to its dim share.
+
+    Under global clipping and noise, a layer's signal-to-noise ratio is proportional to this
+    (per-layer dim clipping makes it 1 for every clipped layer); below 1 the layer drowns first.
+    """
+    total_d = sum(a["numel"] for a in n["layers"])
+    total = math.sqrt(sum(a["norm"] ** 2 for a in n["layers"]))
+    return (layer["norm"] / math.sqrt(layer["numel"])) / (total / math.sqrt(total_d))
+
+
+def paired_gap(a: Mapping[str, list[float]] | None, b: Mapping[str, list[float]] | None) -> list[float]:
+    """WER(a) − WER(b) in points for every seed both have finished."""
+    if not a or not b:
+        return []
+    common = sorted(set(a["seeds"]) & set(b["seeds"]))
+    return [100 * (a["wer"][a["seeds"].index(s)] - b["wer"][b["seeds"].index(s)]) for s in common]
+
+
+def verdict(diffs: list[float], *, claim_sign: int = 1) -> str:
+    """Plain verdict on paired WER differences (points; positive supports the claim if
+    ``claim_sign`` is 1): beyond two standard errors and 1 point either way, or not."""
+    if not diffs:
+        return "not yet measured"
+    diffs = [claim_sign * d for d in diffs]
+    if len(diffs) < 2:
+        return f"not yet measured (one seed: {diffs[0]:+.1f} points)"
+    m, sd = _mean_std(diffs)
+    se = sd / math.sqrt(len(diffs))
+    text = f"{m:+.1f} ± {sd:.1f} points over {len(diffs)} seeds"
+    if m > max(1.0, 2 * se):
+        return f"reproduced ({text})"
+    if m < -max(1.0, 2 * se):
+        return f"reversed ({text})"
+    return f"not reproduced: no clear difference ({text})"
+
+
+def claims_section(protocol: Protocol, agg: Mapping[tuple, Mapping[str, list[float]]],
+                   lr: Mapping[str, float | None]) -> list[str]:
+    """Automatic per-claim verdicts from paired seeds (re-derived whenever the report is built)."""
+    lamb, adam = lr["lamb"], lr["adam"]
+    lines = ["## Claims (automatic verdicts from paired seeds)", "",
+             "A claim counts as reproduced at a σ_DP when the paired WER difference exceeds both 1 point "
+             "and two standard errors; reversed when it does so the other way.", "",
+             "| claim | σ_DP | verdict |", "|---|---|---|"]
+    for s in sorted(protocol.sigma_levels):
+        g = agg.get(("global", "lamb", s, lamb, None, None, None))
+        d = agg.get(("dim", "lamb", s, lamb, None, None, None))
+        lines.append(f"| 1. per-layer dim beats global clipping (LAMB) | {s:g} | {verdict(paired_gap(g, d))} |")
+    for s in sorted(protocol.sigma_levels):
+        for clip in ("dim", "global"):
+            a = agg.get((clip, "adam", s, adam, None, None, None))
+            b = agg.get((clip, "lamb", s, lamb, None, None, None))
+            lines.append(f"| 2. LAMB beats Adam ({clip} clipping) | {s:g} | {verdict(paired_gap(a, b))} |")
+    default_depth = model_config(protocol, None).n_layers
+    for depth in protocol.depths:
+        nl = None if depth == default_depth else depth
+        g = agg.get(("global", "lamb", protocol.sigma_depth, lamb, nl, None, None))
+        d = agg.get(("dim", "lamb", protocol.sigma_depth, lamb, nl, None, None))
+        lines.append(f"| 3. clipping gap at {depth} blocks (grows with depth?) | {protocol.sigma_depth:g} | "
+                     f"{verdict(paired_gap(g, d))} |")
+    return lines + [""]
 
 
 def _norms_section(n: dict[str, Any]) -> list[str]:
@@ -719,12 +787,16 @@ def _norms_section(n: dict[str, Any]) -> list[str]:
     lines = ["## Per-layer update norms of real clients", "",
              f"{n['clients']} client updates from the first {n['rounds']} rounds of the FL run (no noise, "
              f"before clipping); mean total norm {n['mean_total_norm']:.3g} (C = {n['protocol']['clip_bound']:g}).", "",
-             "| layer type | tensors | share of parameters | share of squared update norm | median tensor norm | mean dim-clip factor |",
+             "| layer type | tensors | share of parameters | share of squared update norm | median tensor norm |"
+             " relative per-element RMS (median, min–max) |",
              "|---|---|---|---|---|---|"]
     for name, t in sorted(by_type.items(), key=lambda kv: -kv[1]["share"]):
-        factors = [x["clip_factor_dim"] for x in n["layers"] if x["type"] == name]
+        rel = [_relative_rms(x, n) for x in n["layers"] if x["type"] == name]
         lines.append(f"| {name} | {t['count']} | {100 * t['numel'] / total:.2f}% | {100 * t['share']:.1f}% | "
-                     f"{statistics.median(t['norms']):.3g} | {statistics.fmean(factors):.3g} |")  # type: ignore[arg-type]
+                     f"{statistics.median(t['norms']):.3g} | {statistics.median(rel):.2f} ({min(rel):.2f}–{max(rel):.2f}) |")  # type: ignore[arg-type]
+    lines += ["", "Relative per-element RMS = (‖Δ_h‖/√d_h)/(‖Δ‖/√D). Under global clipping plus noise a "
+              "layer's signal-to-noise ratio is proportional to it; per-layer dim clipping equalises it to 1 "
+              "for every clipped layer. Layer types well below 1 are the ones global clipping drowns."]
     return lines + [""]
 
 
@@ -831,21 +903,27 @@ def make_plots(protocol: Protocol, agg: dict[tuple, dict[str, list[float]]], lr:
         n = json.loads(norms_path.read_text())
         colors = {"LayerNorm": "tab:red", "attention": "tab:blue", "MLP": "tab:green", "conv": "tab:purple",
                   "head": "tab:orange", "other": "gray"}
-        fig, axes = plt.subplots(2, 1, figsize=(11, 6), sharex=True)
+        fig, axes = plt.subplots(3, 1, figsize=(11, 8.5), sharex=True)
         layers = n["layers"]
-        x = range(len(layers))
-        axes[0].bar(x, [a["norm"] for a in layers], color=[colors[a["type"]] for a in layers])
-        axes[0].plot(x, [a["dim_bound"] * n["mean_total_norm"] / n["protocol"]["clip_bound"] for a in layers],
-                     "k.", ms=3, label="dim allocation C_h, scaled to the mean total norm")
+        x = list(range(len(layers)))
+        cols = [colors[a["type"]] for a in layers]
+        axes[0].bar(x, [a["norm"] for a in layers], color=cols)
+        dots = axes[0].plot(x, [a["dim_bound"] * n["mean_total_norm"] / n["protocol"]["clip_bound"] for a in layers],
+                            "k.", ms=4)
         axes[0].set_yscale("log")
         axes[0].set_ylabel("client update norm")
-        axes[0].legend(fontsize=7)
-        axes[1].bar(x, [100 * a["share_of_squared_norm"] for a in layers], color=[colors[a["type"]] for a in layers])
+        axes[1].bar(x, [100 * a["share_of_squared_norm"] for a in layers], color=cols)
         axes[1].set_ylabel("% of squared norm")
-        axes[1].set_xticks(list(x))
-        axes[1].set_xticklabels([a["name"] for a in layers], rotation=90, fontsize=5)
-        handles = [plt.Rectangle((0, 0), 1, 1, color=c) for t, c in colors.items() if any(a["type"] == t for a in layers)]
-        axes[0].legend(handles, [t for t in colors if any(a["type"] == t for a in layers)], fontsize=7, loc="upper right")
+        axes[2].bar(x, [_relative_rms(a, n) for a in layers], color=cols)
+        axes[2].axhline(1.0, color="k", lw=0.8)
+        axes[2].set_yscale("log")
+        axes[2].set_ylabel("per-element RMS /\nwhole-update RMS")
+        axes[2].set_xticks(x)
+        axes[2].set_xticklabels([a["name"] for a in layers], rotation=90, fontsize=5)
+        present = [t for t in colors if any(a["type"] == t for a in layers)]
+        handles = [plt.Rectangle((0, 0), 1, 1, color=colors[t]) for t in present] + dots
+        axes[0].legend(handles, present + ["norm a layer would have if it had its dim share"],
+                       fontsize=7, loc="upper right")
         fig.suptitle(f"Per-tensor norms of real client updates ({n['clients']} clients, before clipping)")
         fig.tight_layout()
         paths.append(out / "update_norms.png")
