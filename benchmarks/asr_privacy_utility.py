@@ -187,7 +187,7 @@ def plan(protocol: Protocol, done: Mapping[str, dict[str, Any]]) -> list[Cell]:
     """All cells in the order to run them (most informative first).
 
     Cells whose server LR depends on an unfinished sweep are left out; re-plan after each cell.
-    Order: LAMB LR sweep; global vs per-layer dim with LAMB across sigma_DP (seed-major, so the
+    Order: a pilot pair (global vs per-layer dim at the middle LAMB LR); LAMB LR sweep; global vs per-layer dim with LAMB across sigma_DP (seed-major, so the
     whole curve exists after the first seed); the other optimizers' LR sweeps; the optimizer
     comparison; depth; the other clipping modes; the cohort-size and local-work questions.
     """
@@ -212,6 +212,12 @@ def plan(protocol: Protocol, done: Mapping[str, dict[str, Any]]) -> list[Cell]:
                     for clip in clips:
                         cells.append(Cell(clip, opt, s, seed, lr, groups=(group,), **extra))
 
+    # Pilot: global clipping where noise matters, at the middle of LAMB's LR grid (its per-layer
+    # twin is the sweep's middle cell), so the first comparison exists before the sweep ends.
+    prior = lr_grid["lamb"][len(lr_grid["lamb"]) // 2] if "lamb" in lr_grid else None
+    if prior is not None:
+        cells.append(Cell("dim", "lamb", mid, seeds[0], prior, groups=("pilot",)))
+        cells.append(Cell("global", "lamb", mid, seeds[0], prior, groups=("pilot",)))
     sweep("lamb")
     grid(("global", "dim"), ("lamb",), sig, "clip")
     sweep("adam")
@@ -586,25 +592,41 @@ def aggregate(records: list[dict[str, Any]], protocol: Protocol) -> dict[tuple, 
     return out
 
 
-def extrapolated_epsilons(sigmas: Iterable[float], out: Path) -> dict[str, dict[str, float]]:
-    """Paper-scale ε (S 204,800, K 69.5M, T 2,034, δ 1e-9) per σ_DP, RDP and PLD (cached)."""
+PAPER_PARAMS = 255_800_862
+"""Parameters of the paper's model (design notes 2.5)."""
+
+
+def paper_equivalent_sigma(sigma_dp: float, params: int) -> float:
+    """σ_DP giving the paper's 255.8M-parameter model the same noise norm per unit of C
+    (noise norm on the mean = σ_DP · C · √D) as ``sigma_dp`` gives a model of ``params``."""
+    return sigma_dp * math.sqrt(params / PAPER_PARAMS)
+
+
+def _paper_eps(sigma: float) -> dict[str, Any]:
+    entry: dict[str, Any] = {"noise_multiplier": sigma * PAPER_SCALE["cohort_size"]}
+    for acc in ("rdp", "pld"):
+        try:
+            entry[acc] = extrapolate(sigma_dp=sigma, accountant=acc, cohort_size=PAPER_SCALE["cohort_size"],
+                                     population=PAPER_SCALE["population"], rounds=int(PAPER_SCALE["rounds"]),
+                                     delta=PAPER_SCALE["delta"]).epsilon
+        except (ValueError, RuntimeError, OverflowError) as exc:  # report, do not crash
+            entry[acc] = f"failed: {exc}"[:120]
+    return entry
+
+
+def extrapolated_epsilons(sigmas: Iterable[float], out: Path, params: int) -> dict[str, dict[str, Any]]:
+    """Paper-scale ε (S 204,800, K 69.5M, T 2,034, δ 1e-9) per σ_DP, RDP and PLD, both for the
+    σ_DP itself and for its paper-model equivalent (:func:`paper_equivalent_sigma`); cached."""
     path = out / "extrapolated_epsilon.json"
     cache = json.loads(path.read_text()) if path.is_file() else {}
     for s in sigmas:
-        if s <= 0 or f"{s:g}" in cache:
+        key = f"{s:g}@{params}"
+        if s <= 0 or key in cache:
             continue
-        entry = {}
-        for acc in ("rdp", "pld"):
-            try:
-                entry[acc] = extrapolate(sigma_dp=s, accountant=acc, cohort_size=PAPER_SCALE["cohort_size"],
-                                         population=PAPER_SCALE["population"],
-                                         rounds=int(PAPER_SCALE["rounds"]), delta=PAPER_SCALE["delta"]).epsilon
-            except (ValueError, RuntimeError, OverflowError) as exc:  # report, do not crash
-                entry[acc] = f"failed: {exc}"[:120]
-        entry["noise_multiplier"] = s * PAPER_SCALE["cohort_size"]
-        cache[f"{s:g}"] = entry
+        eq = paper_equivalent_sigma(s, params)
+        cache[key] = {**_paper_eps(s), "paper_equivalent_sigma": eq, "paper_equivalent": _paper_eps(eq)}
         _write_json(path, cache)
-    return cache
+    return {k.split("@")[0]: v for k, v in cache.items() if k.endswith(f"@{params}")}
 
 
 def _eps_str(v: Any) -> str:
@@ -635,13 +657,23 @@ def write_report(protocol: Protocol, out: Path) -> Path:
               f"Machine(s): {'; '.join(machines) or '–'}", ""]
 
     sigmas = sorted({k[2] for k in agg} | set(protocol.sigma_levels))
-    eps = extrapolated_epsilons(sigmas, out)
+    params = next((v["params"] for v in seeds.values() if v["n_layers"] == model_config(protocol, None).n_layers), None)
+    eps = extrapolated_epsilons(sigmas, out, params) if params else {}
     lines += ["## Extrapolated ε of each σ_DP (paper scale: S 204,800, K 69.5M, T 2,034, δ 1e-9)", "",
-              "| σ_DP | z = σ_DP·S | ε RDP | ε PLD |", "|---|---|---|---|"]
+              "The noise norm on the mean is σ_DP·C·√D, so a given σ_DP is far noisier relative to C on this "
+              f"{params or 0:,}-parameter model than on the paper's 255.8M-parameter one. The last three columns "
+              "give the paper-model σ_DP with the same noise norm per unit of C (σ_DP·√(D/255.8M)) and its ε: "
+              "the privacy level this utility point corresponds to at the paper's model size. ε below ~0.05 "
+              "is at the accountants' resolution (RDP is floored by its largest order, PLD by its "
+              "discretisation), i.e. effectively 0.", "",
+              "| σ_DP | z = σ_DP·S | ε RDP | ε PLD | paper-model equivalent σ_DP | its ε RDP | its ε PLD |",
+              "|---|---|---|---|---|---|---|"]
     for s in sigmas:
-        if s > 0:
+        if s > 0 and f"{s:g}" in eps:
             e = eps[f"{s:g}"]
-            lines.append(f"| {s:g} | {e['noise_multiplier']:.4g} | {_eps_str(e['rdp'])} | {_eps_str(e['pld'])} |")
+            q = e["paper_equivalent"]
+            lines.append(f"| {s:g} | {e['noise_multiplier']:.4g} | {_eps_str(e['rdp'])} | {_eps_str(e['pld'])} | "
+                         f"{e['paper_equivalent_sigma']:.3g} | {_eps_str(q['rdp'])} | {_eps_str(q['pld'])} |")
     lines.append("")
 
     lr = {o: tuned_lr(protocol, done, o) for o in OPTIMIZERS}
@@ -693,7 +725,8 @@ def write_report(protocol: Protocol, out: Path) -> Path:
                   f"`vectorized=True` {sp['seconds_per_round']['vectorized']:.1f}: speed-up "
                   f"{sp['speedup']:.2f}x (cohort {sp['cohort_size']}, {sp['local_steps']} local steps)."]
         if sp["fallback_warnings"]:
-            lines.append("The vectorized path fell back to the sequential loop: "
+            lines.append("The vectorized path fell back to the sequential loop, so both timings are of the "
+                         "same code and their ratio reflects only machine load, not a speed-up: "
                          + "; ".join(f"`{w}`" for w in sp["fallback_warnings"]))
         lines.append("")
     norms = out / "update_norms.json"
@@ -922,10 +955,10 @@ def make_plots(protocol: Protocol, agg: dict[tuple, dict[str, list[float]]], lr:
         axes[2].set_xticklabels([a["name"] for a in layers], rotation=90, fontsize=5)
         present = [t for t in colors if any(a["type"] == t for a in layers)]
         handles = [plt.Rectangle((0, 0), 1, 1, color=colors[t]) for t in present] + dots
-        axes[0].legend(handles, present + ["norm a layer would have if it had its dim share"],
-                       fontsize=7, loc="upper right")
-        fig.suptitle(f"Per-tensor norms of real client updates ({n['clients']} clients, before clipping)")
-        fig.tight_layout()
+        fig.legend(handles, present + ["norm at its dim share of the total"], fontsize=7, ncol=len(handles),
+                   loc="lower center", bbox_to_anchor=(0.5, 0.93), frameon=False)
+        fig.suptitle(f"Per-tensor norms of real client updates ({n['clients']} clients, before clipping)", y=0.995)
+        fig.tight_layout(rect=(0, 0, 1, 0.93))
         paths.append(out / "update_norms.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
