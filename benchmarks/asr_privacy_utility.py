@@ -318,7 +318,8 @@ def seed_model(protocol: Protocol, data: Data, n_layers: int | None, out: Path) 
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = CTCTransformer(cfg)
-    if path.is_file():
+    trained = not path.is_file()
+    if not trained:
         model.load_state_dict(torch.load(path, weights_only=True))
     else:
         t0 = time.time()
@@ -332,6 +333,14 @@ def seed_model(protocol: Protocol, data: Data, n_layers: int | None, out: Path) 
         print(f"seed model trained in {time.time() - t0:.0f}s", flush=True)
     index_path = out / "seed_models.json"
     index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    if key in index and trained:  # retrained (e.g. a new session): the cells assume the same model
+        rates, _ = evaluate(model, data.eval_batches, CharTokenizer())
+        if (rates.wer, rates.cer) != (index[key]["wer"], index[key]["cer"]):
+            warnings.warn(f"retrained seed model {key} scores WER {rates.wer:.4f} / CER {rates.cer:.4f}, "
+                          f"not the recorded {index[key]['wer']:.4f} / {index[key]['cer']:.4f}: cells from "
+                          "before and after are not strictly comparable", stacklevel=2)
+            index[key].setdefault("retrained", []).append({"wer": rates.wer, "cer": rates.cer})
+            _write_json(index_path, index)
     if key not in index:
         rates, _ = evaluate(model, data.eval_batches, CharTokenizer())
         index[key] = {"n_layers": cfg.n_layers, "params": sum(p.numel() for p in model.parameters()),
