@@ -516,6 +516,57 @@ def measure_norms(protocol: Protocol, data: Data, out: Path, *, rounds: int = 3)
     return result
 
 
+def measure_fidelity(protocol: Protocol, data: Data, out: Path, *, draws: int = 5) -> dict[str, Any]:
+    """How well the noised, clipped mean keeps each layer type's direction (no training needed).
+
+    One cohort of real client updates (``train_local`` from the seed model, the protocol's local
+    work) is clipped globally or per layer (dim), averaged over S, noised with std σ_DP·C per
+    coordinate, and compared by cosine with the unclipped mean update, per layer type.
+    """
+    from dpfl.simulation import train_local
+
+    torch.set_num_threads(1)
+    base, _ = seed_model(protocol, data, None, out)
+    users = sorted(data.users)[: protocol.cohort_size]
+    updates = [train_local(base, data.users[u], batch_loss, lr=protocol.local_lr, steps=protocol.local_steps,
+                           max_grad_norm=1.0, generator=torch.Generator().manual_seed(i))
+               for i, u in enumerate(users)]
+    names = list(updates[0])
+    true_mean = {n: sum(u[n] for u in updates) / len(updates) for n in names}
+    types = sorted({layer_type(n) for n in names})
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for clip in ("global", "dim"):
+        clipper = make_clipper(clip, protocol.clip_bound)
+        clipped = [clipper.clip(u)[0] for u in updates]
+        mean = {n: sum(c[n] for c in clipped) / protocol.cohort_size for n in names}
+        for sigma in protocol.sigma_levels:
+            cos: dict[str, list[float]] = {t: [] for t in types + ["all"]}
+            for _ in range(draws):
+                noisy = {n: mean[n] + sigma * protocol.clip_bound * torch.randn(mean[n].shape, generator=gen)
+                         for n in names}
+                for t in types + ["all"]:
+                    sel = [n for n in names if t == "all" or layer_type(n) == t]
+                    a = torch.cat([noisy[n].flatten() for n in sel]).double()
+                    b = torch.cat([true_mean[n].flatten() for n in sel]).double()
+                    cos[t].append(float(a @ b / (a.norm() * b.norm()).clamp_min(1e-30)))
+            rows.append({"clip": clip, "sigma_dp": sigma, **{t: statistics.fmean(v) for t, v in cos.items()}})
+    result = {"users": len(users), "draws": draws, "types": types, "rows": rows, "finished": _now()}
+    _write_json(out / "fidelity.json", result)
+    return result
+
+
+def _fidelity_section(f: dict[str, Any]) -> list[str]:
+    types = ["all"] + f["types"]
+    lines = ["## Direction kept by the noised mean, per layer type", "",
+             f"Cosine between the clipped, noised cohort mean and the unclipped mean of {f['users']} real client "
+             f"updates (mean over {f['draws']} noise draws; 1 = direction kept, 0 = pure noise).", "",
+             "| clipping | σ_DP | " + " | ".join(types) + " |", "|---" * (len(types) + 2) + "|"]
+    for r in f["rows"]:
+        lines.append(f"| {r['clip']} | {r['sigma_dp']:g} | " + " | ".join(f"{r[t]:.3f}" for t in types) + " |")
+    return lines + [""]
+
+
 # --------------------------------------------------------------------------- speed
 def measure_speed(protocol: Protocol, data: Data, out: Path, *, rounds: int = 2) -> dict[str, Any]:
     """Seconds per round of sequential vs ``vectorized=True`` cohort training, side by side."""
@@ -741,6 +792,9 @@ def write_report(protocol: Protocol, out: Path) -> Path:
     norms = out / "update_norms.json"
     if norms.is_file():
         lines += _norms_section(json.loads(norms.read_text()))
+    fidelity = out / "fidelity.json"
+    if fidelity.is_file():
+        lines += _fidelity_section(json.loads(fidelity.read_text()))
     lines += claims_section(protocol, agg, lr)
     plots = make_plots(protocol, agg, lr, eps, out)
     if plots:
@@ -1003,7 +1057,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("command", nargs="?", default="all", choices=["all", "run", "norms", "speed", "report", "plan"])
+    p.add_argument("command", nargs="?", default="all", choices=["all", "run", "norms", "fidelity", "speed", "report", "plan"])
     p.add_argument("--quick", action="store_true", help="2x2 subset on the tiny model (a few minutes)")
     p.add_argument("--out", type=Path, default=None, help=f"results directory (default {RESULTS})")
     p.add_argument("--max-cells", type=int, default=None)
@@ -1020,10 +1074,12 @@ def main(argv: list[str] | None = None) -> int:
         for c in planner(protocol, done):
             print(("done " if c.key(protocol) in done else "todo ") + f"{c.key(protocol)} {','.join(c.groups)}: {c.label()}")
         return 0
-    if args.command in ("all", "norms", "speed", "run"):
+    if args.command in ("all", "norms", "fidelity", "speed", "run"):
         data = load_data(protocol)
         if args.command in ("all", "norms"):
             measure_norms(protocol, data, out, rounds=1 if args.quick else 2)
+        if args.command in ("all", "fidelity"):
+            measure_fidelity(protocol, data, out)
         if args.command in ("all", "speed"):
             print(json.dumps(measure_speed(protocol, data, out, rounds=1)), flush=True)
         if args.command in ("all", "run"):
