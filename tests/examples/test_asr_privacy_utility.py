@@ -1,0 +1,45 @@
+"""The ASR privacy-utility study runs end to end in ``--quick`` mode and resumes from its cells."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "asr_privacy_utility.py"
+
+
+def _run(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+               OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(out), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False,
+    )
+
+
+def test_quick_study_writes_cells_report_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    proc = _run(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cells = sorted((out / "cells").glob("*.json"))
+    assert len(cells) == 4  # the 2x2 subset: {global, dim} x {no noise, noise}
+    records = [json.loads(p.read_text()) for p in cells]
+    assert {(r["cell"]["clip"], r["cell"]["sigma_dp"] > 0) for r in records} == {
+        ("global", False), ("global", True), ("dim", False), ("dim", True)}
+    assert all(p.stem == r["key"] for p, r in zip(cells, records, strict=True))
+    for name in ("README.md", "update_norms.json", "speed.json", "seed_models.json",
+                 "extrapolated_epsilon.json", "wer_vs_sigma.png", "update_norms.png"):
+        assert (out / name).is_file(), name
+    report = (out / "README.md").read_text()
+    assert "Clipping mode vs σ_DP" in report and "Per-layer update norms" in report
+
+    # Resuming: every cell is already done, so nothing is re-run and the cells are unchanged.
+    before = {p.name: p.read_text() for p in cells}
+    proc = _run(out, "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "] clip:" not in proc.stdout  # no cell was run again
+    assert {p.name: p.read_text() for p in sorted((out / "cells").glob("*.json"))} == before
