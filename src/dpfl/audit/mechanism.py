@@ -140,8 +140,11 @@ def audit_gaussian_mechanism(
     tail is cut short of the grid, pushes it above once there are enough trials.
 
     Args:
-        mechanism, trials, trials_in, thresholds, batch_size: as in
-            :func:`gaussian_mechanism_trials`.
+        mechanism: the release under audit (as in :func:`gaussian_mechanism_trials`).
+        trials: number of out-trials (as in :func:`gaussian_mechanism_trials`).
+        trials_in: number of in-trials (as in :func:`gaussian_mechanism_trials`).
+        thresholds: the score thresholds (as in :func:`gaussian_mechanism_trials`).
+        batch_size: trials per release (as in :func:`gaussian_mechanism_trials`).
         delta: δ of the bound, in (0, 1).
         confidence: probability that the returned ε is a valid lower bound.
 
@@ -182,7 +185,9 @@ def audit_aggregator(
         aggregator: the aggregator under audit, with no pending users.
         template: an update fixing names, shapes, dtypes and devices.
         trials: number of releases; half with the canary in.
-        delta, confidence, thresholds: as in :func:`audit_gaussian_mechanism` (default grid from
+        delta: δ of the bound, in (0, 1) (as in :func:`audit_gaussian_mechanism`).
+        confidence: probability that the returned ε is a valid lower bound.
+        thresholds: score thresholds (default: a grid from
             ``aggregator.mechanism.noise_multiplier``).
         background: other users' updates added in every trial.
         seed: seed of the canary direction (``None``: OS entropy).
