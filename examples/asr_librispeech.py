@@ -61,6 +61,7 @@ import torch.distributed as tdist  # noqa: E402
 
 from dpfl.accounting import extrapolate  # noqa: E402
 from dpfl.audit import CanaryAudit  # noqa: E402
+from dpfl.simulation.checkpoint import CheckpointError  # noqa: E402
 from dpfl.simulation.distributed import (  # noqa: E402
     DistContext,
     init_distributed,
@@ -615,10 +616,13 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.time()
         audit = (CanaryAudit(args.canaries, seed=args.seed)
                  if args.canaries and cfg.noise_multiplier > 0 else None)
-        run = run_federated(
-            model, dataset, cfg, augment=augment, log_path=args.output_dir / f"{name}.jsonl",
-            checkpoint_dir=args.output_dir / f"ckpt_{name}", resume=args.resume, eval_fn=eval_fn,
-            eval_every=args.eval_every, dist=dist, audit=audit)
+        try:
+            run = run_federated(
+                model, dataset, cfg, augment=augment, log_path=args.output_dir / f"{name}.jsonl",
+                checkpoint_dir=args.output_dir / f"ckpt_{name}", resume=args.resume,
+                eval_fn=eval_fn, eval_every=args.eval_every, dist=dist, audit=audit)
+        except CheckpointError as exc:  # e.g. --resume with other privacy settings
+            raise UserError(f"{exc} (or start a new run without --resume)") from exc
         if _rank0(dist):
             entry = {**score(model), "epsilon": run.epsilon, "delta": run.delta,
                      "rounds": run.rounds_completed, "stop_reason": run.stop_reason,
