@@ -152,3 +152,20 @@ def test_a_failed_server_step_restores_the_sampler_and_keeps_the_charge(tmp_path
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     journal = (tmp_path / "ckpt" / "ledger.jsonl").read_text().splitlines()
     assert len(journal) == 1  # charged before its noise existed: the charge stays
+
+
+def test_a_log_that_stops_before_the_checkpoint_round_is_refused(tmp_path: Path) -> None:
+    import json
+
+    run(tmp_path, rounds=3)
+    log = tmp_path / "log.jsonl"
+    kept = [line for line in log.read_text().splitlines()
+            if json.loads(line).get("round", 0) <= 1]  # the log of rounds 2-3 is gone
+    log.write_text("\n".join(kept) + "\n")
+    with pytest.raises(CheckpointError, match="round 3 but the log .* up to 1"):
+        run(tmp_path, rounds=4, resume=True)
+
+
+def test_a_checkpoint_path_that_is_a_directory_is_named_as_such(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="is a directory"):
+        load_checkpoint(tmp_path)

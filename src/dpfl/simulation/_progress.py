@@ -286,6 +286,20 @@ class RunLog:
             f.write(line + "\n")
             f.flush()
 
+    def last_round(self) -> int | None:
+        """The highest round with an ``"event": "round"`` line in the log (``None``: none, or no log)."""
+        if self.path is None or not self.path.is_file():
+            return None
+        last = None
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                event = json.loads(line)
+                if event.get("event") == "round":
+                    last = max(int(event["round"]), last if last is not None else 0)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # a partial last line of a killed process
+        return last
+
     def truncate_after(self, round_index: int) -> None:
         """Keep only the events of rounds <= ``round_index`` (dropping its stale ``stop`` event).
 

@@ -174,6 +174,10 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             an unsupported version, or its content does not match its digest (corruption).
     """
     p = Path(path)
+    if p.is_dir():
+        raise CheckpointError(
+            f"{p}: is a directory, not a checkpoint file; give the file (e.g. {p / 'checkpoint.pt'})"
+        )
     if not p.is_file():
         raise CheckpointError(f"{p}: checkpoint file does not exist")
     try:

@@ -657,6 +657,14 @@ class _RoundLoop:
 
     def _run(self) -> RunResult:
         start = self._setup()
+        logged = self.log.last_round()
+        if start > 0 and logged is not None and logged < start:
+            raise CheckpointError(
+                f"{self.ckpt_path}: the checkpoint is at round {start} but the log "
+                f"{self.log.path} records rounds only up to {logged}; every round is logged "
+                "before its checkpoint, so the log was truncated or replaced, or the round index "
+                "moved; restore the run's own log or give another Logging.path"
+            )
         world = 1 if self.dist is None else self.dist.world_size
         self.log.begin(start, world_size=world, config=self.config, unsafe=self.unsafe)
         if self.unsafe and self.is_main:
