@@ -246,24 +246,50 @@ def test_pieces_stay_below_the_intra_op_grain():
     assert 2 * sampler._pairs(PIECE // sampler.SECURE_DRAWS, True) <= 32768
 
 
-def _noise_in_child(queue) -> None:
+_FORK_SCRIPT = """
+import multiprocessing, sys, torch
+torch.set_num_threads(1)  # libgomp is not fork-safe: the parent must not have used OpenMP threads
+from dpfl._sampler import PIECE, add_gaussian_
+KEY = bytes(range(32))
+add_gaussian_([torch.zeros(3 * PIECE)], key=KEY, release=0, scale=1.0, secure=False, workers=2)
+
+def child(queue):
     x = torch.zeros(3 * PIECE)
     add_gaussian_([x], key=KEY, release=0, scale=1.0, secure=False, workers=2)
     queue.put(float(x.std()))
 
+ctx = multiprocessing.get_context("fork")
+queue = ctx.Queue()
+proc = ctx.Process(target=child, args=(queue,))
+proc.start()
+proc.join(120)
+if proc.is_alive():
+    proc.kill()
+    sys.exit("the forked child hung")
+assert proc.exitcode == 0, proc.exitcode
+std = queue.get(timeout=10)
+assert 0.9 < std < 1.1, std
+print("ok")
+"""
+
 
 def test_thread_pool_works_in_a_forked_child():
-    """A child forked after the pool exists gets fresh workers instead of waiting forever."""
-    import multiprocessing
+    """A child forked after the noise pool exists gets fresh workers instead of waiting forever.
 
-    add_gaussian_([torch.zeros(3 * PIECE)], key=KEY, release=0, scale=1.0, secure=False, workers=2)
-    ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
-    child = ctx.Process(target=_noise_in_child, args=(queue,))
-    child.start()
-    child.join(120)
-    hung = child.is_alive()
-    if hung:
-        child.kill()
-    assert not hung and child.exitcode == 0
-    assert 0.9 < queue.get(timeout=10) < 1.1
+    Run in a fresh interpreter: whether a forked child can use torch at all depends on what the
+    parent did before (a parent that ran OpenMP-parallel ops leaves libgomp unusable in the
+    child, whatever dpfl does), so the parent's state must be controlled.
+    """
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    done = subprocess.run(
+        [sys.executable, "-c", _FORK_SCRIPT],
+        env={**__import__("os").environ, "PYTHONPATH": src},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
