@@ -35,7 +35,14 @@ from typing import Any
 
 from dpfl.simulation.checkpoint import CheckpointError
 
-__all__ = ["JOURNAL_FILE", "Charge", "LedgerJournal"]
+__all__ = [
+    "JOURNAL_FILE",
+    "Charge",
+    "LedgerJournal",
+    "charge_journal",
+    "sweep_temporaries",
+    "verify_ledger",
+]
 
 #: Name of the journal file inside ``Checkpointing.dir``.
 JOURNAL_FILE = "ledger.jsonl"
@@ -122,3 +129,59 @@ class LedgerJournal:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+
+
+def verify_ledger(path: Path, state: Mapping[str, Any], journal_count: int) -> int:
+    """Check a checkpoint's ledger against its round index and the journal; return its charges.
+
+    Raises:
+        CheckpointError: A ledger with fewer rounds than the round index, or a journal with fewer
+            charges than the checkpoint records (shrunk, replaced or from another run).
+    """
+    charges = state.get("charges")
+    if not isinstance(charges, int) or isinstance(charges, bool) or charges < 0:
+        raise CheckpointError(f"{path}: invalid or missing journal charge count {charges!r}")
+    if journal_count < charges:
+        raise CheckpointError(
+            f"{path}: the checkpoint's ledger holds {charges} journal charges but "
+            f"{JOURNAL_FILE} beside it holds {journal_count}; the privacy journal was shrunk, "
+            "deleted or replaced, so the releases since the checkpoint cannot be accounted"
+        )
+    round_index = state.get("round")
+    try:
+        ledger = state["accountant"]["ledger"]
+        rounds = sum(int(entry["count"]) for entry in ledger)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: malformed accountant state ({exc})") from exc
+    if isinstance(round_index, int) and rounds < round_index:
+        raise CheckpointError(
+            f"{path}: the stored ledger holds {rounds} rounds but the checkpoint is at round "
+            f"{round_index}; the ledger was shrunk or the round index moved"
+        )
+    if isinstance(round_index, int) and charges < round_index:
+        raise CheckpointError(
+            f"{path}: the checkpoint is at round {round_index} but records only {charges} "
+            "journal charges; every round is charged at least once"
+        )
+    return charges
+
+
+def charge_journal(accountant: Any, charges: list[Charge]) -> None:
+    """Add the journal's ``charges`` to ``accountant`` (no budget check: they were released)."""
+    state = accountant.state_dict()
+    extra = [{"round": c.spec, "count": 1} for c in charges]
+    try:
+        accountant.load_state_dict({**state, "ledger": [*state["ledger"], *extra]})
+    except ValueError as exc:
+        raise CheckpointError(
+            f"the privacy journal holds charges this accountant cannot take: {exc}"
+        ) from exc
+
+
+def sweep_temporaries(checkpoint: Path) -> None:
+    """Remove the temporary files that a crash during an atomic write of ``checkpoint`` (see
+    :func:`~dpfl.simulation.checkpoint.save_checkpoint`) or of the journal beside it left behind.
+    Call it under the directory's lock."""
+    for pattern in (f".{checkpoint.name}.*.tmp", f".{JOURNAL_FILE}.tmp"):
+        for leftover in checkpoint.parent.glob(pattern):
+            leftover.unlink(missing_ok=True)

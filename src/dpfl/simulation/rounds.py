@@ -20,7 +20,7 @@ import secrets
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,13 @@ from dpfl.simulation.checkpoint import (
 )
 from dpfl.simulation.config import Checkpointing, Evaluation, LocalTraining, Logging, Privacy
 from dpfl.simulation.distributed import DistContext
-from dpfl.simulation.journal import JOURNAL_FILE, Charge, LedgerJournal
+from dpfl.simulation.journal import (
+    JOURNAL_FILE,
+    LedgerJournal,
+    charge_journal,
+    sweep_temporaries,
+    verify_ledger,
+)
 from dpfl.simulation.local import NonFiniteLossError, train_local
 from dpfl.simulation.vectorized import train_cohort_vectorized
 
@@ -221,60 +227,6 @@ def run_rounds(
         audit=audit,
     )
     return loop.run()
-
-
-def _verify_ledger(path: Path, state: Mapping[str, Any], journal_count: int) -> int:
-    """Check a checkpoint's ledger against its round index and the journal; return its charges.
-
-    Raises:
-        CheckpointError: A ledger with fewer rounds than the round index, or a journal with fewer
-            charges than the checkpoint records (shrunk, replaced or from another run).
-    """
-    charges = state.get("charges")
-    if not isinstance(charges, int) or isinstance(charges, bool) or charges < 0:
-        raise CheckpointError(f"{path}: invalid or missing journal charge count {charges!r}")
-    if journal_count < charges:
-        raise CheckpointError(
-            f"{path}: the checkpoint's ledger holds {charges} journal charges but "
-            f"{JOURNAL_FILE} beside it holds {journal_count}; the privacy journal was shrunk, "
-            "deleted or replaced, so the releases since the checkpoint cannot be accounted"
-        )
-    round_index = state.get("round")
-    try:
-        ledger = state["accountant"]["ledger"]
-        rounds = sum(int(entry["count"]) for entry in ledger)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: malformed accountant state ({exc})") from exc
-    if isinstance(round_index, int) and rounds < round_index:
-        raise CheckpointError(
-            f"{path}: the stored ledger holds {rounds} rounds but the checkpoint is at round "
-            f"{round_index}; the ledger was shrunk or the round index moved"
-        )
-    if isinstance(round_index, int) and charges < round_index:
-        raise CheckpointError(
-            f"{path}: the checkpoint is at round {round_index} but records only {charges} "
-            "journal charges; every round is charged at least once"
-        )
-    return charges
-
-
-def _charge_journal(accountant: Any, charges: list[Charge]) -> None:
-    """Add the journal's ``charges`` to ``accountant`` (no budget check: they were released)."""
-    state = accountant.state_dict()
-    extra = [{"round": c.spec, "count": 1} for c in charges]
-    try:
-        accountant.load_state_dict({**state, "ledger": [*state["ledger"], *extra]})
-    except ValueError as exc:
-        raise CheckpointError(
-            f"the privacy journal holds charges this accountant cannot take: {exc}"
-        ) from exc
-
-
-def _sweep_temporaries(directory: Path) -> None:
-    """Remove temporary files a crash during an atomic write left behind (under the lock)."""
-    for pattern in (f".{CHECKPOINT_FILE}.*.tmp", f".{JOURNAL_FILE}.tmp"):
-        for leftover in directory.glob(pattern):
-            leftover.unlink(missing_ok=True)
 
 
 def _require_instance(name: str, value: Any, cls: type, hint: str) -> None:
@@ -459,7 +411,7 @@ class _RoundLoop:
         start, charged = 0, 0
         if state is not None:
             assert self.ckpt_path is not None
-            charged = _verify_ledger(self.ckpt_path, state, len(charges))
+            charged = verify_ledger(self.ckpt_path, state, len(charges))
             stored_round = state.get("round")
             if isinstance(stored_round, int) and stored_round > self.rounds:
                 raise ValueError(
@@ -480,7 +432,7 @@ class _RoundLoop:
                     "the optimizer state)"
                 )
         if charges[charged:]:
-            _charge_journal(self.accountant, charges[charged:])
+            charge_journal(self.accountant, charges[charged:])
         if self.dist is not None:
             shapes = {k: list(v.shape) for k, v in self.model.state_dict().items()}
             self.dist.check_same("run configuration", (self.config, shapes, seed, start))
@@ -648,7 +600,7 @@ class _RoundLoop:
         if self.ckpt_path is not None and self.is_main:
             lock = DirectoryLock(self.ckpt_path.parent)
             lock.acquire()
-            _sweep_temporaries(self.ckpt_path.parent)
+            sweep_temporaries(self.ckpt_path)
         try:
             return self._run()
         finally:
