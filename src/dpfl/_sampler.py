@@ -231,20 +231,40 @@ _POOLS_LOCK = threading.Lock()
 
 def _forget_pools_after_fork() -> None:
     """A forked child has none of the parent's worker threads (and maybe a held lock)."""
-    global _POOLS_LOCK
+    global _POOLS_LOCK, _THREAD_INIT_LOCK
     _POOLS.clear()
     _POOLS_LOCK = threading.Lock()
+    _THREAD_INIT_LOCK = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pools_after_fork)
 
 
+_THREAD_INIT_LOCK = threading.Lock()
+
+
+def _init_worker() -> None:
+    """Let torch set up this thread's intra-op state, one worker at a time.
+
+    The first torch op of a new thread calls ``at::set_num_threads``, which fetches torch's
+    internal pthreadpool. In a forked child the first such fetch replaces the pool leaked by
+    the fork without a lock, so two workers doing it at once can see no pool at all ("Invalid
+    thread pool!"). The main thread makes the first fetch in ``_pool``; the lock serialises
+    the rest.
+    """
+    with _THREAD_INIT_LOCK:
+        torch.get_num_threads()
+
+
 def _pool(workers: int) -> ThreadPoolExecutor:
     with _POOLS_LOCK:
         pool = _POOLS.get(workers)
         if pool is None:
-            pool = _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="dpfl-noise")
+            torch.set_num_threads(torch.get_num_threads())  # first pool fetch, in this thread
+            pool = _POOLS[workers] = ThreadPoolExecutor(
+                workers, thread_name_prefix="dpfl-noise", initializer=_init_worker
+            )
         return pool
 
 
