@@ -231,7 +231,10 @@ def plan(protocol: Protocol, done: Mapping[str, dict[str, Any]]) -> list[Cell]:
     grid(("global", "dim"), ("lamb",), sig, "clip")
     sweep("adam")
     sweep("sgd")
-    grid(("global", "dim"), ("adam", "sgd", "ladam"), sig, "optim")
+    grid(("global", "dim"), ("adam", "sgd"), sig, "optim")
+    # Layer-wise Adam is LAMB with weight decay 0 (the study's LAMB): one identity check per
+    # clipping mode instead of a full grid of duplicates.
+    grid(("global", "dim"), ("ladam",), (mid,), "optim")
     for depth in protocol.depths:
         grid(("global", "dim"), ("lamb",), (0.0, mid), "depth", n_layers=depth)
     grid(("uniform", "normalize"), ("lamb",), sig, "clip")
