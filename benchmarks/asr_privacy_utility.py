@@ -40,12 +40,10 @@ if __package__ in (None, ""):  # run as a script: make the repository's `example
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import datetime  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -55,6 +53,10 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
+from benchmarks._study import machine  # noqa: E402
+from benchmarks._study import mean_std as _mean_std  # noqa: E402
+from benchmarks._study import now as _now  # noqa: E402
+from benchmarks._study import write_json as _write_json  # noqa: E402
 from dpfl.accounting import RDPAccountant, extrapolate  # noqa: E402
 from dpfl.clip import ClipStats, GlobalClip, PerLayerClip  # noqa: E402
 from dpfl.optim import LAMB, layerwise_adam  # noqa: E402
@@ -173,19 +175,45 @@ def load_cells(out: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
 
 
+MAX_LR_EXTENSIONS = 2
+"""How many times a sweep whose best LR is at an end of its grid grows by one more point there."""
+
+
+def sweep_lrs(protocol: Protocol, done: Mapping[str, dict[str, Any]], optimizer: str) -> list[float]:
+    """The optimizer's server LRs to sweep: its grid, extended geometrically (same ratio as the
+    grid's ends) at the end holding the best WER so far, up to :data:`MAX_LR_EXTENSIONS` times,
+    so that the chosen LR is an interior optimum wherever the budget allows (a fair tuning)."""
+    lrs = sorted(dict(protocol.lr_grid).get(optimizer, ()))
+    for _ in range(MAX_LR_EXTENSIONS):
+        if len(lrs) < 2:
+            break
+        scores = [done.get(Cell("dim", optimizer, protocol.lr_sweep_sigma, protocol.seeds[0], lr)
+                           .key(protocol)) for lr in lrs]
+        if any(r is None for r in scores):
+            break
+        best = min(range(len(lrs)), key=lambda i: scores[i]["wer"])  # type: ignore[index]
+        if best == len(lrs) - 1:
+            lrs.append(float(f"{lrs[-1] * lrs[-1] / lrs[-2]:.3g}"))
+        elif best == 0:
+            lrs.insert(0, float(f"{lrs[0] * lrs[0] / lrs[1]:.3g}"))
+        else:
+            break
+    return lrs
+
+
 def tuned_lr(protocol: Protocol, done: Mapping[str, dict[str, Any]], optimizer: str) -> float | None:
-    """The server LR with the lowest mean eval WER in the optimizer's finished sweep (None if the
-    sweep is not complete). Layer-wise Adam is LAMB with weight decay 0: it shares LAMB's LR."""
-    grid = dict(protocol.lr_grid)
+    """The server LR with the lowest eval WER in the optimizer's finished sweep (None if the
+    sweep, extensions included, is not complete). Layer-wise Adam is LAMB with weight decay 0:
+    it shares LAMB's LR."""
     name = "lamb" if optimizer == "ladam" else optimizer
-    if name not in grid:
+    lrs = sweep_lrs(protocol, done, name)
+    if not lrs:
         return None
-    if len(grid[name]) == 1:
-        return grid[name][0]
+    if len(lrs) == 1:
+        return lrs[0]
     scores = []
-    for lr in grid[name]:
-        cell = Cell("dim", name, protocol.lr_sweep_sigma, protocol.seeds[0], lr)
-        rec = done.get(cell.key(protocol))
+    for lr in lrs:
+        rec = done.get(Cell("dim", name, protocol.lr_sweep_sigma, protocol.seeds[0], lr).key(protocol))
         if rec is None:
             return None
         scores.append((rec["wer"], lr))
@@ -208,7 +236,7 @@ def plan(protocol: Protocol, done: Mapping[str, dict[str, Any]]) -> list[Cell]:
 
     def sweep(opt: str) -> None:
         cells.extend(Cell("dim", opt, protocol.lr_sweep_sigma, seeds[0], lr, groups=("lr",))
-                     for lr in lr_grid.get(opt, ()))
+                     for lr in sweep_lrs(protocol, done, opt))
 
     def grid(clips: Iterable[str], opts: Iterable[str], sigmas: Iterable[float], group: str,
              **extra: Any) -> None:
@@ -631,10 +659,6 @@ def run_study(protocol: Protocol, data: Data, out: Path, *, planner: Callable[..
 
 
 # --------------------------------------------------------------------------- report
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
-
-
 def _fmt(values: list[float] | None, pct: bool = True) -> str:
     if not values:
         return "–"
@@ -748,9 +772,11 @@ def write_report(protocol: Protocol, out: Path) -> Path:
 
     lr = {o: tuned_lr(protocol, done, o) for o in OPTIMIZERS}
     lines += ["## Server learning rates (sweep: per-layer dim, σ_DP "
-              f"{protocol.lr_sweep_sigma:g}, seed {protocol.seeds[0]}, same number of LRs per optimizer)", "",
+              f"{protocol.lr_sweep_sigma:g}, seed {protocol.seeds[0]}; 3 LRs per optimizer, extended by up to "
+              f"{MAX_LR_EXTENSIONS} more at the end holding the best)", "",
               "| optimizer | LR → eval WER % | chosen |", "|---|---|---|"]
-    for opt, grid in protocol.lr_grid:
+    for opt, _ in protocol.lr_grid:
+        grid = sweep_lrs(protocol, done, opt)
         cells = [done.get(Cell("dim", opt, protocol.lr_sweep_sigma, protocol.seeds[0], x).key(protocol))
                  for x in grid]
         txt = ", ".join(f"{x:g} → {100 * c['wer']:.1f}" if c else f"{x:g} → –" for x, c in zip(grid, cells, strict=True))
@@ -1039,33 +1065,6 @@ def make_plots(protocol: Protocol, agg: dict[tuple, dict[str, list[float]]], lr:
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths
-
-
-# --------------------------------------------------------------------------- utilities
-def machine() -> dict[str, Any]:
-    return {"description": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
-                           f"{torch.get_num_threads()} thread(s)", "python": platform.python_version()}
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
