@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "char_lm_clipping.py"
+from tests._scripts.study import run_quick_study
 
-
-def _run(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
-               OMP_NUM_THREADS="1", MPLBACKEND="Agg")
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(out), *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
-    )
+_run = functools.partial(run_quick_study, "char_lm_clipping.py")
 
 
 def test_quick_study_writes_cells_report_and_plot(tmp_path: Path) -> None:
