@@ -14,8 +14,6 @@ Recognition*, arXiv 2310.00098 (DP-FedAvg with user-level DP and a server optimi
 
 from __future__ import annotations
 
-import copy
-import math
 import secrets
 import sys
 import time
@@ -24,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -43,6 +40,8 @@ from dpfl.simulation._progress import (
     StopReason,
     evaluate,
 )
+from dpfl.simulation._shard import ShardTrainer
+from dpfl.simulation._shard import derive_seed as _derive_seed
 from dpfl.simulation.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -58,19 +57,11 @@ from dpfl.simulation.journal import (
     sweep_temporaries,
     verify_ledger,
 )
-from dpfl.simulation.local import NonFiniteLossError, train_local
-from dpfl.simulation.vectorized import train_cohort_vectorized
 
 __all__ = ["CHECKPOINT_FILE", "RoundRecord", "RunResult", "StopReason", "run_rounds"]
 
 #: Name of the checkpoint file inside ``Checkpointing.dir``.
 CHECKPOINT_FILE = "checkpoint.pt"
-
-
-def _derive_seed(seed: int, *key: int) -> int:
-    """A 63-bit seed derived from ``seed`` and ``key`` (independent streams per key)."""
-    words = np.random.SeedSequence(entropy=seed, spawn_key=key).generate_state(2, np.uint32)
-    return (int(words[0]) << 31) ^ int(words[1])
 
 
 def _require_methods(name: str, obj: Any, methods: tuple[str, ...], what: str) -> None:
@@ -282,12 +273,6 @@ class _RoundLoop:
         self.privacy, self.logging, self.evaluation = privacy, logging, evaluation
         self.z = privacy.noise_multiplier
         self.rounds = require_int("rounds", rounds, minimum=1)
-        self.steps, self.epochs, self.vectorized = local.steps, local.epochs, local.vectorized
-        self.local: dict[str, Any] = {
-            "lr": local.lr,
-            "steps": local.steps,
-            "max_grad_norm": local.max_grad_norm,
-        }
         self.delta = privacy.delta
         self.drop_nonfinite, self.secure = privacy.drop_nonfinite, privacy.secure_noise
         self.user_seed = None if seed is None else require_int("seed", seed, minimum=0)
@@ -353,7 +338,9 @@ class _RoundLoop:
             "noise_seeded": self.noise_seed is not None,
         }
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.scratch = copy.deepcopy(model)
+        self.shard = ShardTrainer(
+            model, dataset, loss_fn, local=local, drop_nonfinite=self.drop_nonfinite
+        )
 
     # ------------------------------------------------------------------ set-up and resume
     def _parts(self) -> dict[str, Any]:
@@ -439,62 +426,6 @@ class _RoundLoop:
         return start
 
     # ------------------------------------------------------------------ one round
-    def _generator(self, t: int, position: int) -> torch.Generator:
-        return torch.Generator().manual_seed(_derive_seed(self.seed, 1, t, position))
-
-    def _train_and_add(
-        self, t: int, cohort: list[Any], agg: DPAggregator, timings: dict[str, float]
-    ) -> None:
-        """Train this rank's shard of the cohort and add the updates to ``agg``."""
-        world, rank = (1, 0) if self.dist is None else (self.dist.world_size, self.dist.rank)
-        mine = list(range(len(cohort)))[rank::world]
-        users = [cohort[i] for i in mine]
-        clock = time.perf_counter()
-        datas = [self.dataset.user_data(uid) for uid in users]
-        if self.vectorized and users:
-            assert self.steps is not None
-            try:
-                gens = [self._generator(t, i) for i in mine]
-                updates = train_cohort_vectorized(
-                    self.model, datas, self.loss_fn, generator=gens, user_ids=users, **self.local
-                )
-            except NonFiniteLossError:
-                if not self.drop_nonfinite:
-                    raise
-                updates = None  # find and drop the offending users one by one below
-            if updates is not None:
-                timings["train"] += time.perf_counter() - clock
-                clock = time.perf_counter()
-                for uid, update in zip(users, updates, strict=True):
-                    self._add(agg, update, uid, t)
-                timings["aggregate"] += time.perf_counter() - clock
-                return
-        for uid, data, i in zip(users, datas, mine, strict=True):
-            user_kw = {"user_id": uid, "scratch": self.scratch, **self.local}
-            try:
-                gen = self._generator(t, i)
-                update = train_local(
-                    self.model, data, self.loss_fn, epochs=self.epochs, generator=gen, **user_kw
-                )
-            except NonFiniteLossError:
-                if not self.drop_nonfinite:
-                    raise
-                # A non-finite update makes the aggregator drop the user and count it, on every
-                # rank alike, so num_dropped stays correct after the all-reduce.
-                update = {n: torch.full_like(p, math.nan) for n, p in self.trainable.items()}
-            now = time.perf_counter()
-            timings["train"] += now - clock
-            self._add(agg, update, uid, t)
-            clock = time.perf_counter()
-            timings["aggregate"] += clock - now
-
-    @staticmethod
-    def _add(agg: DPAggregator, update: dict[str, torch.Tensor], uid: Any, t: int) -> None:
-        try:
-            agg.add(update)
-        except ValueError as exc:
-            raise ValueError(f"round {t}, user {uid!r}: update rejected: {exc}") from exc
-
     def _charge(self, t: int, spec: Any) -> None:
         """Write-ahead accounting: charge round ``t`` durably before its noise is drawn."""
         if self.journal is not None:
@@ -525,7 +456,10 @@ class _RoundLoop:
                 drop_nonfinite=self.drop_nonfinite,
                 template=self.trainable,
             )
-            self._train_and_add(t, cohort, agg, timings)
+            world, rank = (1, 0) if self.dist is None else (self.dist.world_size, self.dist.rank)
+            self.shard.train_and_add(
+                t, cohort, agg, timings, seed=self.seed, world_size=world, rank=rank
+            )
             if self.audit is not None:
                 self._add_canaries(agg)
             clock = time.perf_counter()
