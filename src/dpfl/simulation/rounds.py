@@ -18,7 +18,7 @@ import secrets
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from dpfl._checks import require_int
+from dpfl.adaptive_clip import AdaptiveClip
 from dpfl.aggregate import DPAggregator
 from dpfl.audit.canary import CanaryAudit
 from dpfl.noise import GaussianMechanism
@@ -128,6 +129,14 @@ def run_rounds(
     identical noise and is still charged). Resume refuses a checkpoint written with other privacy
     settings (noise multiplier, sensitivity, clipper configuration, sampling, adjacency,
     accountant, budget, noise mode) and a ledger with fewer rounds than the round index.
+
+    Adaptive clipping: with ``privacy.clipper`` an :class:`~dpfl.adaptive_clip.AdaptiveClip`,
+    round t clips with the bounds fixed after round t − 1, the aggregator also releases the
+    noised count (its own noise stream) and moves the bounds, and each round is charged as
+    ``sampler.round_spec(noise_multiplier, count_noise_multiplier=z_b)``, one Gaussian of the
+    effective multiplier. The bound(s) used in each round are DP releases and are logged in its
+    record (``clip_bound``; per layer also ``layer_bounds``); the clipper's state (bounds, step)
+    is checkpointed and restored on resume.
 
         Args:
         model: the server model; trained **in place**.
@@ -269,6 +278,12 @@ class _RoundLoop:
             _require_instance("evaluation", evaluation, Evaluation, "Evaluation(fn, every=...)")
         self.model, self.dataset, self.loss_fn = model, dataset, loss_fn
         self.sampler, self.clipper, self.accountant = sampler, privacy.clipper, privacy.accountant
+        self.adaptive = isinstance(self.clipper, AdaptiveClip)
+        if self.adaptive and audit is not None:
+            raise ValueError(
+                "audit= with an AdaptiveClip is not supported: the canaries are sized to a fixed "
+                "bound; audit a run with a fixed clipper"
+            )
         self.optimizer, self.scheduler = server_optimizer, lr_scheduler
         self.privacy, self.logging, self.evaluation = privacy, logging, evaluation
         self.z = privacy.noise_multiplier
@@ -316,7 +331,7 @@ class _RoundLoop:
         self.warnings: list[str] = []
         self.config = {
             "noise_multiplier": self.z,
-            "sensitivity": float(self.clipper.sensitivity),
+            "sensitivity": self._initial_bound(),
             "clipper": type(self.clipper).__name__,
             "sampler": type(sampler).__name__,
             "expected_cohort_size": float(sampler.expected_cohort_size),
@@ -332,7 +347,7 @@ class _RoundLoop:
             "lr_scheduler": None if self.scheduler is None else type(self.scheduler).__name__,
             # Everything the privacy guarantee of a resumed run depends on:
             "clipper_config": repr(self.clipper),
-            "round_spec": sampler.round_spec(self.z).to_dict(),
+            "round_spec": self._spec().to_dict(),
             "adjacency": getattr(self.accountant, "adjacency", None),
             "budget": None if budget is None else budget.to_dict(),
             "noise_seeded": self.noise_seed is not None,
@@ -343,6 +358,18 @@ class _RoundLoop:
         )
 
     # ------------------------------------------------------------------ set-up and resume
+    def _initial_bound(self) -> float:
+        if isinstance(self.clipper, AdaptiveClip):
+            return self.clipper.initial_bound
+        return float(self.clipper.sensitivity)
+
+    def _spec(self) -> Any:
+        """The round spec to charge: with adaptive clipping, the count's multiplier too."""
+        if isinstance(self.clipper, AdaptiveClip):
+            zb = self.clipper.count_noise_multiplier
+            return self.sampler.round_spec(self.z, count_noise_multiplier=zb)
+        return self.sampler.round_spec(self.z)
+
     def _parts(self) -> dict[str, Any]:
         """The stateful objects a checkpoint holds besides the model, by checkpoint key."""
         parts = {
@@ -354,11 +381,13 @@ class _RoundLoop:
             parts["mechanism"] = self.mechanism
         if self.audit is not None:
             parts["audit"] = self.audit
+        if self.adaptive:  # the bounds are DP releases: always stored
+            parts["clipper"] = self.clipper
         return parts if self.scheduler is None else {**parts, "scheduler": self.scheduler}
 
     def _setup(self) -> int:
         """Resolve the seed, build the mechanism, restore a checkpoint; return the start round."""
-        self.accountant.would_exceed(self.sampler.round_spec(self.z))  # wrong adjacency raises now
+        self.accountant.would_exceed(self._spec())  # wrong adjacency raises now
         state = None
         charges = [] if self.journal is None else self.journal.load()
         if self.ckpt_path is not None and (self.ckpt_path.exists() or charges):
@@ -389,7 +418,7 @@ class _RoundLoop:
             )
         self.mechanism = GaussianMechanism(
             self.z,
-            self.clipper.sensitivity,
+            self._initial_bound(),
             seed=None if self.noise_seed is None else _derive_seed(self.noise_seed, 0),
             secure=self.secure,
         )
@@ -445,6 +474,8 @@ class _RoundLoop:
         timings = dict.fromkeys(("sample", "train", "aggregate", "server_step", "account"), 0.0)
         start = time.perf_counter()
         saved = (self.sampler.state_dict(), self.mechanism.state_dict())
+        clip_saved = self.clipper.state_dict() if self.adaptive else None
+        used: dict[str, Any] = {}
         audit_saved = None if self.audit is None else self.audit.state_dict()
         try:
             cohort = list(self.sampler.sample())
@@ -467,9 +498,13 @@ class _RoundLoop:
             timings["account"] = time.perf_counter() - clock
             clock = time.perf_counter()
             reduce = None if self.dist is None else self.dist.all_reduce_sum_
+            if isinstance(self.clipper, AdaptiveClip):
+                used = _bounds_used(self.clipper, self.trainable)
             mean, stats = agg.release(reduce=reduce, allow_empty=True)
             if self.dist is not None and self.noise_seed is None:
                 self.dist.broadcast_(list(mean.values()))  # rank 0's unseeded noise
+                if isinstance(self.clipper, AdaptiveClip):
+                    self._broadcast_bounds(self.clipper)  # moved by rank 0's noised count
             timings["aggregate"] += time.perf_counter() - clock
             clock = time.perf_counter()
             # server_step validates before it changes anything, so when it raises the model and
@@ -481,6 +516,8 @@ class _RoundLoop:
         except BaseException:
             self.sampler.load_state_dict(saved[0])
             self.mechanism.load_state_dict(saved[1])
+            if clip_saved is not None:
+                self.clipper.load_state_dict(clip_saved)
             if self.audit is not None and audit_saved is not None:
                 self.audit.load_state_dict(audit_saved)
             raise
@@ -493,11 +530,12 @@ class _RoundLoop:
         epsilon = float(self.accountant.epsilon(self.delta))
         timings["account"] += time.perf_counter() - clock
         if not self.unsafe:  # cohort-dependent, not covered by the DP guarantee
-            return RoundRecord(round=t, epsilon=epsilon, delta=self.delta)
+            return RoundRecord(round=t, epsilon=epsilon, delta=self.delta, **used)
         return RoundRecord(
             round=t,
             epsilon=epsilon,
             delta=self.delta,
+            **used,
             num_users=stats.num_users,
             num_dropped=stats.num_dropped,
             fraction_clipped=stats.fraction_clipped,
@@ -505,6 +543,12 @@ class _RoundLoop:
             time_s=time.perf_counter() - start,
             timings=timings,
         )
+
+    def _broadcast_bounds(self, clipper: AdaptiveClip) -> None:
+        assert self.dist is not None and clipper.bounds is not None
+        vec = torch.tensor(list(clipper.bounds.values()), dtype=torch.float64)
+        self.dist.broadcast_([vec])
+        clipper.set_bounds_(vec.tolist())
 
     # ------------------------------------------------------------------ the loop
     def _checkpoint(self, t: int) -> None:
@@ -571,7 +615,7 @@ class _RoundLoop:
         last_saved, t = start, start
         try:
             while t < self.rounds:
-                spec = self.sampler.round_spec(self.z)
+                spec = self._spec()
                 if self.accountant.would_exceed(spec):
                     reason = "budget"
                     budget = self.accountant.budget
@@ -615,3 +659,12 @@ class _RoundLoop:
             resumed_from=start if start > 0 else None,
             audit=audit,
         )
+
+
+def _bounds_used(clipper: AdaptiveClip, template: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The bound(s) of this round, for its record (DP: fixed by earlier noised counts)."""
+    bounds = clipper.layer_bounds(template)
+    used: dict[str, Any] = {"clip_bound": clipper.bound}
+    if clipper.per_layer:
+        used["layer_bounds"] = bounds
+    return used
