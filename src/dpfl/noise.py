@@ -175,7 +175,10 @@ class GaussianMechanism:
     def add_noise_(
         self, tensors: Mapping[str, Tensor], *, sensitivity: float | None = None
     ) -> None:
-        """Add independent noise to every tensor in place (no-op when ``noise_multiplier == 0``).
+        """Add independent noise to every tensor in place (none when ``noise_multiplier == 0``).
+
+        Every call is one release: it advances the release counter (even without noise, so that
+        a side stream of the next release, :meth:`add_side_noise_`, gets fresh words).
 
         Tensors are noised in the mapping's iteration order (it fixes which stream words each
         coordinate gets); each on its own device.
@@ -193,8 +196,8 @@ class GaussianMechanism:
                 changed when an error is raised.
         """
         std = self.std if sensitivity is None else self._std_for(sensitivity)
-        if self._noise(tensors, std, None):
-            self._release += 1
+        self._noise(tensors, std, None)
+        self._release += 1  # also without noise: a side stream of this release is never reused
 
     def add_side_noise_(
         self,
