@@ -355,3 +355,40 @@ def test_bad_arguments_are_named() -> None:
     with pytest.raises(ValueError, match="finite"):
         ada.update_([math.nan], expected_cohort_size=1)
     assert ada.step == 0 and ada.bound == 1.0
+
+
+# ------------------------------------------------------------------ CLI
+def test_cli_count_noise_multiplier(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from dpfl.cli import main
+
+    run = ["--sample-rate", "0.01", "--rounds", "300", "--delta", "1e-6", "--json"]
+    assert (
+        main(
+            [
+                "privacy",
+                "epsilon",
+                "--noise-multiplier",
+                "1.0",
+                "--count-noise-multiplier",
+                "2",
+                *run,
+            ]
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert out["effective_noise_multiplier"] == pytest.approx(effective_noise_multiplier(1.0, 2.0))
+    assert out["epsilon"] == pytest.approx(
+        epsilon_for(1.0, 0.01, 300, 1e-6, count_noise_multiplier=2.0), rel=1e-12
+    )
+    assert (
+        main(["privacy", "calibrate", "--epsilon", "2", "--count-noise-multiplier", "5", *run]) == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert out["epsilon"] <= 2.0 and out["count_noise_multiplier"] == 5.0
+    assert out["noise_multiplier"] > out["effective_noise_multiplier"]
+    code = main(["privacy", "calibrate", "--epsilon", "2", "--count-noise-multiplier", "0.5", *run])
+    assert code == 2
+    assert "argument --count-noise-multiplier" in capsys.readouterr().err
