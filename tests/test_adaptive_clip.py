@@ -392,3 +392,16 @@ def test_cli_count_noise_multiplier(capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["privacy", "calibrate", "--epsilon", "2", "--count-noise-multiplier", "0.5", *run])
     assert code == 2
     assert "argument --count-noise-multiplier" in capsys.readouterr().err
+
+
+def test_extreme_counts_keep_the_bound_finite_and_positive() -> None:
+    for per_layer in (False, True):
+        ada = adaptive(per_layer, 1.0, learning_rate=1e3)
+        h = len(ada.layer_bounds({"a": torch.ones(3), "b": torch.ones(2)}))
+        for sums in ([-1e6] * h, [1e6] * h):
+            for _ in range(3):
+                ada.update_(sums, expected_cohort_size=1.0)
+                assert 0.0 < ada.bound < math.inf and ada.count_sensitivity > 0
+                GaussianMechanism(1.0, 1.0).add_noise_(
+                    {"x": torch.zeros(2, dtype=torch.float64)}, sensitivity=ada.bound
+                )

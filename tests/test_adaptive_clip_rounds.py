@@ -82,3 +82,10 @@ def test_resume_with_another_adaptive_configuration_is_refused(tmp_path: Path) -
         )
     with pytest.raises(CheckpointError, match="clipper"):
         call(setup(), rounds=2, clipper=PerLayerClip(0.5), checkpoint_dir=tmp_path, resume=True)
+
+
+def test_canary_audit_with_an_adaptive_clipper_is_refused() -> None:
+    from dpfl.audit.canary import CanaryAudit
+
+    with pytest.raises(ValueError, match="AdaptiveClip"):
+        call(setup(), rounds=1, clipper=adaptive(False), audit=CanaryAudit(num_canaries=2, seed=0))

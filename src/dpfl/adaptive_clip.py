@@ -50,7 +50,7 @@ __all__ = ["COUNT_STREAM", "AdaptiveClip"]
 
 #: Name of the noise stream of the count release (see ``GaussianMechanism.add_side_noise_``).
 COUNT_STREAM = "adaptive-clip-count"
-_MIN_BOUND, _MAX_BOUND = 1e-300, 1e300
+_MIN_BOUND, _MAX_BOUND = 1e-150, 1e150  # squares (Σ C_h²) stay finite and non-zero
 
 
 class AdaptiveClip:
@@ -235,7 +235,7 @@ class AdaptiveClip:
         """Move the bounds after a round from its **noised** sums of centred bits.
 
         ``b̃_h = ½ + noised_sums[h] / S`` and ``C_h ← C_h · exp(−η (b̃_h − γ))`` (then rescaled
-        to the initial total with ``fix_total``); bounds are kept within [1e-300, 1e300].
+        to the initial total with ``fix_total``); bounds are kept within [1e-150, 1e150] so that ``Σ C_h²`` stays finite.
 
         Args:
             noised_sums: One noised sum per layer, in the order of :attr:`bounds`.
