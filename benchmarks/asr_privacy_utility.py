@@ -96,9 +96,11 @@ ADAPTIVE_QUANTILE = 0.5
 ADAPTIVE_LR = 1.0
 
 
-def count_noise_multiplier(cohort_size: int) -> float:
-    """z_b of the count: σ_b = S/20 for one bit (Andrew et al.'s suggestion), i.e. z_b = S/10."""
-    return cohort_size / 10
+def count_noise_multiplier(cohort_size: int, layers: int = 1) -> float:
+    """z_b giving every layer's count the noise std σ_b = S/20 (Andrew et al.'s suggestion for
+    one bit): the count's sensitivity is √H/2, so z_b = S / (10 √H). The count then costs little
+    next to the update noise (z = σ_DP·S) at the study's σ_DP."""
+    return cohort_size / (10 * math.sqrt(layers))
 OPT_LABEL = {"lamb": "LAMB", "adam": "Adam", "ladam": "layer-wise Adam", "sgd": "SGD (FedAvg)"}
 
 
@@ -397,10 +399,14 @@ def seed_model(protocol: Protocol, data: Data, n_layers: int | None, out: Path) 
 
 
 # --------------------------------------------------------------------------- one cell
-def make_clipper(kind: str, bound: float, cohort_size: int = 1) -> GlobalClip | PerLayerClip | AdaptiveClip:
+def make_clipper(kind: str, bound: float, cohort_size: int = 1,
+                 layers: int = 1) -> GlobalClip | PerLayerClip | AdaptiveClip:
+    """The clipper of a mode; adaptive modes need the cohort size and (per layer) the number of
+    parameter tensors (one layer each) for their count's noise."""
     if kind in ("adaptive-global", "adaptive-dim"):
         base = GlobalClip(bound) if kind == "adaptive-global" else PerLayerClip(bound, allocation="dim")
-        return AdaptiveClip(base, count_noise_multiplier=count_noise_multiplier(cohort_size),
+        h = 1 if kind == "adaptive-global" else layers
+        return AdaptiveClip(base, count_noise_multiplier=count_noise_multiplier(cohort_size, h),
                             target_quantile=ADAPTIVE_QUANTILE, learning_rate=ADAPTIVE_LR)
     if kind == "global":
         return GlobalClip(bound)
@@ -475,10 +481,11 @@ def run_cell(cell: Cell, protocol: Protocol, data: Data, out: Path) -> dict[str,
     base, seed_scores = seed_model(protocol, data, cell.n_layers, out)
     model = copy.deepcopy(base)
     cohort = cell.cohort_size or protocol.cohort_size
+    layers = sum(1 for p in model.parameters() if p.requires_grad)
+    clipper = make_clipper(cell.clip, protocol.clip_bound * (cell.clip_start or 1.0), cohort, layers)
     t0 = time.time()
     run = fl_run(
-        model, data.users,
-        clipper=make_clipper(cell.clip, protocol.clip_bound * (cell.clip_start or 1.0), cohort),
+        model, data.users, clipper=clipper,
         optimizer=make_optimizer(cell.optimizer, model, cell.server_lr), sigma_dp=cell.sigma_dp,
         cohort_size=cohort, rounds=protocol.rounds, local_lr=protocol.local_lr,
         local_steps=cell.local_steps or protocol.local_steps, seed=cell.seed,
@@ -504,9 +511,9 @@ def run_cell(cell: Cell, protocol: Protocol, data: Data, out: Path) -> dict[str,
         "train_s": round(train_s, 1), "total_s": round(time.time() - t0, 1),
         "machine": machine(), "finished": _now(),
     }
-    if cell.clip.startswith("adaptive-"):  # the bounds are DP releases: logged per round
+    if isinstance(clipper, AdaptiveClip):  # the bounds are DP releases: logged per round
         record["adaptive"] = {
-            "count_noise_multiplier": count_noise_multiplier(cohort), "target_quantile": ADAPTIVE_QUANTILE,
+            "count_noise_multiplier": clipper.count_noise_multiplier, "target_quantile": ADAPTIVE_QUANTILE,
             "learning_rate": ADAPTIVE_LR, "tuned_clip_bound": protocol.clip_bound,
             "bound_trajectory": [r.clip_bound for r in records],
             "layer_bound_trajectory": [r.layer_bounds for r in records] if cell.clip == "adaptive-dim" else None,
@@ -838,7 +845,7 @@ def write_report(protocol: Protocol, out: Path) -> Path:
              (f"{c}@{x:g}" if x else c, "lamb", s, lamb, None, None, None))
             for s in sigmas for c, x in (("global", None), ("dim", None), *(
                 (a, x) for a in ("adaptive-global", "adaptive-dim") for x in ADAPTIVE_STARTS))]
-    table("Adaptive clipping (LAMB; target quantile 0.5, η 1, z_b = S/10)", rows,
+    table("Adaptive clipping (LAMB; target quantile 0.5, η 1, count noise std S/20 per layer)", rows,
           "Adaptive cells also release a noised count each round: their ε is that of the effective "
           "multiplier z_eff⁻² = z⁻² + z_b⁻² (see the cell files), slightly above the fixed-C cells'.")
 
