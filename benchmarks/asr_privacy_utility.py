@@ -969,6 +969,44 @@ def _norms_section(n: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def plot_bound_trajectories(protocol: Protocol, records: list[dict[str, Any]], out: Path) -> list[Path]:
+    """``bound_trajectories.png``: the total bound per round / the tuned C, per adaptive cell."""
+    current = json.loads(json.dumps(protocol.key_dict()))
+    cells = [r for r in records if "adaptive" in r and r["protocol"] == current]
+    if not cells:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sigmas = sorted({r["cell"]["sigma_dp"] for r in cells})
+    colors = {s: plt.cm.viridis(i / max(1, len(sigmas) - 1)) for i, s in enumerate(sigmas)}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, clip in zip(axes, ("adaptive-global", "adaptive-dim"), strict=True):
+        seen = set()
+        for r in sorted(cells, key=lambda r: r["cell"]["sigma_dp"]):
+            if r["cell"]["clip"] != clip:
+                continue
+            traj = [b / r["adaptive"]["tuned_clip_bound"] for b in r["adaptive"]["bound_trajectory"]]
+            s = r["cell"]["sigma_dp"]
+            ax.plot(range(1, len(traj) + 1), traj, color=colors[s], alpha=0.7,
+                    ls="-" if r["cell"]["clip_start"] > 1 else "--", label=None if s in seen else f"σ_DP {s:g}")
+            seen.add(s)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xlabel("round")
+        ax.set_title(f"{CLIP_LABEL[clip]} (solid: start C×10, dashed: C×0.1)", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("total clip bound / tuned C (used in the round)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "bound_trajectories.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
 def make_plots(protocol: Protocol, agg: dict[tuple, dict[str, list[float]]], lr: dict[str, float | None],
                eps: dict[str, Any], out: Path) -> list[Path]:
     """PNG plots from the aggregated cells (only those with data)."""
@@ -1102,44 +1140,6 @@ def make_plots(protocol: Protocol, agg: dict[tuple, dict[str, list[float]]], lr:
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths
-
-
-def plot_bound_trajectories(protocol: Protocol, records: list[dict[str, Any]], out: Path) -> list[Path]:
-    """``bound_trajectories.png``: the total bound per round / the tuned C, per adaptive cell."""
-    current = json.loads(json.dumps(protocol.key_dict()))
-    cells = [r for r in records if "adaptive" in r and r["protocol"] == current]
-    if not cells:
-        return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sigmas = sorted({r["cell"]["sigma_dp"] for r in cells})
-    colors = {s: plt.cm.viridis(i / max(1, len(sigmas) - 1)) for i, s in enumerate(sigmas)}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, clip in zip(axes, ("adaptive-global", "adaptive-dim"), strict=True):
-        seen = set()
-        for r in sorted(cells, key=lambda r: r["cell"]["sigma_dp"]):
-            if r["cell"]["clip"] != clip:
-                continue
-            traj = [b / r["adaptive"]["tuned_clip_bound"] for b in r["adaptive"]["bound_trajectory"]]
-            s = r["cell"]["sigma_dp"]
-            ax.plot(range(1, len(traj) + 1), traj, color=colors[s], alpha=0.7,
-                    ls="-" if r["cell"]["clip_start"] > 1 else "--", label=None if s in seen else f"σ_DP {s:g}")
-            seen.add(s)
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_yscale("log")
-        ax.set_xlabel("round")
-        ax.set_title(f"{CLIP_LABEL[clip]} (solid: start C×10, dashed: C×0.1)", fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("total clip bound / tuned C (used in the round)")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "bound_trajectories.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
 
 
 # --------------------------------------------------------------------------- utilities
