@@ -6,6 +6,10 @@ Claims under test (Pelikan et al., arXiv 2310.00098; design notes 2.2, 2.3, 2.6)
 2. A layer-wise normalizing server optimizer (LAMB) beats Adam.
 3. Both gaps grow with depth.
 
+Also measured (group ``adaptive``): adaptive clipping (Andrew et al., NeurIPS 2021), global and
+per layer, started from 10x and 0.1x the tuned C: WER, and the per-round bound trajectory of each
+cell (a DP release; ``bound_trajectories.png``).
+
 The study fine-tunes one cached seed model (central LARS training, :mod:`examples.asr.train`) with
 DP-FedAvg through dpfl's public API and scores greedy-decoding WER/CER on held-out speakers. Every
 configuration is a **cell** (clipping x server optimizer x sigma_DP x depth x seed, ...). A cell is
@@ -58,6 +62,7 @@ from benchmarks._study import mean_std as _mean_std  # noqa: E402
 from benchmarks._study import now as _now  # noqa: E402
 from benchmarks._study import write_json as _write_json  # noqa: E402
 from dpfl.accounting import RDPAccountant, extrapolate  # noqa: E402
+from dpfl.adaptive_clip import AdaptiveClip  # noqa: E402
 from dpfl.clip import ClipStats, GlobalClip, PerLayerClip  # noqa: E402
 from dpfl.optim import LAMB, layerwise_adam  # noqa: E402
 from dpfl.simulation import (  # noqa: E402
@@ -80,10 +85,24 @@ PROTOCOL_VERSION = 1
 
 RESULTS = Path(__file__).resolve().parent / "results" / "asr_privacy_utility"
 PAPER_SCALE = {"cohort_size": 204_800, "population": 69_500_000, "rounds": 2_034, "delta": 1e-9}
-CLIPS = ("global", "dim", "uniform", "normalize")
+CLIPS = ("global", "dim", "uniform", "normalize", "adaptive-global", "adaptive-dim")
 OPTIMIZERS = ("lamb", "adam", "ladam", "sgd")
 CLIP_LABEL = {"global": "global", "dim": "per-layer dim", "uniform": "per-layer uniform",
-              "normalize": "per-layer normalize (reference code)"}
+              "normalize": "per-layer normalize (reference code)",
+              "adaptive-global": "adaptive global", "adaptive-dim": "adaptive per-layer (dim start)"}
+#: Adaptive clipping (Andrew et al. 2021): starting bounds as multiples of the protocol's tuned C,
+#: the target quantile, and a learning rate large enough to travel 10x in the protocol's few
+#: rounds (exp(η/2) per round at most: η = 1 moves up to e^5 ≈ 150x in 10 rounds).
+ADAPTIVE_STARTS = (10.0, 0.1)
+ADAPTIVE_QUANTILE = 0.5
+ADAPTIVE_LR = 1.0
+
+
+def count_noise_multiplier(cohort_size: int, layers: int = 1) -> float:
+    """z_b giving every layer's count the noise std σ_b = S/20 (Andrew et al.'s suggestion for
+    one bit): the count's sensitivity is √H/2, so z_b = S / (10 √H). The count then costs little
+    next to the update noise (z = σ_DP·S) at the study's σ_DP."""
+    return cohort_size / (10 * math.sqrt(layers))
 OPT_LABEL = {"lamb": "LAMB", "adam": "Adam", "ladam": "layer-wise Adam", "sgd": "SGD (FedAvg)"}
 
 
@@ -150,6 +169,7 @@ class Cell:
     cohort_size: int | None = None
     local_steps: int | None = None
     groups: tuple[str, ...] = field(default=(), compare=False)
+    clip_start: float | None = None  # adaptive modes: the starting bound / the protocol's C
 
     def key(self, protocol: Protocol) -> str:
         """Hash of the cell's configuration, the protocol and :data:`PROTOCOL_VERSION`."""
@@ -157,11 +177,14 @@ class Cell:
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
     def config(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "groups"}
+        # clip_start is left out when unset so the keys of the other cells do not change.
+        return {k: v for k, v in asdict(self).items()
+                if k != "groups" and not (k == "clip_start" and v is None)}
 
     def label(self) -> str:
         extra = "".join(f" {k}={v}" for k, v in (("layers", self.n_layers), ("S", self.cohort_size),
-                                                  ("local", self.local_steps)) if v is not None)
+                                                  ("local", self.local_steps),
+                                                  ("C0", self.clip_start)) if v is not None)
         return (f"{self.clip}/{self.optimizer} lr={self.server_lr:g} σ_DP={self.sigma_dp:g} "
                 f"seed={self.seed}{extra}")
 
@@ -271,6 +294,7 @@ def plan(protocol: Protocol, done: Mapping[str, dict[str, Any]]) -> list[Cell]:
     for steps in (1, 5, 20):
         grid(("dim", "global"), ("lamb",), (mid,), "local", local_steps=steps)
     grid(("uniform", "normalize"), ("adam", "sgd"), sig, "optim")
+    cells.extend(adaptive_cells(protocol, done, sig))
     # Merge duplicates (the same configuration reached from several groups).
     merged: dict[str, Cell] = {}
     for c in cells:
@@ -280,6 +304,18 @@ def plan(protocol: Protocol, done: Mapping[str, dict[str, Any]]) -> list[Cell]:
         else:
             merged[k] = c
     return list(merged.values())
+
+
+def adaptive_cells(protocol: Protocol, done: Mapping[str, dict[str, Any]],
+                   sigmas: Iterable[float]) -> list[Cell]:
+    """Group ``adaptive``: adaptive global and per-layer clipping with LAMB at the study's σ_DP,
+    started from C×10 and C×0.1 (seed-major)."""
+    lr = tuned_lr(protocol, done, "lamb")
+    if lr is None:
+        return []
+    return [Cell(clip, "lamb", s, seed, lr, groups=("adaptive",), clip_start=start)
+            for seed in protocol.seeds for s in sigmas
+            for clip in ("adaptive-global", "adaptive-dim") for start in ADAPTIVE_STARTS]
 
 
 def quick_plan(protocol: Protocol, done: Mapping[str, dict[str, Any]]) -> list[Cell]:
@@ -391,7 +427,15 @@ def seed_model(protocol: Protocol, data: Data, n_layers: int | None, out: Path) 
 
 
 # --------------------------------------------------------------------------- one cell
-def make_clipper(kind: str, bound: float) -> GlobalClip | PerLayerClip:
+def make_clipper(kind: str, bound: float, cohort_size: int = 1,
+                 layers: int = 1) -> GlobalClip | PerLayerClip | AdaptiveClip:
+    """The clipper of a mode; adaptive modes need the cohort size and (per layer) the number of
+    parameter tensors (one layer each) for their count's noise."""
+    if kind in ("adaptive-global", "adaptive-dim"):
+        base = GlobalClip(bound) if kind == "adaptive-global" else PerLayerClip(bound, allocation="dim")
+        h = 1 if kind == "adaptive-global" else layers
+        return AdaptiveClip(base, count_noise_multiplier=count_noise_multiplier(cohort_size, h),
+                            target_quantile=ADAPTIVE_QUANTILE, learning_rate=ADAPTIVE_LR)
     if kind == "global":
         return GlobalClip(bound)
     if kind in ("dim", "uniform"):
@@ -420,7 +464,7 @@ def fl_run(
     model: torch.nn.Module,
     users: Mapping[str, list[Batch]],
     *,
-    clipper: GlobalClip | PerLayerClip,
+    clipper: GlobalClip | PerLayerClip | AdaptiveClip,
     optimizer: torch.optim.Optimizer,
     sigma_dp: float,
     cohort_size: int,
@@ -435,7 +479,8 @@ def fl_run(
 
     Poisson sampling at rate ``S / K``, z = sigma_DP * S, RDP accountant (add/remove one user),
     local SGD with per-step gradient clipping at 1.0, no checkpoints (a cell is short and is
-    re-run from scratch if interrupted).
+    re-run from scratch if interrupted). With an :class:`AdaptiveClip` the update noise is still
+    z = sigma_DP * S and each round also pays for the count (the ledger's effective multiplier).
     """
     population = sorted(users)
     sampler = PoissonSampler(population, min(1.0, cohort_size / len(population)), seed=seed)
@@ -464,9 +509,11 @@ def run_cell(cell: Cell, protocol: Protocol, data: Data, out: Path) -> dict[str,
     base, seed_scores = seed_model(protocol, data, cell.n_layers, out)
     model = copy.deepcopy(base)
     cohort = cell.cohort_size or protocol.cohort_size
+    layers = sum(1 for p in model.parameters() if p.requires_grad)
+    clipper = make_clipper(cell.clip, protocol.clip_bound * (cell.clip_start or 1.0), cohort, layers)
     t0 = time.time()
     run = fl_run(
-        model, data.users, clipper=make_clipper(cell.clip, protocol.clip_bound),
+        model, data.users, clipper=clipper,
         optimizer=make_optimizer(cell.optimizer, model, cell.server_lr), sigma_dp=cell.sigma_dp,
         cohort_size=cohort, rounds=protocol.rounds, local_lr=protocol.local_lr,
         local_steps=cell.local_steps or protocol.local_steps, seed=cell.seed,
@@ -492,6 +539,13 @@ def run_cell(cell: Cell, protocol: Protocol, data: Data, out: Path) -> dict[str,
         "train_s": round(train_s, 1), "total_s": round(time.time() - t0, 1),
         "machine": machine(), "finished": _now(),
     }
+    if isinstance(clipper, AdaptiveClip):  # the bounds are DP releases: logged per round
+        record["adaptive"] = {
+            "count_noise_multiplier": clipper.count_noise_multiplier, "target_quantile": ADAPTIVE_QUANTILE,
+            "learning_rate": ADAPTIVE_LR, "tuned_clip_bound": protocol.clip_bound,
+            "bound_trajectory": [r.clip_bound for r in records],
+            "layer_bound_trajectory": [r.layer_bounds for r in records] if cell.clip == "adaptive-dim" else None,
+        }
     _write_json(cell_path(out, cell, protocol), record)
     return record
 
@@ -676,7 +730,8 @@ def aggregate(records: list[dict[str, Any]], protocol: Protocol) -> dict[tuple, 
         if r["protocol"] != current or r["protocol_version"] != PROTOCOL_VERSION:
             continue
         c = r["cell"]
-        k = (c["clip"], c["optimizer"], c["sigma_dp"], c["server_lr"], c["n_layers"],
+        clip = c["clip"] if c.get("clip_start") is None else f"{c['clip']}@{c['clip_start']:g}"
+        k = (clip, c["optimizer"], c["sigma_dp"], c["server_lr"], c["n_layers"],
              c["cohort_size"], c["local_steps"])
         slot = out.setdefault(k, {"wer": [], "cer": [], "seeds": [], "total_s": []})
         slot["wer"].append(r["wer"])
@@ -812,6 +867,13 @@ def write_report(protocol: Protocol, out: Path) -> Path:
                                                   None if n == protocol.local_steps else n))
             for n in (1, 5, 10, 20) for c in ("dim", "global")]
     table(f"Local steps at σ_DP {protocol.sigma_depth:g}", rows)
+    rows = [(f"σ_DP {s:g}, {CLIP_LABEL[c]}" + (f", start C×{x:g}" if x else ""),
+             (f"{c}@{x:g}" if x else c, "lamb", s, lamb, None, None, None))
+            for s in sigmas for c, x in (("global", None), ("dim", None), *(
+                (a, x) for a in ("adaptive-global", "adaptive-dim") for x in ADAPTIVE_STARTS))]
+    table("Adaptive clipping (LAMB; target quantile 0.5, η 1, count noise std S/20 per layer)", rows,
+          "Adaptive cells also release a noised count each round: their ε is that of the effective "
+          "multiplier z_eff⁻² = z⁻² + z_b⁻² (see the cell files), slightly above the fixed-C cells'.")
 
     speed = out / "speed.json"
     if speed.is_file():
@@ -833,6 +895,7 @@ def write_report(protocol: Protocol, out: Path) -> Path:
         lines += _fidelity_section(json.loads(fidelity.read_text()))
     lines += claims_section(protocol, agg, lr)
     plots = make_plots(protocol, agg, lr, eps, out)
+    plots += plot_bound_trajectories(protocol, records, out)
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     conclusions = out / "conclusions.md"
@@ -930,6 +993,44 @@ def _norms_section(n: dict[str, Any]) -> list[str]:
               "layer's signal-to-noise ratio is proportional to it; per-layer dim clipping equalises it to 1 "
               "for every clipped layer. Layer types well below 1 are the ones global clipping drowns."]
     return lines + [""]
+
+
+def plot_bound_trajectories(protocol: Protocol, records: list[dict[str, Any]], out: Path) -> list[Path]:
+    """``bound_trajectories.png``: the total bound per round / the tuned C, per adaptive cell."""
+    current = json.loads(json.dumps(protocol.key_dict()))
+    cells = [r for r in records if "adaptive" in r and r["protocol"] == current]
+    if not cells:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sigmas = sorted({r["cell"]["sigma_dp"] for r in cells})
+    colors = {s: plt.cm.viridis(i / max(1, len(sigmas) - 1)) for i, s in enumerate(sigmas)}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, clip in zip(axes, ("adaptive-global", "adaptive-dim"), strict=True):
+        seen = set()
+        for r in sorted(cells, key=lambda r: r["cell"]["sigma_dp"]):
+            if r["cell"]["clip"] != clip:
+                continue
+            traj = [b / r["adaptive"]["tuned_clip_bound"] for b in r["adaptive"]["bound_trajectory"]]
+            s = r["cell"]["sigma_dp"]
+            ax.plot(range(1, len(traj) + 1), traj, color=colors[s], alpha=0.7,
+                    ls="-" if r["cell"]["clip_start"] > 1 else "--", label=None if s in seen else f"σ_DP {s:g}")
+            seen.add(s)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xlabel("round")
+        ax.set_title(f"{CLIP_LABEL[clip]} (solid: start C×10, dashed: C×0.1)", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("total clip bound / tuned C (used in the round)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "bound_trajectories.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
 
 
 def make_plots(protocol: Protocol, agg: dict[tuple, dict[str, list[float]]], lr: dict[str, float | None],

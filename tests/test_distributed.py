@@ -169,3 +169,18 @@ def test_single_rank_group_is_bitwise_the_plain_run(tmp_path: Path) -> None:
         assert torch.equal(dist_run[0].state_dict()[key], value), key
         assert not torch.equal(secure[0].state_dict()[key], value), key  # fresh, unseeded noise
     assert secure[1].state_dict() == plain[1].state_dict()
+
+
+def test_two_ranks_with_unseeded_noise_share_the_adaptive_bounds(tmp_path: Path) -> None:
+    """Rank 0's noised count moves the bounds; the other rank receives them (broadcast), so both
+    clip the next round with the same bounds and hold the same model."""
+    out = tmp_path / "dist"
+    procs = launch(out, 2, "--rounds", "3", "--noise", "entropy", "--adaptive")
+    results = finish(procs, timeout=180)
+    for rank, (code, output) in enumerate(results):
+        assert code == 0, f"rank {rank} failed:\n{output}"
+    bounds = [json.loads((out / f"rank{r}" / "bounds.json").read_text()) for r in range(2)]
+    assert bounds[0] == bounds[1] and len(bounds[0]) == 4
+    models = [torch.load(out / f"rank{r}" / "model.pt", weights_only=True) for r in range(2)]
+    for key in models[0]:
+        assert torch.equal(models[0][key], models[1][key]), key

@@ -28,6 +28,7 @@ DOCS = ROOT / "docs"
 PUBLIC_MODULES = [
     "dpfl",
     "dpfl.clip",
+    "dpfl.adaptive_clip",
     "dpfl.noise",
     "dpfl.aggregate",
     "dpfl.optim",

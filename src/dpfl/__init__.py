@@ -3,6 +3,7 @@
 The top level re-exports the primitives most users need; each lives in its own module:
 
 - :mod:`dpfl.clip` — :class:`GlobalClip`, :class:`PerLayerClip`
+- :mod:`dpfl.adaptive_clip` — :class:`AdaptiveClip` (global or per-layer adaptive bounds)
 - :mod:`dpfl.noise` — :class:`GaussianMechanism`
 - :mod:`dpfl.aggregate` — :class:`DPAggregator`
 - :mod:`dpfl.accounting` — :class:`RDPAccountant`, :class:`PLDAccountant`, calibration, extrapolation
@@ -28,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "ClipStats": "dpfl.clip",
     "GlobalClip": "dpfl.clip",
     "PerLayerClip": "dpfl.clip",
+    "AdaptiveClip": "dpfl.adaptive_clip",
     "GaussianMechanism": "dpfl.noise",
     "DPAggregator": "dpfl.aggregate",
     "ReleaseStats": "dpfl.aggregate",
@@ -45,13 +47,23 @@ _EXPORTS: dict[str, str] = {
     "layerwise_adam": "dpfl.optim",
     "server_step": "dpfl.optim",
 }
-_SUBMODULES = ("accounting", "aggregate", "audit", "clip", "noise", "optim", "simulation")
+_SUBMODULES = (
+    "accounting",
+    "adaptive_clip",
+    "aggregate",
+    "audit",
+    "clip",
+    "noise",
+    "optim",
+    "simulation",
+)
 
 __all__ = [
     "__version__",
     "ClipStats",
     "GlobalClip",
     "PerLayerClip",
+    "AdaptiveClip",
     "GaussianMechanism",
     "DPAggregator",
     "ReleaseStats",
@@ -69,6 +81,7 @@ __all__ = [
     "layerwise_adam",
     "server_step",
     "accounting",
+    "adaptive_clip",
     "aggregate",
     "audit",
     "clip",
@@ -78,7 +91,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from dpfl import accounting, aggregate, audit, clip, noise, optim, simulation
+    from dpfl import accounting, adaptive_clip, aggregate, audit, clip, noise, optim, simulation
     from dpfl.accounting import (
         BudgetExceededError,
         Extrapolation,
@@ -90,6 +103,7 @@ if TYPE_CHECKING:
         calibrate_noise_multiplier,
         extrapolate,
     )
+    from dpfl.adaptive_clip import AdaptiveClip
     from dpfl.aggregate import DPAggregator, ReleaseStats
     from dpfl.clip import ClipStats, GlobalClip, PerLayerClip
     from dpfl.noise import GaussianMechanism

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from dpfl._checks import require_positive
+from dpfl.adaptive_clip import COUNT_STREAM, AdaptiveClip
 from dpfl.clip import ClipStats, GlobalClip, NonFiniteUpdateError, PerLayerClip
 from dpfl.noise import GaussianMechanism
 
@@ -50,10 +51,20 @@ class ReleaseStats:
 class DPAggregator:
     """Clip, sum, noise and average user updates with a fixed denominator.
 
+    With an :class:`~dpfl.adaptive_clip.AdaptiveClip` the aggregator also sums each user's
+    centred bits; ``release`` adds noise of multiplier ``clipper.count_noise_multiplier`` to
+    that count from an independent stream of the same mechanism
+    (:meth:`~dpfl.noise.GaussianMechanism.add_side_noise_`), noises the update sum with the
+    round's bound as sensitivity, then moves the bounds with the noised count
+    (:meth:`~dpfl.adaptive_clip.AdaptiveClip.update_`, expected cohort size as denominator).
+    Charge such a round with ``count_noise_multiplier`` in its round spec.
+
     Args:
-        clipper: A :class:`~dpfl.clip.GlobalClip` or :class:`~dpfl.clip.PerLayerClip`.
+        clipper: A :class:`~dpfl.clip.GlobalClip`, :class:`~dpfl.clip.PerLayerClip` or
+            :class:`~dpfl.adaptive_clip.AdaptiveClip`.
         mechanism: A :class:`~dpfl.noise.GaussianMechanism`; its ``sensitivity`` must equal the
-            clipper's.
+            clipper's (for an ``AdaptiveClip``: its ``initial_bound``; each release then uses
+            the round's bound).
         expected_cohort_size: The fixed denominator ``S >= 1`` (Poisson: ``q·K``; fixed cohort:
             the cohort size).
         accumulate_dtype: ``torch.float32`` (default) or ``torch.float64`` for the running sum
@@ -91,7 +102,7 @@ class DPAggregator:
 
     def __init__(
         self,
-        clipper: GlobalClip | PerLayerClip,
+        clipper: GlobalClip | PerLayerClip | AdaptiveClip,
         mechanism: GaussianMechanism,
         *,
         expected_cohort_size: float,
@@ -99,15 +110,21 @@ class DPAggregator:
         drop_nonfinite: bool = False,
         template: Mapping[str, Tensor] | None = None,
     ) -> None:
-        if not isinstance(clipper, GlobalClip | PerLayerClip):
-            raise TypeError(f"clipper must be a GlobalClip or PerLayerClip, got {clipper!r}")
+        if not isinstance(clipper, GlobalClip | PerLayerClip | AdaptiveClip):
+            raise TypeError(
+                f"clipper must be a GlobalClip, PerLayerClip or AdaptiveClip, got {clipper!r}"
+            )
         if not isinstance(mechanism, GaussianMechanism):
             raise TypeError(f"mechanism must be a GaussianMechanism, got {mechanism!r}")
-        if mechanism.sensitivity != clipper.sensitivity:
+        adaptive = isinstance(clipper, AdaptiveClip)
+        expected = (
+            clipper.initial_bound if isinstance(clipper, AdaptiveClip) else clipper.sensitivity
+        )
+        if mechanism.sensitivity != expected:
+            what = "clipper.initial_bound" if adaptive else "clipper.sensitivity"
             raise ValueError(
                 f"mechanism.sensitivity ({mechanism.sensitivity!r}) must equal "
-                f"clipper.sensitivity ({clipper.sensitivity!r}); build the mechanism with "
-                "sensitivity=clipper.sensitivity"
+                f"{what} ({expected!r}); build the mechanism with sensitivity={what}"
             )
         size = require_positive("expected_cohort_size", expected_cohort_size)
         if size < 1:
@@ -132,6 +149,7 @@ class DPAggregator:
         self._num_clipped = 0
         self._num_dropped = 0
         self._norm_sum = 0.0
+        self._bits: list[float] | None = None
 
     @property
     def num_users(self) -> int:
@@ -193,8 +211,12 @@ class DPAggregator:
         except NonFiniteUpdateError:
             if not self.drop_nonfinite:
                 raise
-            self._num_dropped += 1
+            self._num_dropped += 1  # no update and no bits: the user is absent from both
             return None
+        if isinstance(self.clipper, AdaptiveClip):
+            bits = self.clipper.centred_bits(stats)
+            old = self._bits if self._bits is not None else [0.0] * len(bits)
+            self._bits = [a + b for a, b in zip(old, bits, strict=True)]
         self._schema = schema
         self._sum = acc
         self._num_users += 1
@@ -212,7 +234,9 @@ class DPAggregator:
 
         Args:
             reduce: Optional hook called with ``[*sum tensors, stats tensor]`` (stats: float64
-                ``[num_users, num_clipped, norm_sum, num_dropped]``) that must sum them in place
+                ``[num_users, num_clipped, norm_sum, num_dropped]``; with an ``AdaptiveClip``
+                the float64 sums of centred bits, one per layer, come before it as
+                ``[*sum tensors, count tensor, stats tensor]``) that must sum them in place
                 across workers (e.g. ``torch.distributed.all_reduce`` on each), before noise is
                 added. Noise is then added once to the global sum: with several workers, call
                 ``release`` with an identically seeded mechanism on every worker (or broadcast
@@ -236,15 +260,28 @@ class DPAggregator:
         device = next(iter(sums.values())).device if sums else torch.device("cpu")
         local = [self._num_users, self._num_clipped, self._norm_sum, self._num_dropped]
         stats_t = torch.tensor(local, dtype=torch.float64, device=device)
+        count_t = self._count_tensor(sums, device)
         if reduce is not None:
-            reduce([*sums.values(), stats_t])
+            reduce([*sums.values(), *([] if count_t is None else [count_t]), stats_t])
         num_users, num_clipped, norm_sum, num_dropped = stats_t.tolist()
         if round(num_users) == 0 and not allow_empty:
             raise ValueError(
                 "release() with no user added (num_users == 0); add updates or pass "
                 "allow_empty=True to release noise only"
             )
-        self.mechanism.add_noise_(sums)
+        if isinstance(self.clipper, AdaptiveClip):
+            assert count_t is not None
+            self.mechanism.add_side_noise_(
+                {"count": count_t},
+                stream=COUNT_STREAM,
+                noise_multiplier=self.clipper.count_noise_multiplier,
+                sensitivity=self.clipper.count_sensitivity,
+            )
+            self.mechanism.add_noise_(sums, sensitivity=self.clipper.sensitivity)
+            # The bound of the next round: post-processing of this round's noised count only.
+            self.clipper.update_(count_t.tolist(), expected_cohort_size=self.expected_cohort_size)
+        else:
+            self.mechanism.add_noise_(sums)
         with torch.no_grad():
             for t in sums.values():
                 t.div_(self.expected_cohort_size)
@@ -257,6 +294,14 @@ class DPAggregator:
         )
         self._reset()
         return sums, stats
+
+    def _count_tensor(self, sums: dict[str, Tensor], device: torch.device) -> Tensor | None:
+        """The float64 sums of centred bits (zeros if no user), or ``None`` without adaptation."""
+        if not isinstance(self.clipper, AdaptiveClip):
+            return None
+        layers = len(self.clipper.layer_bounds(sums))  # fixes the layers if no user came
+        bits = self._bits if self._bits is not None else [0.0] * layers
+        return torch.tensor(bits, dtype=torch.float64, device=device)
 
 
 def _schema_of(

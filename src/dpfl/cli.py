@@ -32,7 +32,7 @@ from typing import Any
 from dpfl._checks import require_int, require_probability
 from dpfl.accounting.accountants import PLDAccountant, RDPAccountant
 from dpfl.accounting.calibration import calibrate_noise_multiplier
-from dpfl.accounting.events import PoissonRound
+from dpfl.accounting.events import PoissonRound, effective_noise_multiplier
 from dpfl.accounting.extrapolation import extrapolate
 from dpfl.audit._cli import add_audit_parser
 
@@ -41,6 +41,7 @@ __all__ = ["build_parser", "main"]
 # Library argument name -> CLI option, to name the option in validation errors.
 _OPTION_OF = {
     "target_epsilon": "--epsilon",
+    "count_noise_multiplier": "--count-noise-multiplier",
     "noise_multiplier": "--noise-multiplier",
     "sample_rate": "--sample-rate",
     "sigma_dp": "--sigma-dp",
@@ -226,6 +227,15 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--delta", type=float, required=True, metavar="D", help="target delta, in (0, 1)"
     )
+    parser.add_argument(
+        "--count-noise-multiplier",
+        type=float,
+        default=None,
+        metavar="ZB",
+        help="adaptive clipping: noise std of the per-round clip count / its sensitivity; each "
+        "round is then one Gaussian of z_eff^-2 = z^-2 + ZB^-2 (epsilon: --noise-multiplier is "
+        "the update's z; calibrate: z_eff is calibrated and the update's z reported)",
+    )
     _add_output_options(parser)
     parser.add_argument(
         "--value-discretization-interval",
@@ -252,7 +262,8 @@ def _account(
     args: argparse.Namespace, z: float, q: float, interval: float | None = None
 ) -> dict[str, Any]:
     """ε of ``args.rounds`` rounds of (z, q) and how it was obtained (RDP order / PLD grid)."""
-    rnd = PoissonRound(noise_multiplier=z, sample_rate=q)
+    count = getattr(args, "count_noise_multiplier", None)
+    rnd = PoissonRound(noise_multiplier=z, sample_rate=q, count_noise_multiplier=count)
     require_int("rounds", args.rounds, minimum=0)
     require_probability("delta", args.delta, high_open=True)
     if args.accountant == "rdp":
@@ -289,6 +300,7 @@ def _privacy_calibrate(args: argparse.Namespace) -> dict[str, Any]:
         rtol=args.rtol,
         max_noise_multiplier=args.max_noise_multiplier,
         value_discretization_interval=args.value_discretization_interval,
+        count_noise_multiplier=args.count_noise_multiplier,
     )
     details = _account(args, z, args.sample_rate, args.value_discretization_interval)
     return {**_run_result(args, z, args.sample_rate), **details, "target_epsilon": args.epsilon}
@@ -315,7 +327,15 @@ def _privacy_extrapolate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_result(args: argparse.Namespace, z: float, q: float) -> dict[str, Any]:
+    count = getattr(args, "count_noise_multiplier", None)
+    extra: dict[str, Any] = {}
+    if count is not None:
+        extra = {
+            "count_noise_multiplier": count,
+            "effective_noise_multiplier": effective_noise_multiplier(z, count),
+        }
     return {
+        **extra,
         "delta": args.delta,
         "noise_multiplier": z,
         "sample_rate": q,
@@ -339,6 +359,12 @@ def _format_human(result: dict[str, Any]) -> str:
         f"noise_multiplier = {result['noise_multiplier']:.6g}, "
         f"sample_rate = {result['sample_rate']:.6g}, rounds = {result['rounds']}"
     )
+    if "count_noise_multiplier" in result:
+        lines.append(
+            f"count_noise_multiplier = {result['count_noise_multiplier']:.6g}, "
+            f"effective_noise_multiplier = {result['effective_noise_multiplier']:.6g} "
+            "(adaptive clipping: update and count compose into one Gaussian)"
+        )
     if "sigma_dp" in result:
         lines.append(
             f"sigma_dp = {result['sigma_dp']:g}, cohort_size = {result['cohort_size']:g}, "

@@ -159,36 +159,94 @@ class GaussianMechanism:
             return 0.0
         return self.noise_multiplier * self.sensitivity
 
-    def _check_representable(self, tensors: Mapping[str, Tensor]) -> None:
+    def _check_representable(self, tensors: Mapping[str, Tensor], std: float) -> None:
         """Raise unless ``std × largest draw`` is finite in every tensor's dtype."""
-        largest = self.std * max_abs_draw(self.secure)
+        largest = std * max_abs_draw(self.secure)
         for name, t in tensors.items():
             limit = torch.finfo(t.dtype).max
             if not largest <= limit:
                 raise ValueError(
-                    f"noise std {self.std!r} (noise_multiplier * sensitivity) is not "
+                    f"noise std {std!r} (noise_multiplier * sensitivity) is not "
                     f"representable in tensor {name!r} of dtype {t.dtype}: draws up to "
                     f"{max_abs_draw(self.secure):.3f} std would exceed its largest finite "
                     f"value {limit:.4g} and release inf; lower the std or use a wider dtype"
                 )
 
-    def add_noise_(self, tensors: Mapping[str, Tensor]) -> None:
-        """Add independent noise to every tensor in place (no-op when ``noise_multiplier == 0``).
+    def add_noise_(
+        self, tensors: Mapping[str, Tensor], *, sensitivity: float | None = None
+    ) -> None:
+        """Add independent noise to every tensor in place (none when ``noise_multiplier == 0``).
+
+        Every call is one release: it advances the release counter (even without noise, so that
+        a side stream of the next release, :meth:`add_side_noise_`, gets fresh words).
 
         Tensors are noised in the mapping's iteration order (it fixes which stream words each
         coordinate gets); each on its own device.
 
+        Args:
+            tensors: The tensors to noise, in place.
+            sensitivity: The L2 sensitivity of this release, if it differs from the
+                constructor's (adaptive clipping: the round's bound, fixed before the round);
+                the std is then ``noise_multiplier * sensitivity``.
+
         Raises:
             TypeError: if a value is not a floating-point tensor (the message names it).
             ValueError: if ``std`` times the largest draw overflows a tensor's dtype (the
-                message names the tensor). Nothing is changed when an error is raised.
+                message names the tensor), or ``sensitivity`` is not > 0 and finite. Nothing is
+                changed when an error is raised.
         """
+        std = self.std if sensitivity is None else self._std_for(sensitivity)
+        self._noise(tensors, std, None)
+        self._release += 1  # also without noise: a side stream of this release is never reused
+
+    def add_side_noise_(
+        self,
+        tensors: Mapping[str, Tensor],
+        *,
+        stream: str,
+        noise_multiplier: float,
+        sensitivity: float,
+    ) -> None:
+        """Noise a second release of the current round from an independent stream.
+
+        For a query released beside the main one in the same round (the count of adaptive
+        clipping): the same sampler, tails and mode, std ``noise_multiplier * sensitivity``,
+        but words from another key: ``SHA-256(tag, stream, key)`` at the current release index
+        in plain mode (so seeded runs stay reproducible and resume exactly), a fresh
+        ``os.urandom`` key in secure mode. It never reuses the main stream's words. Call it at
+        most once per ``stream`` per release, before :meth:`add_noise_` (which advances the
+        release counter); it changes no state of its own.
+
+        Raises:
+            TypeError, ValueError: as :meth:`add_noise_`; ``stream`` must be a non-empty str.
+        """
+        if not isinstance(stream, str) or not stream:
+            raise ValueError(
+                f"stream must be a non-empty str naming the side release, got {stream!r}"
+            )
+        z = require_non_negative("noise_multiplier", noise_multiplier)
+        sens = require_positive("sensitivity", sensitivity)
+        key = hashlib.sha256(
+            b"dpfl.noise.GaussianMechanism.side\0" + stream.encode() + b"\0" + self._key
+        ).digest()
+        self._noise(tensors, z * sens if z > 0 else 0.0, key)
+
+    def _std_for(self, sensitivity: float) -> float:
+        sens = require_positive("sensitivity", sensitivity)
+        return 0.0 if self.noise_multiplier == 0 else self.noise_multiplier * sens
+
+    def _noise(self, tensors: Mapping[str, Tensor], std: float, side_key: bytes | None) -> bool:
+        """Add noise of ``std`` in place; ``False`` (nothing done) when ``std == 0``."""
         _check_tensors(tensors)
-        if self.std == 0.0:
-            return
-        self._check_representable(tensors)
+        if std == 0.0:
+            return False
+        self._check_representable(tensors, std)
         if self.secure:
-            self._key = os.urandom(32)
+            key = os.urandom(32)
+            if side_key is None:
+                self._key = key
+        else:
+            key = self._key if side_key is None else side_key
         flats, copies = [], []
         with torch.no_grad():
             for t in tensors.values():
@@ -198,15 +256,15 @@ class GaussianMechanism:
                 flats.append(flat)
             add_gaussian_(
                 flats,
-                key=self._key,
+                key=key,
                 release=self._release,
-                scale=self.std,
+                scale=std,
                 secure=self.secure,
                 workers=self.num_threads or torch.get_num_threads(),
             )
             for t, flat in copies:
                 t.copy_(flat.view(t.shape))
-        self._release += 1
+        return True
 
     def add_noise(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Return noised copies of ``tensors`` (inputs unchanged); see :meth:`add_noise_`."""

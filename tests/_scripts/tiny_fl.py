@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--noise", choices=("seeded", "entropy", "secure"), default="seeded", help="noise source"
     )
+    parser.add_argument(
+        "--adaptive", action="store_true", help="per-layer adaptive clipping (AdaptiveClip)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     ctx = None
@@ -185,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
 
         ctx = init_distributed(backend="gloo", timeout_s=args.timeout)
     results = args.out / f"rank{ctx.rank}" if ctx is not None else args.out
+    clipper = None
+    if args.adaptive:
+        from dpfl.adaptive_clip import AdaptiveClip
+        from dpfl.clip import PerLayerClip
+
+        clipper = AdaptiveClip(PerLayerClip(0.5), count_noise_multiplier=4.0)
     results.mkdir(parents=True, exist_ok=True)
     model, accountant, result = run(
         args.out,
@@ -197,8 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         unsafe_metrics=args.unsafe_metrics,
         noise_seed=4321 if args.noise == "seeded" else None,
         secure_noise=args.noise == "secure",
+        clipper=clipper,
     )
     torch.save(model.state_dict(), results / "model.pt")
+    if clipper is not None:
+        (results / "bounds.json").write_text(json.dumps(clipper.bounds))
     (results / "ledger.json").write_text(json.dumps(accountant.state_dict()))
     print(f"done: {result.rounds_completed} rounds, epsilon {result.epsilon:.4f}", flush=True)
     return 0

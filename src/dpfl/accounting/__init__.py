@@ -21,7 +21,9 @@ from dpfl.accounting.events import (
     REPLACE_ONE,
     FixedCohortRound,
     PoissonRound,
+    effective_noise_multiplier,
     round_from_dict,
+    split_noise_multiplier,
 )
 from dpfl.accounting.extrapolation import Extrapolation, extrapolate
 
@@ -38,7 +40,9 @@ __all__ = [
     "PrivacyBudget",
     "RDPAccountant",
     "calibrate_noise_multiplier",
+    "effective_noise_multiplier",
     "epsilon_for",
     "extrapolate",
     "round_from_dict",
+    "split_noise_multiplier",
 ]

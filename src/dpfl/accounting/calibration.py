@@ -18,7 +18,11 @@ from dpfl.accounting.accountants import (
     PLDAccountant,
     RDPAccountant,
 )
-from dpfl.accounting.events import PoissonRound
+from dpfl.accounting.events import (
+    PoissonRound,
+    effective_noise_multiplier,
+    split_noise_multiplier,
+)
 
 __all__ = ["AccountantName", "calibrate_noise_multiplier", "epsilon_for"]
 
@@ -34,6 +38,7 @@ def epsilon_for(
     accountant: AccountantName = "rdp",
     orders: Sequence[float] | None = None,
     value_discretization_interval: float | None = DEFAULT_VALUE_DISCRETIZATION_INTERVAL,
+    count_noise_multiplier: float | None = None,
 ) -> float:
     """ε after ``rounds`` Poisson-subsampled Gaussian rounds (add/remove-one adjacency).
 
@@ -46,6 +51,8 @@ def epsilon_for(
         orders: RDP orders (RDP only); default dp_accounting's.
         value_discretization_interval: PLD grid step (PLD only); ``None`` (default) for
             the automatic grid of :class:`PLDAccountant`.
+        count_noise_multiplier: ``z_b`` of an adaptive-clipping count released in every round
+            (each round is then one Gaussian of ``z_eff⁻² = z⁻² + z_b⁻²``), or ``None``.
 
     Returns:
         ε at ``delta``.
@@ -63,7 +70,13 @@ def epsilon_for(
     evaluate = _epsilon_function(
         sample_rate, rounds, delta, accountant, orders, value_discretization_interval
     )
-    return evaluate(PoissonRound(noise_multiplier=noise_multiplier, sample_rate=sample_rate))
+    return evaluate(
+        PoissonRound(
+            noise_multiplier=noise_multiplier,
+            sample_rate=sample_rate,
+            count_noise_multiplier=count_noise_multiplier,
+        )
+    )
 
 
 def calibrate_noise_multiplier(
@@ -77,6 +90,7 @@ def calibrate_noise_multiplier(
     max_noise_multiplier: float = 1e4,
     orders: Sequence[float] | None = None,
     value_discretization_interval: float | None = DEFAULT_VALUE_DISCRETIZATION_INTERVAL,
+    count_noise_multiplier: float | None = None,
 ) -> float:
     """Smallest noise multiplier z (to ``rtol``) with ε(z) <= ``target_epsilon`` after ``rounds``.
 
@@ -100,13 +114,20 @@ def calibrate_noise_multiplier(
         orders: RDP orders (RDP only); default dp_accounting's.
         value_discretization_interval: PLD grid step (PLD only); ``None`` (default) for
             the automatic grid of :class:`PLDAccountant`.
+        count_noise_multiplier: ``z_b`` of an adaptive-clipping count released in every round.
+            The overall (effective) multiplier ``z_eff`` is calibrated as above and the update's
+            share returned: ``z`` with ``z⁻² = z_eff⁻² − z_b⁻²``
+            (:func:`~dpfl.accounting.split_noise_multiplier`), rounded up so that the composed
+            round still meets the target.
 
     Returns:
-        The noise multiplier z.
+        The noise multiplier z (of the update sum, with a count).
 
     Raises:
-        ValueError: if an argument is out of range (named in the message), or if no noise
-            multiplier up to ``max_noise_multiplier`` meets ``target_epsilon``.
+        ValueError: if an argument is out of range (named in the message), if no noise
+            multiplier up to ``max_noise_multiplier`` meets ``target_epsilon``, or if the
+            count's multiplier does not exceed the calibrated ``z_eff`` (the split is
+            impossible).
 
     Warning:
         The result is valid only for Poisson sampling at rate ``sample_rate`` with the noise added
@@ -120,6 +141,39 @@ def calibrate_noise_multiplier(
     References:
         arXiv 2310.00098, section 2.4 (z = 0.6144 gives ε = 7.2 for this run).
     """
+    if count_noise_multiplier is not None:
+        require_positive("count_noise_multiplier", count_noise_multiplier)
+    z_eff = _calibrate(
+        target_epsilon,
+        delta,
+        sample_rate,
+        rounds,
+        accountant=accountant,
+        rtol=rtol,
+        max_noise_multiplier=max_noise_multiplier,
+        orders=orders,
+        value_discretization_interval=value_discretization_interval,
+    )
+    if count_noise_multiplier is None or z_eff == 0.0:
+        return z_eff
+    z = split_noise_multiplier(z_eff, count_noise_multiplier=count_noise_multiplier)
+    while effective_noise_multiplier(z, count_noise_multiplier) < z_eff:
+        z = math.nextafter(z, math.inf)  # one-sided: never below the calibrated z_eff
+    return z
+
+
+def _calibrate(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    rounds: int,
+    *,
+    accountant: AccountantName,
+    rtol: float,
+    max_noise_multiplier: float,
+    orders: Sequence[float] | None,
+    value_discretization_interval: float | None,
+) -> float:
     target = require_positive("target_epsilon", target_epsilon)
     q = require_probability("sample_rate", sample_rate)
     rtol = require_positive("rtol", rtol)

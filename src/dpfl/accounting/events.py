@@ -10,20 +10,31 @@ neighbouring relation under which the guarantee holds:
   ``population`` (dp_accounting's ``SampledWithoutReplacementDpEvent``); valid under
   **replace-one-user** adjacency only, the only relation dp_accounting accounts it under.
 
+Either round may carry a second Gaussian release on the same cohort, the noised count of
+adaptive clipping (:class:`dpfl.adaptive_clip.AdaptiveClip`): ``count_noise_multiplier`` ``z_b``
+is its noise std over its own sensitivity. Two Gaussian queries on one sampled cohort compose
+exactly into one Gaussian of multiplier ``z_eff`` with ``z_eff⁻² = z⁻² + z_b⁻²``
+(:func:`effective_noise_multiplier`); the accountants charge one round of ``z_eff`` and
+:meth:`PoissonRound.dp_event` states the round as the ``ComposedDpEvent`` of both Gaussians
+inside the sampling event, which dp_accounting's RDP accountant reduces by the same identity.
+
 References:
     Pelikan et al., "Enabling Differentially Private Federated Learning for Speech Recognition:
     Benchmarks, Adaptive Optimizers and Gradient Clipping", arXiv 2310.00098, section 2.4.
+    Andrew, Thakkar, McMahan, Ramaswamy, "Differentially Private Learning with Adaptive
+    Clipping", NeurIPS 2021 (the count query and its composition).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import dp_accounting
 
-from dpfl._checks import require_int, require_non_negative, require_probability
+from dpfl._checks import require_int, require_non_negative, require_positive, require_probability
 
 __all__ = [
     "ADD_OR_REMOVE_ONE",
@@ -34,7 +45,9 @@ __all__ = [
     "PoissonRound",
     "Round",
     "accounted_noise_multiplier",
+    "effective_noise_multiplier",
     "round_from_dict",
+    "split_noise_multiplier",
 ]
 
 Adjacency = Literal["add_or_remove_one", "replace_one"]
@@ -58,9 +71,12 @@ class PoissonRound:
     Args:
         noise_multiplier: z, the noise std on the sum divided by the clipping bound C; >= 0.
         sample_rate: q, the per-user inclusion probability, in [0, 1] (q = S / K).
+        count_noise_multiplier: z_b > 0 of the adaptive-clipping count released in the same
+            round (its noise std over its sensitivity), or ``None`` (default) for no count.
 
     Raises:
-        ValueError: if ``noise_multiplier`` < 0 or not finite, or ``sample_rate`` is outside [0, 1].
+        ValueError: if ``noise_multiplier`` < 0 or not finite, ``sample_rate`` is outside
+            [0, 1], or ``count_noise_multiplier`` is not > 0 and finite.
         TypeError: if an argument is not a real number.
 
     Examples:
@@ -73,6 +89,7 @@ class PoissonRound:
 
     noise_multiplier: float
     sample_rate: float
+    count_noise_multiplier: float | None = None
     adjacency: ClassVar[Adjacency] = ADD_OR_REMOVE_ONE
 
     def __post_init__(self) -> None:
@@ -80,30 +97,44 @@ class PoissonRound:
         q = require_probability("sample_rate", self.sample_rate, low_open=False)
         object.__setattr__(self, "noise_multiplier", z)
         object.__setattr__(self, "sample_rate", q)
+        _set_count(self)
+
+    @property
+    def effective_noise_multiplier(self) -> float:
+        """The multiplier of the one Gaussian the round composes to (z without a count)."""
+        return effective_noise_multiplier(self.noise_multiplier, self.count_noise_multiplier)
 
     def dp_event(self) -> dp_accounting.DpEvent:
         """Return ``PoissonSampledDpEvent(sample_rate, GaussianDpEvent(z))``.
 
         ``z`` is :func:`accounted_noise_multiplier`: the noise multiplier, capped at
         :data:`NOISE_MULTIPLIER_CAP` (conservative; dp_accounting overflows on huge values).
+        With a count, the inner event is ``ComposedDpEvent([GaussianDpEvent(z),
+        GaussianDpEvent(z_b)])`` (each capped), the two releases of the round.
         """
-        return dp_accounting.PoissonSampledDpEvent(
-            self.sample_rate, dp_accounting.GaussianDpEvent(accounted_noise_multiplier(self))
-        )
+        return dp_accounting.PoissonSampledDpEvent(self.sample_rate, _inner_event(self, 1.0))
 
     def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-able dict that :func:`round_from_dict` turns back into this round."""
-        return {
+        """Return a JSON-able dict that :func:`round_from_dict` turns back into this round.
+
+        ``"count_noise_multiplier"`` is present only for a round with a count.
+        """
+        data: dict[str, Any] = {
             "type": "poisson",
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
         }
+        return _with_count(self, data)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PoissonRound:
         """Rebuild a round from :meth:`to_dict` output, validating every field."""
         _check_keys(data, "poisson", ("noise_multiplier", "sample_rate"))
-        return cls(noise_multiplier=data["noise_multiplier"], sample_rate=data["sample_rate"])
+        return cls(
+            noise_multiplier=data["noise_multiplier"],
+            sample_rate=data["sample_rate"],
+            count_noise_multiplier=data.get("count_noise_multiplier"),
+        )
 
 
 @dataclass(frozen=True)
@@ -124,6 +155,10 @@ class FixedCohortRound:
         noise_multiplier: z, the noise std on the sum divided by the clipping bound C; >= 0.
         cohort_size: number of users per round, 1 <= cohort_size <= population.
         population: number of users the cohort is drawn from, >= 1.
+        count_noise_multiplier: z_b > 0 of the adaptive-clipping count released in the same
+            round, relative to its add/remove sensitivity, or ``None`` (default). Replacing a
+            user changes the count by at most twice that sensitivity (remove, then add), so it
+            is halved like ``z`` (conservative for raw bits).
 
     Raises:
         ValueError: if an argument is out of range (the message names it).
@@ -140,6 +175,7 @@ class FixedCohortRound:
     noise_multiplier: float
     cohort_size: int
     population: int
+    count_noise_multiplier: float | None = None
     adjacency: ClassVar[Adjacency] = REPLACE_ONE
 
     def __post_init__(self) -> None:
@@ -154,6 +190,12 @@ class FixedCohortRound:
         object.__setattr__(self, "noise_multiplier", z)
         object.__setattr__(self, "cohort_size", cohort)
         object.__setattr__(self, "population", population)
+        _set_count(self)
+
+    @property
+    def effective_noise_multiplier(self) -> float:
+        """The multiplier of the one Gaussian the round composes to (z without a count)."""
+        return effective_noise_multiplier(self.noise_multiplier, self.count_noise_multiplier)
 
     @property
     def sample_rate(self) -> float:
@@ -164,22 +206,24 @@ class FixedCohortRound:
         """Return ``SampledWithoutReplacementDpEvent(population, cohort_size, GaussianDpEvent(z/2))``.
 
         The halved noise multiplier accounts for the replace-one sensitivity ``2C`` of the sum;
-        ``z`` is capped first (:func:`accounted_noise_multiplier`).
+        ``z`` is capped first (:func:`accounted_noise_multiplier`). With a count, the inner event
+        is the ``ComposedDpEvent`` of both halved Gaussians.
         """
         return dp_accounting.SampledWithoutReplacementDpEvent(
             source_dataset_size=self.population,
             sample_size=self.cohort_size,
-            event=dp_accounting.GaussianDpEvent(accounted_noise_multiplier(self) / 2.0),
+            event=_inner_event(self, 0.5),
         )
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-able dict that :func:`round_from_dict` turns back into this round."""
-        return {
+        data: dict[str, Any] = {
             "type": "fixed_cohort",
             "noise_multiplier": self.noise_multiplier,
             "cohort_size": self.cohort_size,
             "population": self.population,
         }
+        return _with_count(self, data)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FixedCohortRound:
@@ -189,6 +233,7 @@ class FixedCohortRound:
             noise_multiplier=data["noise_multiplier"],
             cohort_size=data["cohort_size"],
             population=data["population"],
+            count_noise_multiplier=data.get("count_noise_multiplier"),
         )
 
 
@@ -200,9 +245,104 @@ def accounted_noise_multiplier(round: Round) -> float:
 
     Capping is conservative (a round with more noise is at least as private as one at the cap)
     and keeps dp_accounting's arithmetic finite: it computes ``z**2``, which overflows beyond
-    ~1.3e154, and its privacy-loss grids lose precision long before.
+    ~1.3e154, and its privacy-loss grids lose precision long before. With a count, both
+    multipliers are capped and the result is their :func:`effective_noise_multiplier`.
     """
-    return min(round.noise_multiplier, NOISE_MULTIPLIER_CAP)
+    return effective_noise_multiplier(*_capped(round))
+
+
+def effective_noise_multiplier(
+    noise_multiplier: float, count_noise_multiplier: float | None
+) -> float:
+    """The multiplier ``z_eff`` of two Gaussian releases on one cohort: ``z_eff⁻² = z⁻² + z_b⁻²``.
+
+    Each multiplier is its release's noise std over that release's L2 sensitivity. The two
+    releases together are a Gaussian mechanism on the concatenated query, whose sensitivity-
+    normalised noise has multiplier ``z_eff``; composition is exact, not a bound.
+
+    Args:
+        noise_multiplier: z >= 0 of the update sum.
+        count_noise_multiplier: z_b > 0 of the count, or ``None`` for no count (returns ``z``).
+
+    Examples:
+        >>> round(effective_noise_multiplier(1.0, 1.0), 6)
+        0.707107
+
+    References: Andrew et al., NeurIPS 2021, section 3.
+    """
+    z = require_non_negative("noise_multiplier", noise_multiplier)
+    if count_noise_multiplier is None:
+        return z
+    zb = require_positive("count_noise_multiplier", count_noise_multiplier, allow_inf=True)
+    if z == 0:
+        return 0.0
+    if math.isinf(z) or math.isinf(zb):
+        return min(z, zb)
+    # z⁻² + z_b⁻² written to avoid overflow: z_eff = z·z_b / hypot(z, z_b).
+    return z / math.hypot(1.0, z / zb)
+
+
+def split_noise_multiplier(noise_multiplier: float, *, count_noise_multiplier: float) -> float:
+    """The update multiplier ``z`` that, with a count of multiplier ``z_b``, gives ``z_eff``.
+
+    Solves ``z_eff⁻² = z⁻² + z_b⁻²`` for ``z``: ``z = (z_eff⁻² − z_b⁻²)^(-1/2)``. A user who
+    calibrated one overall multiplier ``z_eff`` (e.g. with
+    :func:`~dpfl.accounting.calibrate_noise_multiplier`) and spends part of it on the count
+    noises the update sum with this ``z`` (larger than ``z_eff``).
+
+    Args:
+        noise_multiplier: The overall (effective) multiplier ``z_eff > 0``.
+        count_noise_multiplier: The count's multiplier ``z_b``; must exceed ``z_eff``.
+
+    Raises:
+        ValueError: if ``z_b <= z_eff``: the count alone would already cost at least the whole
+            budget, so no update noise achieves ``z_eff``; raise ``count_noise_multiplier``.
+
+    Examples:
+        >>> round(split_noise_multiplier(0.707106781, count_noise_multiplier=1.0), 6)
+        1.0
+    """
+    z = require_positive("noise_multiplier", noise_multiplier)
+    zb = require_positive("count_noise_multiplier", count_noise_multiplier, allow_inf=True)
+    if zb <= z:
+        raise ValueError(
+            f"count_noise_multiplier ({zb!r}) must exceed the overall noise_multiplier ({z!r}): "
+            "the count release alone would cost at least the whole budget "
+            "(z_eff^-2 = z^-2 + z_b^-2 needs z_b > z_eff); raise count_noise_multiplier"
+        )
+    if math.isinf(zb):
+        return z
+    ratio = z / zb
+    return z / math.sqrt((1.0 - ratio) * (1.0 + ratio))
+
+
+def _capped(round: Round) -> tuple[float, float | None]:
+    z = min(round.noise_multiplier, NOISE_MULTIPLIER_CAP)
+    zb = round.count_noise_multiplier
+    return z, None if zb is None else min(zb, NOISE_MULTIPLIER_CAP)
+
+
+def _inner_event(round: Round, factor: float) -> dp_accounting.DpEvent:
+    """The round's Gaussian(s), multipliers capped and scaled by ``factor``."""
+    z, zb = _capped(round)
+    if zb is None:
+        return dp_accounting.GaussianDpEvent(z * factor)
+    return dp_accounting.ComposedDpEvent(
+        [dp_accounting.GaussianDpEvent(z * factor), dp_accounting.GaussianDpEvent(zb * factor)]
+    )
+
+
+def _set_count(round: Round) -> None:
+    zb = round.count_noise_multiplier
+    if zb is not None:
+        zb = require_positive("count_noise_multiplier", zb)
+        object.__setattr__(round, "count_noise_multiplier", zb)
+
+
+def _with_count(round: Round, data: dict[str, Any]) -> dict[str, Any]:
+    if round.count_noise_multiplier is not None:
+        data["count_noise_multiplier"] = round.count_noise_multiplier
+    return data
 
 
 def round_from_dict(data: Mapping[str, Any]) -> Round:
@@ -227,8 +367,9 @@ def _check_keys(data: Mapping[str, Any], kind: str, fields: tuple[str, ...]) -> 
     if data.get("type") != kind:
         raise ValueError(f"round['type'] must be {kind!r}, got {data.get('type')!r}")
     expected = {"type", *fields}
-    if set(data) != expected:
+    allowed = {*expected, "count_noise_multiplier"}
+    if not expected <= set(data) <= allowed:
         raise ValueError(
-            f"round of type {kind!r} must have exactly the keys {sorted(expected)}, "
-            f"got {sorted(map(str, data))}"
+            f"round of type {kind!r} must have exactly the keys {sorted(expected)} "
+            f"(and optionally 'count_noise_multiplier'), got {sorted(map(str, data))}"
         )

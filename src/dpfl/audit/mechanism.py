@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from dpfl._checks import require_int, require_non_negative
+from dpfl.adaptive_clip import AdaptiveClip
 from dpfl.aggregate import DPAggregator
 from dpfl.audit.bounds import AuditBound, ThresholdAudit
 from dpfl.audit.canary import canary_update
@@ -196,6 +197,11 @@ def audit_aggregator(
         ValueError: if ``trials < 2`` or the aggregator holds pending users (nothing changes).
     """
     trials = require_int("trials", trials, minimum=2)
+    if isinstance(aggregator.clipper, AdaptiveClip):
+        raise ValueError(
+            "the mechanism audit needs a fixed clipper; audit an aggregator built with "
+            "aggregator.clipper.clipper() (the current round's GlobalClip/PerLayerClip) instead"
+        )
     if aggregator.num_users:
         raise ValueError(
             f"aggregator holds {aggregator.num_users} pending user(s); release them before auditing"

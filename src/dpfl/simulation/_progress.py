@@ -61,6 +61,9 @@ class RoundRecord:
         timings: seconds per phase: ``sample``, ``train``, ``aggregate`` (clip, sum, all-reduce,
             noise), ``server_step``, ``account``, and ``eval`` when evaluation ran. Unsafe.
         eval: the metrics returned by the evaluation hook after this round, or ``None``.
+        clip_bound: with adaptive clipping, the total bound ``C`` used in this round (fixed
+            before it by earlier noised counts: a DP release, logged by default).
+        layer_bounds: with per-layer adaptive clipping, the bound of every layer in this round.
 
     Warning:
         Under Poisson sampling the realised cohort size is a non-private function of the data;
@@ -79,6 +82,8 @@ class RoundRecord:
     time_s: float | None = None
     timings: dict[str, float] | None = None
     eval: dict[str, float] | None = None
+    clip_bound: float | None = None
+    layer_bounds: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the record as a dict with ``"event": "round"`` first (what the log holds).

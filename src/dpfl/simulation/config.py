@@ -115,9 +115,13 @@ class Privacy:
     """The DP mechanism of each round and the ledger it is charged to.
 
     Attributes:
-        clipper: :class:`~dpfl.clip.GlobalClip` or :class:`~dpfl.clip.PerLayerClip`; its
-            ``sensitivity`` C bounds one user's contribution to the sum.
-        noise_multiplier: z; the noise std on the sum is ``z * clipper.sensitivity``.
+        clipper: :class:`~dpfl.clip.GlobalClip`, :class:`~dpfl.clip.PerLayerClip` or
+            :class:`~dpfl.adaptive_clip.AdaptiveClip`; its ``sensitivity`` C bounds one user's
+            contribution to the sum (adaptive: the bound of the round, checkpointed).
+        noise_multiplier: z; the noise std on the sum is ``z * clipper.sensitivity``. With an
+            ``AdaptiveClip`` this is the update's share: each round is charged as one Gaussian
+            of ``z_eff⁻² = z⁻² + z_b⁻²`` (``z_b = clipper.count_noise_multiplier``); get ``z``
+            for a target ``z_eff`` from :func:`~dpfl.accounting.split_noise_multiplier`.
         accountant: :class:`~dpfl.accounting.RDPAccountant` or ``PLDAccountant`` whose adjacency
             matches the sampler; charged in place. Give it a ``budget`` to stop before a round
             that would exceed it.
@@ -147,7 +151,8 @@ class Privacy:
     def __post_init__(self) -> None:
         if not isinstance(getattr(self.clipper, "sensitivity", None), float | int):
             raise TypeError(
-                "Privacy.clipper must be a GlobalClip or PerLayerClip (with a sensitivity), got "
+                "Privacy.clipper must be a GlobalClip, PerLayerClip or AdaptiveClip (with a "
+                "sensitivity), got "
                 f"{type(self.clipper).__name__}"
             )
         _require_methods(

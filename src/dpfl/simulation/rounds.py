@@ -14,21 +14,19 @@ Recognition*, arXiv 2310.00098 (DP-FedAvg with user-level DP and a server optimi
 
 from __future__ import annotations
 
-import copy
-import math
 import secrets
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from dpfl._checks import require_int
+from dpfl.adaptive_clip import AdaptiveClip
 from dpfl.aggregate import DPAggregator
 from dpfl.audit.canary import CanaryAudit
 from dpfl.noise import GaussianMechanism
@@ -43,6 +41,8 @@ from dpfl.simulation._progress import (
     StopReason,
     evaluate,
 )
+from dpfl.simulation._shard import ShardTrainer
+from dpfl.simulation._shard import derive_seed as _derive_seed
 from dpfl.simulation.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -58,19 +58,11 @@ from dpfl.simulation.journal import (
     sweep_temporaries,
     verify_ledger,
 )
-from dpfl.simulation.local import NonFiniteLossError, train_local
-from dpfl.simulation.vectorized import train_cohort_vectorized
 
 __all__ = ["CHECKPOINT_FILE", "RoundRecord", "RunResult", "StopReason", "run_rounds"]
 
 #: Name of the checkpoint file inside ``Checkpointing.dir``.
 CHECKPOINT_FILE = "checkpoint.pt"
-
-
-def _derive_seed(seed: int, *key: int) -> int:
-    """A 63-bit seed derived from ``seed`` and ``key`` (independent streams per key)."""
-    words = np.random.SeedSequence(entropy=seed, spawn_key=key).generate_state(2, np.uint32)
-    return (int(words[0]) << 31) ^ int(words[1])
 
 
 def _require_methods(name: str, obj: Any, methods: tuple[str, ...], what: str) -> None:
@@ -137,6 +129,14 @@ def run_rounds(
     identical noise and is still charged). Resume refuses a checkpoint written with other privacy
     settings (noise multiplier, sensitivity, clipper configuration, sampling, adjacency,
     accountant, budget, noise mode) and a ledger with fewer rounds than the round index.
+
+    Adaptive clipping: with ``privacy.clipper`` an :class:`~dpfl.adaptive_clip.AdaptiveClip`,
+    round t clips with the bounds fixed after round t − 1, the aggregator also releases the
+    noised count (its own noise stream) and moves the bounds, and each round is charged as
+    ``sampler.round_spec(noise_multiplier, count_noise_multiplier=z_b)``, one Gaussian of the
+    effective multiplier. The bound(s) used in each round are DP releases and are logged in its
+    record (``clip_bound``; per layer also ``layer_bounds``); the clipper's state (bounds, step)
+    is checkpointed and restored on resume.
 
         Args:
         model: the server model; trained **in place**.
@@ -278,16 +278,16 @@ class _RoundLoop:
             _require_instance("evaluation", evaluation, Evaluation, "Evaluation(fn, every=...)")
         self.model, self.dataset, self.loss_fn = model, dataset, loss_fn
         self.sampler, self.clipper, self.accountant = sampler, privacy.clipper, privacy.accountant
+        self.adaptive = isinstance(self.clipper, AdaptiveClip)
+        if self.adaptive and audit is not None:
+            raise ValueError(
+                "audit= with an AdaptiveClip is not supported: the canaries are sized to a fixed "
+                "bound; audit a run with a fixed clipper"
+            )
         self.optimizer, self.scheduler = server_optimizer, lr_scheduler
         self.privacy, self.logging, self.evaluation = privacy, logging, evaluation
         self.z = privacy.noise_multiplier
         self.rounds = require_int("rounds", rounds, minimum=1)
-        self.steps, self.epochs, self.vectorized = local.steps, local.epochs, local.vectorized
-        self.local: dict[str, Any] = {
-            "lr": local.lr,
-            "steps": local.steps,
-            "max_grad_norm": local.max_grad_norm,
-        }
         self.delta = privacy.delta
         self.drop_nonfinite, self.secure = privacy.drop_nonfinite, privacy.secure_noise
         self.user_seed = None if seed is None else require_int("seed", seed, minimum=0)
@@ -331,7 +331,7 @@ class _RoundLoop:
         self.warnings: list[str] = []
         self.config = {
             "noise_multiplier": self.z,
-            "sensitivity": float(self.clipper.sensitivity),
+            "sensitivity": self._initial_bound(),
             "clipper": type(self.clipper).__name__,
             "sampler": type(sampler).__name__,
             "expected_cohort_size": float(sampler.expected_cohort_size),
@@ -347,15 +347,29 @@ class _RoundLoop:
             "lr_scheduler": None if self.scheduler is None else type(self.scheduler).__name__,
             # Everything the privacy guarantee of a resumed run depends on:
             "clipper_config": repr(self.clipper),
-            "round_spec": sampler.round_spec(self.z).to_dict(),
+            "round_spec": self._spec().to_dict(),
             "adjacency": getattr(self.accountant, "adjacency", None),
             "budget": None if budget is None else budget.to_dict(),
             "noise_seeded": self.noise_seed is not None,
         }
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.scratch = copy.deepcopy(model)
+        self.shard = ShardTrainer(
+            model, dataset, loss_fn, local=local, drop_nonfinite=self.drop_nonfinite
+        )
 
     # ------------------------------------------------------------------ set-up and resume
+    def _initial_bound(self) -> float:
+        if isinstance(self.clipper, AdaptiveClip):
+            return self.clipper.initial_bound
+        return float(self.clipper.sensitivity)
+
+    def _spec(self) -> Any:
+        """The round spec to charge: with adaptive clipping, the count's multiplier too."""
+        if isinstance(self.clipper, AdaptiveClip):
+            zb = self.clipper.count_noise_multiplier
+            return self.sampler.round_spec(self.z, count_noise_multiplier=zb)
+        return self.sampler.round_spec(self.z)
+
     def _parts(self) -> dict[str, Any]:
         """The stateful objects a checkpoint holds besides the model, by checkpoint key."""
         parts = {
@@ -367,11 +381,13 @@ class _RoundLoop:
             parts["mechanism"] = self.mechanism
         if self.audit is not None:
             parts["audit"] = self.audit
+        if self.adaptive:  # the bounds are DP releases: always stored
+            parts["clipper"] = self.clipper
         return parts if self.scheduler is None else {**parts, "scheduler": self.scheduler}
 
     def _setup(self) -> int:
         """Resolve the seed, build the mechanism, restore a checkpoint; return the start round."""
-        self.accountant.would_exceed(self.sampler.round_spec(self.z))  # wrong adjacency raises now
+        self.accountant.would_exceed(self._spec())  # wrong adjacency raises now
         state = None
         charges = [] if self.journal is None else self.journal.load()
         if self.ckpt_path is not None and (self.ckpt_path.exists() or charges):
@@ -402,7 +418,7 @@ class _RoundLoop:
             )
         self.mechanism = GaussianMechanism(
             self.z,
-            self.clipper.sensitivity,
+            self._initial_bound(),
             seed=None if self.noise_seed is None else _derive_seed(self.noise_seed, 0),
             secure=self.secure,
         )
@@ -439,62 +455,6 @@ class _RoundLoop:
         return start
 
     # ------------------------------------------------------------------ one round
-    def _generator(self, t: int, position: int) -> torch.Generator:
-        return torch.Generator().manual_seed(_derive_seed(self.seed, 1, t, position))
-
-    def _train_and_add(
-        self, t: int, cohort: list[Any], agg: DPAggregator, timings: dict[str, float]
-    ) -> None:
-        """Train this rank's shard of the cohort and add the updates to ``agg``."""
-        world, rank = (1, 0) if self.dist is None else (self.dist.world_size, self.dist.rank)
-        mine = list(range(len(cohort)))[rank::world]
-        users = [cohort[i] for i in mine]
-        clock = time.perf_counter()
-        datas = [self.dataset.user_data(uid) for uid in users]
-        if self.vectorized and users:
-            assert self.steps is not None
-            try:
-                gens = [self._generator(t, i) for i in mine]
-                updates = train_cohort_vectorized(
-                    self.model, datas, self.loss_fn, generator=gens, user_ids=users, **self.local
-                )
-            except NonFiniteLossError:
-                if not self.drop_nonfinite:
-                    raise
-                updates = None  # find and drop the offending users one by one below
-            if updates is not None:
-                timings["train"] += time.perf_counter() - clock
-                clock = time.perf_counter()
-                for uid, update in zip(users, updates, strict=True):
-                    self._add(agg, update, uid, t)
-                timings["aggregate"] += time.perf_counter() - clock
-                return
-        for uid, data, i in zip(users, datas, mine, strict=True):
-            user_kw = {"user_id": uid, "scratch": self.scratch, **self.local}
-            try:
-                gen = self._generator(t, i)
-                update = train_local(
-                    self.model, data, self.loss_fn, epochs=self.epochs, generator=gen, **user_kw
-                )
-            except NonFiniteLossError:
-                if not self.drop_nonfinite:
-                    raise
-                # A non-finite update makes the aggregator drop the user and count it, on every
-                # rank alike, so num_dropped stays correct after the all-reduce.
-                update = {n: torch.full_like(p, math.nan) for n, p in self.trainable.items()}
-            now = time.perf_counter()
-            timings["train"] += now - clock
-            self._add(agg, update, uid, t)
-            clock = time.perf_counter()
-            timings["aggregate"] += clock - now
-
-    @staticmethod
-    def _add(agg: DPAggregator, update: dict[str, torch.Tensor], uid: Any, t: int) -> None:
-        try:
-            agg.add(update)
-        except ValueError as exc:
-            raise ValueError(f"round {t}, user {uid!r}: update rejected: {exc}") from exc
-
     def _charge(self, t: int, spec: Any) -> None:
         """Write-ahead accounting: charge round ``t`` durably before its noise is drawn."""
         if self.journal is not None:
@@ -514,6 +474,8 @@ class _RoundLoop:
         timings = dict.fromkeys(("sample", "train", "aggregate", "server_step", "account"), 0.0)
         start = time.perf_counter()
         saved = (self.sampler.state_dict(), self.mechanism.state_dict())
+        clip_saved = self.clipper.state_dict() if self.adaptive else None
+        used: dict[str, Any] = {}
         audit_saved = None if self.audit is None else self.audit.state_dict()
         try:
             cohort = list(self.sampler.sample())
@@ -525,7 +487,10 @@ class _RoundLoop:
                 drop_nonfinite=self.drop_nonfinite,
                 template=self.trainable,
             )
-            self._train_and_add(t, cohort, agg, timings)
+            world, rank = (1, 0) if self.dist is None else (self.dist.world_size, self.dist.rank)
+            self.shard.train_and_add(
+                t, cohort, agg, timings, seed=self.seed, world_size=world, rank=rank
+            )
             if self.audit is not None:
                 self._add_canaries(agg)
             clock = time.perf_counter()
@@ -533,9 +498,13 @@ class _RoundLoop:
             timings["account"] = time.perf_counter() - clock
             clock = time.perf_counter()
             reduce = None if self.dist is None else self.dist.all_reduce_sum_
+            if isinstance(self.clipper, AdaptiveClip):
+                used = _bounds_used(self.clipper, self.trainable)
             mean, stats = agg.release(reduce=reduce, allow_empty=True)
             if self.dist is not None and self.noise_seed is None:
                 self.dist.broadcast_(list(mean.values()))  # rank 0's unseeded noise
+                if isinstance(self.clipper, AdaptiveClip):
+                    self._broadcast_bounds(self.clipper)  # moved by rank 0's noised count
             timings["aggregate"] += time.perf_counter() - clock
             clock = time.perf_counter()
             # server_step validates before it changes anything, so when it raises the model and
@@ -547,6 +516,8 @@ class _RoundLoop:
         except BaseException:
             self.sampler.load_state_dict(saved[0])
             self.mechanism.load_state_dict(saved[1])
+            if clip_saved is not None:
+                self.clipper.load_state_dict(clip_saved)
             if self.audit is not None and audit_saved is not None:
                 self.audit.load_state_dict(audit_saved)
             raise
@@ -559,11 +530,12 @@ class _RoundLoop:
         epsilon = float(self.accountant.epsilon(self.delta))
         timings["account"] += time.perf_counter() - clock
         if not self.unsafe:  # cohort-dependent, not covered by the DP guarantee
-            return RoundRecord(round=t, epsilon=epsilon, delta=self.delta)
+            return RoundRecord(round=t, epsilon=epsilon, delta=self.delta, **used)
         return RoundRecord(
             round=t,
             epsilon=epsilon,
             delta=self.delta,
+            **used,
             num_users=stats.num_users,
             num_dropped=stats.num_dropped,
             fraction_clipped=stats.fraction_clipped,
@@ -571,6 +543,12 @@ class _RoundLoop:
             time_s=time.perf_counter() - start,
             timings=timings,
         )
+
+    def _broadcast_bounds(self, clipper: AdaptiveClip) -> None:
+        assert self.dist is not None and clipper.bounds is not None
+        vec = torch.tensor(list(clipper.bounds.values()), dtype=torch.float64)
+        self.dist.broadcast_([vec])
+        clipper.set_bounds_(vec.tolist())
 
     # ------------------------------------------------------------------ the loop
     def _checkpoint(self, t: int) -> None:
@@ -637,7 +615,7 @@ class _RoundLoop:
         last_saved, t = start, start
         try:
             while t < self.rounds:
-                spec = self.sampler.round_spec(self.z)
+                spec = self._spec()
                 if self.accountant.would_exceed(spec):
                     reason = "budget"
                     budget = self.accountant.budget
@@ -681,3 +659,12 @@ class _RoundLoop:
             resumed_from=start if start > 0 else None,
             audit=audit,
         )
+
+
+def _bounds_used(clipper: AdaptiveClip, template: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The bound(s) of this round, for its record (DP: fixed by earlier noised counts)."""
+    bounds = clipper.layer_bounds(template)
+    used: dict[str, Any] = {"clip_bound": clipper.bound}
+    if clipper.per_layer:
+        used["layer_bounds"] = bounds
+    return used

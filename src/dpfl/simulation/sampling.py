@@ -215,16 +215,24 @@ class PoissonSampler(_CounterSampler):
     def _settings(self) -> dict[str, Any]:
         return {"sample_rate": self.sample_rate}
 
-    def round_spec(self, noise_multiplier: float) -> PoissonRound:
+    def round_spec(
+        self, noise_multiplier: float, *, count_noise_multiplier: float | None = None
+    ) -> PoissonRound:
         """Return the accounting event for one round of this sampler.
 
         Args:
             noise_multiplier: Noise multiplier ``z`` of the Gaussian mechanism used in the round.
+            count_noise_multiplier: ``z_b`` of an adaptive-clipping count released in the same
+                round, or ``None``.
 
         Returns:
-            ``PoissonRound(noise_multiplier, sample_rate)``.
+            ``PoissonRound(noise_multiplier, sample_rate, count_noise_multiplier)``.
         """
-        return PoissonRound(noise_multiplier=noise_multiplier, sample_rate=self.sample_rate)
+        return PoissonRound(
+            noise_multiplier=noise_multiplier,
+            sample_rate=self.sample_rate,
+            count_noise_multiplier=count_noise_multiplier,
+        )
 
     def __repr__(self) -> str:
         return f"PoissonSampler(population_size={len(self._population)}, sample_rate={self.sample_rate})"
@@ -283,19 +291,24 @@ class FixedCohortSampler(_CounterSampler):
     def _settings(self) -> dict[str, Any]:
         return {"cohort_size": self.cohort_size}
 
-    def round_spec(self, noise_multiplier: float) -> FixedCohortRound:
+    def round_spec(
+        self, noise_multiplier: float, *, count_noise_multiplier: float | None = None
+    ) -> FixedCohortRound:
         """Return the accounting event for one round of this sampler.
 
         Args:
             noise_multiplier: Noise multiplier ``z`` of the Gaussian mechanism used in the round.
+            count_noise_multiplier: ``z_b`` of an adaptive-clipping count released in the same
+                round, or ``None``.
 
         Returns:
-            ``FixedCohortRound(noise_multiplier, cohort_size, population)``.
+            ``FixedCohortRound(noise_multiplier, cohort_size, population, count_noise_multiplier)``.
         """
         return FixedCohortRound(
             noise_multiplier=noise_multiplier,
             cohort_size=self.cohort_size,
             population=len(self._population),
+            count_noise_multiplier=count_noise_multiplier,
         )
 
     def __repr__(self) -> str:
