@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line interface (``--help`` lists every option and its real default)."""
     p = argparse.ArgumentParser(
         description="Seed training (LARS) + DP federated fine-tuning of a CTC transformer (dpfl).",
-        epilog="Without --librispeech-root / --common-voice-root an embedded synthetic corpus is "
-               "generated (once) under --cache-dir. Exit status 2 means a usage or data problem; "
-               "the one-line message says what to do.",
+        epilog=textwrap.fill("Without --librispeech-root / --common-voice-root an embedded synthetic corpus is "
+               "generated (once) under --cache-dir. The default run, measured from a fresh cache "
+               "on 2 shared CPU cores: 21 min 42 s, about 400 MB of corpus and feature cache and "
+               "40 MB of run outputs. Exit status 2 means a usage or data problem; the one-line "
+               "message says what to do."),
         formatter_class=_HelpFormatter,
     )
     a = p.add_argument
     a("--quick", action="store_true",
-      help="smoke run: tiny corpus, tiny model, few rounds (about a minute plus corpus generation)")
+      help="smoke run: tiny corpus, tiny model, few rounds (measured: 46 s from a fresh "
+           "cache, about 90 MB of it, and 4 MB of outputs; it checks the plumbing)")
     a("--output-dir", type=Path, default=None,
       help="where this run writes logs, checkpoints and results (default: a new timestamped "
            "folder runs/asr/YYYYmmdd-HHMMSS, or runs/asr-quick/... with --quick); a folder that "
