@@ -9,5 +9,8 @@ Model side: :mod:`examples.asr.text` (character tokenizer, greedy CTC decoding, 
 :mod:`examples.asr.model` (the CTC transformer and its ``paper``/``small``/``tiny`` configs),
 :mod:`examples.asr.train` (central LARS seed training, evaluation) and
 :mod:`examples.asr.federated` (DP federated fine-tuning through ``dpfl.simulation.run_rounds``).
-The command line lives in ``examples/asr_librispeech.py``.
+Run side: :mod:`examples.asr.cli` (options, presets, user errors), :mod:`examples.asr.splits`
+(the run's data and its skip report), :mod:`examples.asr.pipeline` (run directory, seed model,
+FL without noise and with DP) and :mod:`examples.asr.report` (printed table, ``results.json``).
+The script ``examples/asr_librispeech.py`` is their command-line entry point.
 """

@@ -37,7 +37,7 @@ import torch
 import torchaudio
 from torch import Tensor
 
-from dpfl._checks import require_int, require_probability
+from examples.asr.checks import require_int, require_probability
 from examples.asr.data import SAMPLE_RATE, Utterance, load_audio
 
 __all__ = [

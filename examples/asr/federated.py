@@ -24,13 +24,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from dpfl._checks import require_non_negative, require_positive
 from dpfl.accounting import PLDAccountant, RDPAccountant, calibrate_noise_multiplier
 from dpfl.audit import CanaryAudit
 from dpfl.clip import GlobalClip, PerLayerClip
 from dpfl.optim import LAMB
 from dpfl.simulation import (
     Checkpointing,
+    DistContext,
     Evaluation,
     FederatedDataset,
     FixedCohortSampler,
@@ -38,9 +38,10 @@ from dpfl.simulation import (
     Logging,
     PoissonSampler,
     Privacy,
+    RunResult,
+    run_rounds,
 )
-from dpfl.simulation.distributed import DistContext
-from dpfl.simulation.rounds import RunResult, run_rounds
+from examples.asr.checks import require_non_negative, require_positive
 from examples.asr.train import Augment, batch_loss
 
 __all__ = [

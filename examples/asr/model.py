@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpfl._checks import require_int, require_probability
+from examples.asr.checks import require_int, require_probability
 
 __all__ = ["CONFIGS", "CTCTransformer", "ModelConfig", "ctc_loss", "get_config", "output_lengths"]
 

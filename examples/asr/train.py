@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dpfl._checks import require_int, require_non_negative, require_positive
 from dpfl.optim import LARS
+from examples.asr.checks import require_int, require_non_negative, require_positive
 from examples.asr.model import ctc_loss
 from examples.asr.text import CharTokenizer, ErrorRates, error_rates, greedy_decode
 

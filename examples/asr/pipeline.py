@@ -1,0 +1,260 @@
+"""The stages of an ASR run: run directory, data, seed model, FL without noise, FL with DP.
+
+:func:`run_pipeline` runs them in order (on every rank under ``torchrun``) and returns the
+results dict that :mod:`examples.asr.report` prints as the final table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+
+from dpfl.accounting import extrapolate
+from dpfl.audit import CanaryAudit
+from dpfl.simulation import CheckpointError, DistContext, init_distributed, shutdown_distributed
+from examples.asr.cli import UserError, fill_presets
+from examples.asr.corpus import default_cache_dir
+from examples.asr.features import SpecAugment, SpecAugmentConfig
+from examples.asr.federated import FederatedConfig, resolve_noise, run_federated
+from examples.asr.model import CTCTransformer, get_config
+from examples.asr.report import data_report, format_table, jsonable, summary
+from examples.asr.splits import load_splits, prepare_data
+from examples.asr.text import CharTokenizer
+from examples.asr.train import Augment, Batch, evaluate, train_central
+
+__all__ = ["PAPER_SCALE", "resolve_output_dir", "run_pipeline"]
+
+PAPER_SCALE = {"cohort_size": 204_800, "population": 69_500_000, "rounds": 2_034, "delta": 1e-9}
+"""The paper's extrapolation point (table in design notes 2.4: σ_DP 3e-6 gives ε 7.2, RDP)."""
+
+
+_RUN_FILES = ("seed_model.pt", "results.json", "results.md", "fl_no_noise.jsonl", "fl_dp.jsonl",
+              "ckpt_fl_no_noise", "ckpt_fl_dp", "run.json")
+
+
+def resolve_output_dir(args: argparse.Namespace) -> Path:
+    """The run directory: a new timestamped one by default, or ``--output-dir`` checked for an
+    earlier run (which needs ``--resume`` or ``--overwrite``).
+
+    Raises:
+        UserError: if the folder holds a run and neither flag is given, or ``--resume`` finds
+            nothing to resume.
+    """
+    base = Path("runs/asr-quick" if args.quick else "runs/asr")
+    out: Path | None = args.output_dir
+    if out is None:
+        if args.resume:
+            earlier = sorted(p for p in base.glob("*") if p.is_dir() and (p / "run.json").is_file())
+            if not earlier:
+                raise UserError(f"--resume: no earlier run under {base}/; run without --resume "
+                                "first, or give --output-dir")
+            return earlier[-1]
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out, n = base / stamp, 1
+        while out.exists():
+            n += 1
+            out = base / f"{stamp}-{n}"
+        return out
+    held = [name for name in _RUN_FILES if (out / name).exists()]
+    if held and args.overwrite:
+        for name in held:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    elif held and not args.resume:
+        raise UserError(f"{out} already holds a run ({', '.join(held[:3])}); pass --resume to "
+                        "continue it, --overwrite to replace it, or choose another --output-dir")
+    return out
+
+
+def _rank0(dist: DistContext | None) -> bool:
+    return dist is None or dist.rank == 0
+
+
+def _say(dist: DistContext | None, *msg: object) -> None:
+    if _rank0(dist):
+        print(*msg, flush=True)
+
+
+def _rates(model: torch.nn.Module, batches: Sequence[Batch], tok: CharTokenizer) -> dict[str, float]:
+    rates, _ = evaluate(model, batches, tok)
+    return {"wer": rates.wer, "cer": rates.cer}
+
+
+def _seed_model(
+    args: argparse.Namespace, model: CTCTransformer, batches: Sequence[Batch],
+    augment: Augment | None,
+    dist: DistContext | None,
+) -> bool:
+    """Train (rank 0) or reload the seed model; returns True if it was reloaded."""
+    path = args.output_dir / "seed_model.pt"
+    key = {"model": model.config.to_dict(), "steps": args.seed_steps, "lr": args.seed_lr,
+           "batch_size": args.batch_size, "seed": args.seed, "data": args.data_source}
+    reused = False
+    if _rank0(dist):
+        if args.resume and path.is_file():
+            blob = torch.load(path, weights_only=True, map_location="cpu")
+            if blob["key"] == json.loads(json.dumps(key)):
+                model.load_state_dict(blob["state"])
+                reused = True
+                print(f"seed model: reusing {path}", flush=True)
+        if not reused:
+            t0 = time.time()
+            losses = train_central(
+                model, batches, steps=args.seed_steps, lr=args.seed_lr, warmup_steps=args.seed_steps // 10,
+                augment=augment, seed=args.seed, progress=True,
+            )
+            print(f"seed model: {args.seed_steps} LARS steps in {time.time() - t0:.0f}s, "
+                  f"final loss {sum(losses[-20:]) / max(1, len(losses[-20:])):.3f}", flush=True)
+            torch.save({"key": key, "state": model.state_dict()}, path)
+    if dist is not None:
+        tdist.barrier()
+        model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu")["state"])
+    return reused
+
+
+def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
+    """Data, seed model, FL without noise, FL with DP, table; returns the results dict."""
+    started = time.time()
+    args = fill_presets(args)
+    torch.set_num_threads(args.threads)
+    dist = init_distributed(timeout_s=7200.0) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    if dist is None:
+        args.output_dir = resolve_output_dir(args)
+    else:  # every rank must write into the folder rank 0 chose
+        chosen: list[Any] = [None]
+        if dist.rank == 0:
+            try:
+                chosen[0] = resolve_output_dir(args)
+            except UserError as exc:
+                chosen[0] = exc
+        tdist.broadcast_object_list(chosen, src=0)
+        if isinstance(chosen[0], UserError):
+            raise chosen[0]
+        args.output_dir = chosen[0]
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    if _rank0(dist):
+        (args.output_dir / "run.json").write_text(json.dumps(
+            {"argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1) + "\n")
+    _say(dist, f"run directory: {args.output_dir}")
+    tok = CharTokenizer()
+
+    # Data (rank 0 first, so that the corpus and the feature store are built once).
+    if dist is not None and dist.rank != 0:
+        tdist.barrier()
+    t0 = time.time()
+    args.progress = _rank0(dist)
+    splits = load_splits(args)
+    args.data_source = splits.source
+    data = prepare_data(splits, args, tok)
+    if dist is not None and dist.rank == 0:
+        tdist.barrier()
+    _say(dist, f"data: {splits.source}\n  seed {len(data.seed_batches.store)} utterances, FL "
+         f"{len(data.dataset)} users / {data.fl_utterances} utterances, eval "
+         f"{data.eval_utterances} utterances ({time.time() - t0:.0f}s incl. corpus and features)")
+    _say(dist, data_report(data.report))
+    seed_batches, ev_batches, dev_batches = data.seed_batches, data.eval_batches, data.dev_batches
+    dataset = data.dataset
+    augment = None if args.specaugment == "none" else SpecAugment(
+        SpecAugmentConfig.small() if args.specaugment == "small" else SpecAugmentConfig())
+
+    # Seed model, centrally with LARS.
+    with torch.random.fork_rng():  # seeded initialisation, caller's RNG state untouched
+        torch.manual_seed(args.seed)
+        model = CTCTransformer(get_config(args.model))
+    device = torch.device(args.device) if args.device else (dist.device if dist else torch.device("cpu"))
+    model.to(device)
+    _say(dist, f"model: {args.model}, {sum(p.numel() for p in model.parameters()):,} parameters")
+    _seed_model(args, model, seed_batches, augment, dist)
+    seed_state = {k: v.clone() for k, v in model.state_dict().items()}
+    results: dict[str, Any] = {
+        "data": {"source": splits.source, "seed_utterances": data.seed_batches.num_utterances(),
+                 "fl_users": len(dataset), "fl_utterances": data.fl_utterances,
+                 "eval_utterances": data.eval_utterances, "splits": data.report},
+        "model": model.config.to_dict(),
+        # what the printed numbers depend on besides the command line (see docs/asr.md,
+        # "Determinism"): the float kernels torch picks for this CPU and the thread count
+        "environment": {"torch": torch.__version__,
+                        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                        "threads": args.threads, "device": str(device)}}
+
+    def score(m: torch.nn.Module) -> dict[str, float]:
+        out = _rates(m, ev_batches, tok)
+        if dev_batches:
+            dev = _rates(m, dev_batches, tok)
+            out.update(dev_wer=dev["wer"], dev_cer=dev["cer"])
+        return out
+
+    if _rank0(dist):
+        results["seed"] = score(model)
+        _say(dist, f"seed model: {summary(results['seed'])}")
+
+    # Federated fine-tuning: without noise, then with DP.
+    population = len(dataset)
+    z, sigma_dp = resolve_noise(
+        noise_multiplier=args.noise_multiplier, sigma_dp=args.sigma_dp, target_epsilon=args.target_epsilon,
+        cohort_size=args.cohort_size, population=population, rounds=args.rounds, delta=args.delta,
+        accountant=args.accountant)
+    base = FederatedConfig(
+        rounds=args.rounds, cohort_size=args.cohort_size, local_steps=args.local_steps,
+        local_lr=args.local_lr, server_optimizer=args.server_optimizer, server_lr=args.server_lr,
+        server_lr_decay=args.server_lr_decay, clip=args.clip, clip_allocation=args.clip_allocation,
+        clip_bound=args.clip_bound, noise_multiplier=0.0, accountant=args.accountant,
+        delta=args.delta, sampling=args.sampling, seed=args.seed,
+        noise_seed=args.noise_seed, secure_noise=args.secure_noise)
+    eval_fn = (lambda m: _rates(m, ev_batches, tok))  # noqa: E731
+    for name, cfg in (("fl_no_noise", base), ("fl_dp", replace(base, noise_multiplier=z))):
+        model.load_state_dict(seed_state)
+        _say(dist, f"{name}: {cfg.rounds} rounds, cohort {cfg.cohort_size} of {population}, "
+             f"z={cfg.noise_multiplier:.4g} (σ_DP={cfg.sigma_dp():.3g}), C={cfg.clip_bound:g} {cfg.clip}")
+        t0 = time.time()
+        audit = (CanaryAudit(args.canaries, seed=args.seed)
+                 if args.canaries and cfg.noise_multiplier > 0 else None)
+        try:
+            run = run_federated(
+                model, dataset, cfg, augment=augment, log_path=args.output_dir / f"{name}.jsonl",
+                checkpoint_dir=args.output_dir / f"ckpt_{name}", resume=args.resume,
+                eval_fn=eval_fn, eval_every=args.eval_every, dist=dist, audit=audit)
+        except CheckpointError as exc:  # e.g. --resume with other privacy settings
+            raise UserError(f"{exc} (or start a new run without --resume)") from exc
+        if _rank0(dist):
+            entry = {**score(model), "epsilon": run.epsilon, "delta": run.delta,
+                     "rounds": run.rounds_completed, "stop_reason": run.stop_reason,
+                     "time_s": round(time.time() - t0, 1), **cfg.to_dict()}
+            if run.audit is not None:
+                entry["audit"] = run.audit
+                _say(dist, f"{name}: empirical ε {run.audit['empirical_epsilon']:.3g} "
+                     f"({args.canaries} canaries, one-shot estimate) vs proven ε {run.epsilon:.4g}")
+            results[name] = entry
+            _say(dist, f"{name}: {summary(entry)}  ε={run.epsilon:.4g}")
+    if sigma_dp > 0:
+        ext = extrapolate(
+            sigma_dp=sigma_dp, cohort_size=PAPER_SCALE["cohort_size"],
+            population=PAPER_SCALE["population"], rounds=int(PAPER_SCALE["rounds"]),
+            delta=PAPER_SCALE["delta"], accountant=args.accountant)
+        results["extrapolated"] = {**PAPER_SCALE, "sigma_dp": sigma_dp, "noise_multiplier":
+                                   ext.noise_multiplier, "epsilon": ext.epsilon, "accountant": args.accountant}
+    results["wall_time_s"] = round(time.time() - started, 1)
+    if _rank0(dist):
+        table = format_table(results)
+        print("\n" + table, flush=True)
+        (args.output_dir / "results.json").write_text(json.dumps(jsonable(results), indent=2) + "\n")
+        (args.output_dir / "results.md").write_text(table + "\n")
+        out = args.output_dir
+        print(f"\nwritten to {out}/: results.json and results.md (this table), seed_model.pt, "
+              f"round logs fl_no_noise.jsonl and fl_dp.jsonl, checkpoints ckpt_fl_no_noise/ and "
+              f"ckpt_fl_dp/ (continue with --resume --output-dir {out}); corpus and feature "
+              f"cache: {args.cache_dir or default_cache_dir()}", flush=True)
+    if dist is not None:
+        shutdown_distributed()
+    return results
