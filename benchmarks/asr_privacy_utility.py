@@ -71,8 +71,9 @@ from dpfl.simulation import (  # noqa: E402
     Logging,
     PoissonSampler,
     Privacy,
+    RunResult,
+    run_rounds,
 )
-from dpfl.simulation.rounds import RunResult, run_rounds  # noqa: E402
 from examples.asr.corpus import CorpusConfig, ensure_corpus  # noqa: E402
 from examples.asr.data import read_librispeech  # noqa: E402
 from examples.asr.features import cached_features  # noqa: E402

@@ -33,8 +33,10 @@ says, a missing transcript) are skipped, counted per split with reasons, printed
 
 Outputs: a run directory, by default a new ``runs/asr/<YYYYmmdd-HHMMSS>/``
 (``runs/asr-quick/...`` with ``--quick``), or ``--output-dir``: ``run.json`` (command line),
-``seed_model.pt``, per-round JSON-lines logs ``fl_no_noise.jsonl`` / ``fl_dp.jsonl``,
-checkpoints ``ckpt_fl_no_noise/`` and ``ckpt_fl_dp/`` (``--resume`` continues the latest run,
+``seed_model.pt``, per-round JSON-lines logs ``fl_no_noise.jsonl`` / ``fl_dp.jsonl`` /
+``fl_dp_other_clip.jsonl`` (FL + DP with the other ``--clip`` mode at the same noise, the paper's
+per-layer vs global comparison; ``--no-compare-clip`` skips it), checkpoints ``ckpt_<stage>/``
+(``--resume`` continues the latest run,
 or the one in ``--output-dir``; ``--overwrite`` replaces it), ``results.json`` and
 ``results.md`` (the printed table). Usage and data problems end with one line on stderr and
 exit status 2.

@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "tensor of d_h of D parameters (dim, paper) or C / sqrt(H) for H tensors "
                         "(uniform)")
     g.add_argument("--clip-bound", type=float, default=0.01, help="C, L2 bound per user update")
+    g.add_argument("--compare-clip", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run FL + DP with the other --clip mode at the same noise (a third FL "
+                        "stage, fl_dp_other_clip: the paper's per-layer vs global comparison)")
     noise = g.add_mutually_exclusive_group()
     noise.add_argument("--noise-multiplier", type=float,
                        help="z (noise std on the sum = z*C); one of the three noise options")

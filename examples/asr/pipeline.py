@@ -40,7 +40,8 @@ PAPER_SCALE = {"cohort_size": 204_800, "population": 69_500_000, "rounds": 2_034
 
 
 _RUN_FILES = ("seed_model.pt", "results.json", "results.md", "fl_no_noise.jsonl", "fl_dp.jsonl",
-              "ckpt_fl_no_noise", "ckpt_fl_dp", "run.json")
+              "fl_dp_other_clip.jsonl", "ckpt_fl_no_noise", "ckpt_fl_dp", "ckpt_fl_dp_other_clip",
+              "run.json")
 
 
 def resolve_output_dir(args: argparse.Namespace) -> Path:
@@ -213,7 +214,12 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
         delta=args.delta, sampling=args.sampling, seed=args.seed,
         noise_seed=args.noise_seed, secure_noise=args.secure_noise)
     eval_fn = (lambda m: _rates(m, ev_batches, tok))  # noqa: E731
-    for name, cfg in (("fl_no_noise", base), ("fl_dp", replace(base, noise_multiplier=z))):
+    stages = [("fl_no_noise", base), ("fl_dp", replace(base, noise_multiplier=z))]
+    if args.compare_clip and z > 0:
+        # The paper's headline next to the DP row: the same noise with the other clipping mode.
+        other = "global" if args.clip == "per-layer" else "per-layer"
+        stages.append(("fl_dp_other_clip", replace(base, noise_multiplier=z, clip=other)))
+    for name, cfg in stages:
         model.load_state_dict(seed_state)
         _say(dist, f"{name}: {cfg.rounds} rounds, cohort {cfg.cohort_size} of {population}, "
              f"z={cfg.noise_multiplier:.4g} (σ_DP={cfg.sigma_dp():.3g}), C={cfg.clip_bound:g} {cfg.clip}")
@@ -252,8 +258,9 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
         (args.output_dir / "results.md").write_text(table + "\n")
         out = args.output_dir
         print(f"\nwritten to {out}/: results.json and results.md (this table), seed_model.pt, "
-              f"round logs fl_no_noise.jsonl and fl_dp.jsonl, checkpoints ckpt_fl_no_noise/ and "
-              f"ckpt_fl_dp/ (continue with --resume --output-dir {out}); corpus and feature "
+              f"round logs {', '.join(f'{n}.jsonl' for n, _ in stages)}, checkpoints "
+              f"{', '.join(f'ckpt_{n}/' for n, _ in stages)} (continue with --resume --output-dir "
+              f"{out}); corpus and feature "
               f"cache: {args.cache_dir or default_cache_dir()}", flush=True)
     if dist is not None:
         shutdown_distributed()

@@ -59,7 +59,10 @@ def format_table(results: dict[str, Any]) -> str:
         return cells + (f" {r['dev_wer']:.1%} |" if dev else "") + f" {eps} |"
 
     lines.append(row("seed model (central, LARS)", results["seed"], "–"))
-    for name, label in (("fl_no_noise", "FL, no noise"), ("fl_dp", "FL + DP")):
+    for name, label in (("fl_no_noise", "FL, no noise"), ("fl_dp", "FL + DP"),
+                        ("fl_dp_other_clip", "FL + DP")):
+        if name not in results:
+            continue
         r = results[name]
         noise = f" σ_DP={r['sigma_dp']:.3g}, z={r['noise_multiplier']:.3g}," if r["noise_multiplier"] else ""
         what = f"{label} ({r['rounds']} rounds, S={r['cohort_size']},{noise} C={r['clip_bound']:g} {r['clip']})"

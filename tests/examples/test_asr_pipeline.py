@@ -189,10 +189,16 @@ def test_quick_pipeline_end_to_end(tmp_path: Path) -> None:
     assert results["fl_dp"]["noise_multiplier"] == pytest.approx(
         results["fl_dp"]["sigma_dp"] * results["fl_dp"]["cohort_size"]
     )
-    for name in ("fl_no_noise", "fl_dp"):
+    # The paper's comparison: the same noise with global clipping next to per-layer clipping.
+    other = results["fl_dp_other_clip"]
+    assert (results["fl_dp"]["clip"], other["clip"]) == ("per-layer", "global")
+    assert other["noise_multiplier"] == results["fl_dp"]["noise_multiplier"] > 0
+    assert other["epsilon"] == pytest.approx(results["fl_dp"]["epsilon"])
+    for name in ("fl_no_noise", "fl_dp", "fl_dp_other_clip"):
         rounds = [json.loads(x) for x in (out / f"{name}.jsonl").read_text().splitlines()]
         assert sum(r.get("event") == "round" for r in rounds) == results[name]["rounds"] > 0
     assert (out / "seed_model.pt").is_file()
+    assert "C=0.01 global" in proc.stdout
     assert "FL + DP" in proc.stdout and "seed model" in proc.stdout
     assert (out / "results.md").read_text().strip() in proc.stdout
 
