@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import platform
 import statistics
 import time
@@ -207,6 +208,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--section", choices=("all", "rounds", "paper"), default="all")
     args = parser.parse_args()
+    load_start = os.getloadavg()[0]
     if args.section == "rounds":
         rounds_table()
         return
@@ -253,6 +255,9 @@ def main() -> None:
         "",
         *rounds_table(),
     ]
+    header[2] += (
+        f" Load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end."
+    )
     text = "\n".join([*header, *timings, *paper, *loop, ""])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(text)

@@ -101,15 +101,29 @@ def box_muller_(
         ``out``.
     """
     p = radius_bits.numel()
+    _box_muller(radius_bits, angle_bits, out[:p], out[p:], out.view(2, p), radius, angle)
+    return out
+
+
+def _box_muller(
+    radius_bits: Tensor,
+    angle_bits: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    rows: Tensor,
+    radius: Tensor,
+    angle: Tensor,
+) -> None:
+    """:func:`box_muller_` on views made once: ``cos``/``sin`` are ``out[:p]``/``out[p:]``,
+    ``rows`` is ``out.view(2, p)`` (a view costs about as much as a small op)."""
     unit = _CONST["2pi/2^32"] if angle_bits.dtype == torch.int32 else _CONST["2pi/2^64"]
     radius.copy_(radius_bits).abs_()
     torch.add(_CONST["2^-64"], radius, alpha=2.0**-63, out=radius)
     radius.log_().mul_(_CONST["-2"]).sqrt_()
     angle.copy_(angle_bits).mul_(unit)
-    torch.cos(angle, out=out[:p])
-    torch.sin(angle, out=out[p:])
-    out.view(2, p).mul_(radius)
-    return out
+    torch.cos(angle, out=cos)
+    torch.sin(angle, out=sin)
+    rows.mul_(radius)
 
 
 # ------------------------------------------------------------------------------------- layout
@@ -185,11 +199,19 @@ class _Work:
             self.device_words = torch.empty(_words(pairs, dtype), dtype=torch.int64, device=device)
             self.device_radius_words = self.device_words[:pairs]
             self.device_angle_words = self.device_words[pairs:].view(angle_dtype)[:pairs]
-        self.out = torch.empty(2 * pairs, dtype=dtype, device=device)
+        # 2p normals (cosines, then sines) and one slot after them for the secure wrap-around.
+        self.buffer = torch.empty(2 * pairs + 1, dtype=dtype, device=device)
+        self.out = self.buffer[: 2 * pairs]
+        self.cos, self.sin = self.out[:pairs], self.out[pairs:]
+        self.rows = self.out.view(2, pairs)
         self.radius = torch.empty(pairs, dtype=dtype, device=device)
         self.angle = torch.empty(pairs, dtype=dtype, device=device)
-        coords = 2 * pairs // SECURE_DRAWS
-        self.secure_rows = self.out.view(SECURE_DRAWS, coords) if coords else self.out
+        # Secure mode (pairs = 2m): normal j of the cosines gains sine j + 1 (the sine of pair 0
+        # copied after the last one), then coordinate c sums the results c and m + c.
+        m = pairs // 2
+        self.wrap_to, self.wrap_from = self.buffer[2 * pairs :], self.buffer[pairs : pairs + 1]
+        self.cosines, self.next_sines = self.buffer[:pairs], self.buffer[pairs + 1 :]
+        self.half, self.other_half = self.buffer[:m], self.buffer[m:pairs]
 
 
 class _Scratch:
@@ -306,27 +328,30 @@ class _TorchStream:
 def _noise_piece(piece: _Piece, work: _Work, scale: float, secure: bool) -> None:
     """Add ``scale ·`` (normals from the words already in ``work``) to one piece."""
     cpu = piece.flat.device.type == "cpu"
-    box_muller_(
+    _box_muller(
         work.radius_words if cpu else work.device_radius_words,
         work.angle_words if cpu else work.device_angle_words,
-        work.out,
+        work.cos,
+        work.sin,
+        work.rows,
         work.radius,
         work.angle,
     )
     target = piece.flat[piece.start : piece.start + piece.count]
     if not secure:
-        target.add_(work.out[: piece.count], alpha=scale)
+        out = work.out if piece.count == work.out.numel() else work.out[: piece.count]
+        target.add_(out, alpha=scale)
         return
-    # Coordinate c sums the cosines of pairs c and m + c (rows 0, 1) and the sines of pairs
-    # c + 1 and m + c + 1 (rows 2, 3 shifted cyclically by one): four normals from four
-    # distinct Box-Muller pairs, as m >= 2. Then (sum of four N(0, 1)) / 2 ~ N(0, 1).
-    rows = work.secure_rows
-    m = rows.shape[1]
-    acc = rows[0].add_(rows[1])
-    sines = rows[2].add_(rows[3])
-    acc[: m - 1].add_(sines[1:])
-    acc[m - 1 :].add_(sines[:1])
-    target.add_(acc[: piece.count], alpha=scale / math.sqrt(SECURE_DRAWS))
+    # Coordinate c sums the cosines of pairs c and m + c and the sines of pairs c + 1 and
+    # m + c + 1 (cyclically: pair 2m is pair 0): four normals from four distinct Box-Muller
+    # pairs, as m >= 2. Then (sum of four N(0, 1)) / 2 ~ N(0, 1). Three adds, no new views.
+    work.wrap_to.copy_(work.wrap_from)
+    work.cosines.add_(work.next_sines)
+    acc = work.half.add_(work.other_half)
+    target.add_(
+        acc if piece.count == acc.numel() else acc[: piece.count],
+        alpha=scale / math.sqrt(SECURE_DRAWS),
+    )
 
 
 def _run(
