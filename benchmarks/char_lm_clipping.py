@@ -92,7 +92,7 @@ class Protocol:
     local_lr: float = 0.1
     local_batch_size: int = 4
     clip_bound: float = 0.01
-    sigma_levels: tuple[float, ...] = (0.0, 1e-3, 3e-3, 1e-2)
+    sigma_levels: tuple[float, ...] = (0.0, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
     seeds: tuple[int, ...] = (0, 1, 2)
     lr_grid: tuple[float, ...] = (0.005, 0.015, 0.045)
     lr_sweep_sigma: float = 1e-3

@@ -18,8 +18,8 @@ Usage::
     python examples/asr_librispeech.py --target-epsilon 8 --rounds 200 --cohort-size 64
     torchrun --nproc-per-node 2 examples/asr_librispeech.py --quick   # cohort split over ranks
 
-Measured from a fresh cache on 2 CPU cores shared with other jobs (docs/asr.md, "The default
-run, measured"): the default run 21 min 42 s (about 400 MB of corpus and feature cache, 40 MB
+Measured from a fresh cache on 2 CPU cores (docs/asr.md, "The default
+run, measured"): the default run 19 min 40 s (about 400 MB of corpus and feature cache, 55 MB
 of run outputs), ``--quick`` 46 s (90 MB of cache, 4 MB per run). The DP noise is unseeded (OS
 entropy), so the FL + DP row varies from run to run while the seed and no-noise rows and ε do
 not; ``--noise-seed`` makes the whole table repeatable (simulations only: not private).

@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Seed training (LARS) + DP federated fine-tuning of a CTC transformer (dpfl).",
         epilog=textwrap.fill("Without --librispeech-root / --common-voice-root an embedded synthetic corpus is "
                "generated (once) under --cache-dir. The default run, measured from a fresh cache "
-               "on 2 shared CPU cores: 21 min 42 s, about 400 MB of corpus and feature cache and "
-               "40 MB of run outputs. Exit status 2 means a usage or data problem; the one-line "
+               "on 2 CPU cores: 19 min 40 s (three FL stages; --no-compare-clip drops one), about "
+               "400 MB of corpus and feature cache and 55 MB of run outputs. Exit status 2 means a usage or data problem; the one-line "
                "message says what to do."),
         formatter_class=_HelpFormatter,
     )
