@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from examples.asr.report import jsonable  # non-finite floats as JSON can hold them
+
 
 def machine() -> dict[str, Any]:
     """What ran a cell: architecture, cores, torch version and threads, Python version."""
@@ -28,17 +30,6 @@ def machine() -> dict[str, Any]:
 def now() -> str:
     """The current UTC time, ISO 8601 to the second."""
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-
-
-def jsonable(obj: Any) -> Any:
-    """``obj`` with non-finite floats as JSON-safe values (``"inf"``, ``"-inf"``, ``None`` for NaN)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    return obj
 
 
 def write_json(path: Path, obj: Any) -> None:
