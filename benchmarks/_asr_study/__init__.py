@@ -1,0 +1,1 @@
+"""Building blocks of ``benchmarks/asr_privacy_utility.py`` (grid, cells, report, plots)."""
