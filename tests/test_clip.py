@@ -315,3 +315,41 @@ def test_invalid_inputs_name_the_culprit():
         GlobalClip(1.0).clip_and_accumulate_({"w": torch.ones(2)}, {})
     with pytest.raises(ValueError, match="'w' has shape"):
         GlobalClip(1.0).clip_and_accumulate_({"w": torch.ones(2)}, {"w": torch.zeros(3)})
+
+
+_LAYERS_SCRIPT = """
+import sys
+from dpfl.clip import PerLayerClip
+from dpfl.adaptive_clip import AdaptiveClip
+
+def by_module(name):
+    return name.split(".")[0]
+
+other = lambda name: name.rsplit(".", 1)[0]
+prefix = "enc"
+closure = lambda name: prefix + name.split(".")[0]
+print(repr(PerLayerClip(1.0, layers=by_module)))
+print(repr(PerLayerClip(1.0, layers=lambda name: name.split(".")[0])))
+print(repr(PerLayerClip(1.0, layers=other)))
+print(repr(PerLayerClip(1.0, layers=closure)))
+print(repr(AdaptiveClip(PerLayerClip(1.0, layers=by_module), count_noise_multiplier=1.0)))
+"""
+
+
+def test_a_layers_function_has_the_same_repr_in_every_process() -> None:
+    """The repr is the clipper's configuration in checkpoints: a resume in a new process with the
+    same ``layers=`` function must match it (an object address would not), and another function
+    must not."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.run([sys.executable, "-c", _LAYERS_SCRIPT], env=env, capture_output=True,
+                           text=True, check=True).stdout.splitlines() for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert len(runs[0]) == 5 and " at 0x" not in "".join(runs[0])
+    assert len(set(runs[0][:4])) == 4, runs[0]  # different functions, different reprs
+    assert "by_module" in runs[0][0] and "<lambda>" in runs[0][1]

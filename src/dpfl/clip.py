@@ -34,10 +34,11 @@ Recognition: Benchmarks, Adaptive Optimizers and Gradient Clipping", arXiv 2310.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -380,7 +381,7 @@ class PerLayerClip(_Clipper):
         alloc = self.explicit if self.explicit is not None else self.allocation
         return (
             f"PerLayerClip(bound={self.bound!r}, allocation={alloc!r}, "
-            f"layers={self.layers!r}, normalize={self.normalize!r})"
+            f"layers={_describe_callable(self.layers)}, normalize={self.normalize!r})"
         )
 
     def _layer_plan(self, names: list[str], tensors: list[Tensor]) -> LayerPlan:
@@ -453,3 +454,41 @@ def _validate_explicit(allocation: Mapping[str, float], bound: float | None) -> 
         )
     fix = bound / math.sqrt(total_sq)
     return {layer: b * fix for layer, b in checked.items()}
+
+
+_PLAIN = (type(None), bool, int, float, str, bytes)
+
+
+def _code_digest(code: object, h: Any) -> None:
+    """Feed a code object's instructions, names and constants (nested code recursively)."""
+    for part in ("co_code", "co_names", "co_varnames", "co_freevars"):
+        h.update(repr(getattr(code, part, None)).encode())
+    for const in getattr(code, "co_consts", ()):
+        if hasattr(const, "co_code"):
+            _code_digest(const, h)
+        else:
+            h.update(repr(const).encode() if isinstance(const, (*_PLAIN, tuple, frozenset)) else b"?")
+
+
+def _describe_callable(fn: Callable[[str], str] | None) -> str:
+    """A description of ``fn`` that is the same in every process running the same code.
+
+    ``repr`` of a function holds its address, which changes from process to process; the
+    clipper's repr is its configuration in checkpoints, so a resumed run must see the same text.
+    Functions are named by module, qualified name and a digest of their code and closure values;
+    other callables by their type and a repr without an address.
+    """
+    if fn is None:
+        return "None"
+    name = f"{getattr(fn, '__module__', None)}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        text = repr(fn)
+        return f"<{type(fn).__qualname__}>" if " at 0x" in text else text
+    h = hashlib.sha256()
+    _code_digest(code, h)
+    for cell in getattr(fn, "__closure__", None) or ():
+        value = cell.cell_contents
+        h.update(repr(value).encode() if isinstance(value, _PLAIN) else type(value).__qualname__.encode())
+    return f"<function {name} code={h.hexdigest()[:12]}>"
+
