@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 
+from dpfl.simulation._lock import DirectoryLock
 from dpfl.simulation.distributed import DistContext, init_distributed
 from tests._scripts.tiny_fl import run
 
@@ -119,6 +120,24 @@ def test_a_killed_rank_makes_the_survivor_exit_with_a_clear_error(tmp_path: Path
     assert "peer rank probably died" in output, output
     assert waited < 60, f"the survivor needed {waited:.0f}s to notice the dead rank"
     assert "<killed by the test" not in output
+
+
+@pytest.mark.slow
+def test_a_job_refused_by_the_directory_lock_ends_on_every_rank(tmp_path: Path) -> None:
+    """A torchrun job into a directory another run holds: rank 0 is refused by the lock and the
+    other ranks end at once with an error (no deadlock, no wait for the collective timeout)."""
+    out = tmp_path / "held"
+    with DirectoryLock(out / "ckpt"):  # the holder: this test process
+        procs = launch(out, 2, "--rounds", "3", "--timeout", "900")
+        results = finish(procs, timeout=240)
+    (code0, output0), (code1, output1) = results
+    assert code0 not in (0, None) and "<killed by the test" not in output0, output0
+    assert "another run is writing this checkpoint directory" in output0, output0
+    assert str(out / "ckpt") in output0 and f"pid {os.getpid()}" in output0, output0
+    assert code1 not in (0, None) and "<killed by the test" not in output1, output1
+    assert "DistributedError" in output1 and "rank 1/2" in output1, output1
+    # The refused job wrote nothing: no log, no journal, no checkpoint.
+    assert sorted(os.listdir(out / "ckpt")) == [".lock"] and not (out / "log.jsonl").exists()
 
 
 def test_init_distributed_without_environment_names_the_variables(monkeypatch: Any) -> None:

@@ -63,11 +63,14 @@ class PLDAccountant(_LedgerAccountant):
     dp_accounting's result at that grid.
 
     **Cost.** One round's PLD is built once per (round, grid) and ``count`` identical rounds are
-    composed by one FFT self-composition, so ε after T identical rounds costs about the same for
-    any T, and accounting one round at a time (as ``run_rounds`` does) costs the same per round at
-    round 10 as at round 10,000. The composed PLDs of the last few ledgers are kept, so a ledger
-    that grows by one entry composes one entry. Work that would need more than 2²⁴ grid points is
-    refused up front with a ``ValueError`` (never a memory error).
+    composed by one FFT self-composition, so accounting one round at a time (as ``run_rounds``
+    does) never recomposes the ledger's history and its memory stays flat in the round count. The
+    cost of one round grows only with the width of the composed distribution on the chosen grid,
+    far slower than the round count (q = 0.5, z = 1: about 2-5x more per round at round 1,000
+    than at round 10; benchmarks/accounting.py ``--section rounds``). The composed PLDs of the
+    last few ledgers are kept, so a ledger that grows by one entry composes one entry. Work that
+    would need more than 2²⁴ grid points is refused up front with a ``ValueError`` (never a
+    memory error).
 
     Only add/remove-one adjacency with :class:`PoissonRound` is supported: dp_accounting's PLD
     cannot account sampling without replacement, so a :class:`FixedCohortRound` raises
