@@ -79,11 +79,12 @@ def test_killed_after_a_release_then_resumed_charges_every_release(
 
 
 @pytest.mark.slow
-def test_killed_at_a_random_instant_charges_every_release(tmp_path: Path) -> None:
+@pytest.mark.parametrize("noise", ["seeded", "secure"])
+def test_killed_at_a_random_instant_charges_every_release(tmp_path: Path, noise: str) -> None:
     """SIGKILL at a random instant (any phase), twice, then resume: ledger >= releases."""
     rounds, rng = 9, random.Random(os.getpid())
     for _attempt in range(2):
-        proc = start(tmp_path, rounds, "secure", "--slow", "0.15", "--resume")
+        proc = start(tmp_path, rounds, noise, "--slow", "0.15", "--resume")
         try:
             deadline = time.monotonic() + 60
             target = releases(tmp_path) + rng.randint(1, 3)
@@ -98,7 +99,7 @@ def test_killed_at_a_random_instant_charges_every_release(tmp_path: Path) -> Non
             proc.wait(timeout=30)
             assert proc.stdout is not None
             proc.stdout.close()
-    _model, accountant, result = run(tmp_path, rounds=rounds, resume=True, secure_noise=True)
+    _model, accountant, result = run(tmp_path, rounds=rounds, resume=True, **NOISE[noise])
     assert result.rounds_completed == rounds
     assert accountant.rounds >= releases(tmp_path) >= rounds
 
