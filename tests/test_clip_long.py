@@ -65,12 +65,15 @@ def norm64(tensors) -> float:
 def within(tensors, bound: float) -> bool:
     """``‖tensors‖ <= bound``, decided exactly.
 
-    :func:`sq64` decides unless it lies within its error bound of ``bound²``; only then is the
+    :func:`sq64` decides unless it lies within its error bound of ``bound²`` or is so small that
+    float64 squares may be subnormal (their rounding is then not relative); only then is the
     extended-precision sum :func:`exact_sq` computed.
     """
     tensors = list(tensors)
     n = sum(t.numel() for t in tensors)
     fast = sq64(tensors)
+    if fast < n * 2.0**-1000:  # squares below 2^-1022 lose bits or vanish in float64
+        return bool(exact_sq(tensors) <= np.longdouble(bound) ** 2)
     slack = 2 * (n + 4) * 2.0**-53
     if fast * (1 + slack) <= bound * bound * (1 - 2.0**-50):
         return True
@@ -343,3 +346,28 @@ def test_clipping_a_long_update_twice_changes_nothing(dtype):
         twice, second = clipper.clip(once)
         assert first.clipped and not second.clipped
         assert all(torch.equal(once[k], twice[k]) for k in update)
+
+
+def test_exact_check_is_exact_where_float64_squares_are_subnormal():
+    """10 elements of 1e-160: float64 squares are subnormal and their sum is 2.6e-5 low, so a
+    check that trusts it passes an update 1e-6 above its bound."""
+    t = [torch.full((10,), 1e-160, dtype=torch.float64)]
+    norm = float(np.sqrt(exact_sq(t)))
+    assert not within(t, norm * (1 - 1e-6))
+    assert within(t, norm * (1 + 1e-6))
+
+
+@pytest.mark.parametrize("magnitude", [1e-300, 1e-160, 1e160, 1e300])
+def test_float64_updates_of_extreme_magnitude_clip_within_the_bound(magnitude):
+    """Float64 values whose squares under- or overflow in float64 (the rescaled norm pass)."""
+    gen = torch.Generator().manual_seed(3)
+    update = {
+        "a": torch.randn(300_001, generator=gen, dtype=torch.float64) * magnitude,
+        "b": torch.full((37,), magnitude, dtype=torch.float64),
+    }
+    norm = float(np.sqrt(exact_sq(update.values())))
+    for factor in (1 - 1e-12, 1 - 1e-9, 0.5):
+        for clipper in constant_clippers(norm * factor):
+            for method in METHODS:
+                out, stats = run(method, clipper, update)
+                assert_within_bounds(clipper, update, out, stats)

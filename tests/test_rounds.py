@@ -506,3 +506,21 @@ def test_accountant_of_the_wrong_adjacency_fails_before_anything_changes(tmp_pat
         call(kw, rounds=2, log_path=log)
     _assert_state_unchanged(kw, params(kw["model"]))
     assert log.read_text() == "previous run\n"
+
+
+def test_simulation_seed_does_not_seed_the_noise() -> None:
+    """Issue 9: ``seed`` (local training) and the sampler seed reproduce everything but the DP
+    noise, which is unseeded unless ``noise_seed`` is given explicitly."""
+    default = Privacy(GlobalClip(1.0), noise_multiplier=1.0, accountant=accountant(), delta=DELTA)
+    assert default.noise_seed is None and not default.secure_noise
+    models = {}
+    for name, noise_seed in (("a", None), ("b", None), ("c", 7), ("d", 7)):
+        kw = setup()
+        kw.pop("noise_seed")
+        if noise_seed is not None:
+            kw["noise_seed"] = noise_seed
+        call(kw, rounds=2)
+        models[name] = params(kw["model"])
+    weights = [k for k in models["a"] if k.endswith("weight")]
+    assert all(torch.equal(models["c"][k], models["d"][k]) for k in models["c"])  # same noise
+    assert all(not torch.equal(models["a"][k], models["b"][k]) for k in weights)  # fresh noise

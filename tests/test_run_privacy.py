@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpfl.accounting import PrivacyBudget
-from dpfl.clip import PerLayerClip
+from dpfl.accounting import REPLACE_ONE, PLDAccountant, PrivacyBudget, RDPAccountant
+from dpfl.clip import GlobalClip, PerLayerClip
+from dpfl.simulation import FixedCohortSampler, PoissonSampler
 from dpfl.simulation.checkpoint import CheckpointError, load_checkpoint
-from tests._scripts.tiny_fl import run
+from tests._scripts.tiny_fl import ORDERS, make_dataset, run
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "_scripts" / "tiny_fl.py"
@@ -78,11 +79,12 @@ def test_killed_after_a_release_then_resumed_charges_every_release(
 
 
 @pytest.mark.slow
-def test_killed_at_a_random_instant_charges_every_release(tmp_path: Path) -> None:
+@pytest.mark.parametrize("noise", ["seeded", "secure"])
+def test_killed_at_a_random_instant_charges_every_release(tmp_path: Path, noise: str) -> None:
     """SIGKILL at a random instant (any phase), twice, then resume: ledger >= releases."""
     rounds, rng = 9, random.Random(os.getpid())
     for _attempt in range(2):
-        proc = start(tmp_path, rounds, "secure", "--slow", "0.15", "--resume")
+        proc = start(tmp_path, rounds, noise, "--slow", "0.15", "--resume")
         try:
             deadline = time.monotonic() + 60
             target = releases(tmp_path) + rng.randint(1, 3)
@@ -97,7 +99,7 @@ def test_killed_at_a_random_instant_charges_every_release(tmp_path: Path) -> Non
             proc.wait(timeout=30)
             assert proc.stdout is not None
             proc.stdout.close()
-    _model, accountant, result = run(tmp_path, rounds=rounds, resume=True, secure_noise=True)
+    _model, accountant, result = run(tmp_path, rounds=rounds, resume=True, **NOISE[noise])
     assert result.rounds_completed == rounds
     assert accountant.rounds >= releases(tmp_path) >= rounds
 
@@ -167,6 +169,46 @@ def test_resume_refuses_a_changed_noise_mode(tmp_path: Path) -> None:
     run(tmp_path, rounds=1, noise_seed=None)
     with pytest.raises(CheckpointError, match="secure_noise"):
         run(tmp_path, rounds=2, resume=True, secure_noise=True)
+
+
+def _changed_setting(name: str) -> dict[str, object]:
+    """Keyword arguments of ``run`` that change one privacy-relevant setting of the tiny run."""
+    users = make_dataset().user_ids()
+    return {
+        "noise_multiplier": {"noise_multiplier": 1.1},
+        "sensitivity": {"clipper": GlobalClip(0.6)},
+        "sampling_rate": {"sampler": PoissonSampler(users, 0.4, seed=11)},
+        "adjacency": {
+            "sampler": FixedCohortSampler(users, 6, seed=11),
+            "accountant": RDPAccountant(adjacency=REPLACE_ONE, orders=ORDERS),
+        },
+        "accountant_kind": {"accountant": PLDAccountant()},
+        "budget": {"budget": 50.0},
+    }[name]
+
+
+@pytest.mark.parametrize(
+    ("changed", "named"),
+    [
+        ("noise_multiplier", "noise_multiplier"),
+        ("sensitivity", "sensitivity"),
+        ("sampling_rate", "round_spec"),
+        ("adjacency", "adjacency"),
+        ("accountant_kind", "accountant"),
+        ("budget", "budget"),
+    ],
+)
+def test_resume_refuses_each_changed_privacy_setting(
+    tmp_path: Path, changed: str, named: str
+) -> None:
+    """Every setting the guarantee depends on is part of the resume check, named in the error,
+    and a refused resume changes neither the checkpoint nor the journal."""
+    run(tmp_path, rounds=2)
+    ckpt, journal = tmp_path / "ckpt" / "checkpoint.pt", tmp_path / "ckpt" / "ledger.jsonl"
+    before = (ckpt.read_bytes(), journal.read_bytes())
+    with pytest.raises(CheckpointError, match=rf"{named}: checkpoint "):
+        run(tmp_path, rounds=3, resume=True, **_changed_setting(changed))
+    assert (ckpt.read_bytes(), journal.read_bytes()) == before
 
 
 def test_unseeded_noise_is_not_reproducible_from_a_checkpoint(tmp_path: Path) -> None:

@@ -92,11 +92,12 @@ def run(
     sampler: Any = None,
     model: nn.Module | None = None,
     optimizer_cls: Any = None,
+    accountant: Any = None,
     server_lr: float = 0.01,
     checkpoint_dir: Path | None = None,
     log_path: Path | None = None,
     **kwargs: Any,
-) -> tuple[nn.Module, RDPAccountant, RunResult]:
+) -> tuple[nn.Module, Any, RunResult]:
     """Build the tiny problem and run it; returns (model, accountant, result).
 
     ``crash_at=k`` makes the run raise right after round ``k`` was computed, before it is logged
@@ -108,9 +109,10 @@ def run(
     dataset = make_dataset()
     if sampler is None:
         sampler = PoissonSampler(dataset.user_ids(), 0.5, seed=11)
-    accountant = RDPAccountant(
-        budget=None if budget is None else PrivacyBudget(budget, 1e-5), orders=ORDERS
-    )
+    if accountant is None:
+        accountant = RDPAccountant(
+            budget=None if budget is None else PrivacyBudget(budget, 1e-5), orders=ORDERS
+        )
     optimizer = (LAMB if optimizer_cls is None else optimizer_cls)(model.parameters(), lr=server_lr)
     if scheduler:
         kwargs["lr_scheduler"] = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.8)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Hashable
@@ -155,6 +156,33 @@ def test_federated_round_with_dp_changes_the_model_and_spends_epsilon(tmp_path: 
     assert sum(x.get("event") == "round" for x in lines) == 2
 
 
+#: Round-record fields that depend on the realised cohort (off unless unsafe_metrics=True).
+UNSAFE = ("num_users", "num_dropped", "fraction_clipped", "mean_norm", "time_s", "timings")
+SAFE_ROUND_KEYS = {"event", "round", "epsilon", "delta", "eval", "clip_bound", "layer_bounds"}
+
+
+def assert_no_cohort_statistics_and_noise_named(out: Path, printed: str) -> None:
+    """Issue 9: the example's logs, results and console carry no realised-cohort statistics by
+    default, and its table says which DP noise was used (unseeded here)."""
+    for name in ("fl_no_noise", "fl_dp", "fl_dp_other_clip"):
+        events = [json.loads(x) for x in (out / f"{name}.jsonl").read_text().splitlines()]
+        assert events[0]["event"] == "start" and events[0]["unsafe_metrics"] is False
+        assert "warning" not in events[0]
+        for event in events:
+            assert not set(UNSAFE) & set(event), (name, event)
+            if event["event"] == "round":
+                assert set(event) <= SAFE_ROUND_KEYS, (name, event)
+    results = json.loads((out / "results.json").read_text())
+    for name in ("fl_dp", "fl_dp_other_clip"):
+        assert not {"num_users", "num_dropped", "records"} & set(results[name]), name
+        assert results[name]["noise_seed"] is None and results[name]["secure_noise"] is False
+        assert results[name]["noise"].startswith("OS entropy")
+    assert "DP noise: OS entropy (unseeded)" in (out / "results.md").read_text()
+    assert "NOT covered" not in printed
+    rounds = [line for line in printed.replace("\r", "\n").splitlines() if "dpfl: round" in line]
+    assert rounds and all(re.fullmatch(r"dpfl: round \d+/\d+  epsilon \S+", r) for r in rounds)
+
+
 def test_quick_pipeline_end_to_end(tmp_path: Path) -> None:
     """`--quick` generates its corpus, trains, fine-tunes with and without DP, writes the table."""
     out = tmp_path / "out"
@@ -198,6 +226,7 @@ def test_quick_pipeline_end_to_end(tmp_path: Path) -> None:
         rounds = [json.loads(x) for x in (out / f"{name}.jsonl").read_text().splitlines()]
         assert sum(r.get("event") == "round" for r in rounds) == results[name]["rounds"] > 0
     assert (out / "seed_model.pt").is_file()
+    assert_no_cohort_statistics_and_noise_named(out, proc.stdout + proc.stderr)
     assert "C=0.01 global" in proc.stdout
     assert "FL + DP" in proc.stdout and "seed model" in proc.stdout
     assert (out / "results.md").read_text().strip() in proc.stdout
