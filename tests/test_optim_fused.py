@@ -333,3 +333,36 @@ def test_fused_finiteness_pass_finds_every_position(num_threads, dtype):
             assert _lamb_fused.first_non_finite(kernel, [torch.ones(4, dtype=dtype), x]) == 1
     huge = torch.full((n,), torch.finfo(dtype).max, dtype=dtype)
     assert _lamb_fused.first_non_finite(kernel, [huge, torch.zeros(0, dtype=dtype)]) is None
+
+
+@needs_kernel
+def test_kernel_builds_and_agrees_without_openmp(tmp_path, monkeypatch, num_threads):
+    """A compiler without OpenMP (e.g. Apple clang) still builds a working, single-threaded kernel."""
+    real = _kernel._compiler()
+    wrapper = tmp_path / "cc-no-openmp"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'for a in "$@"; do [ "$a" = -fopenmp ] && { echo "unsupported: -fopenmp" >&2; exit 1; }; done\n'
+        f'exec "{real}" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    monkeypatch.setenv("DPFL_KERNEL_DIR", str(tmp_path / "kernels"))
+    _kernel.reset()
+    try:
+        assert _kernel.load() is not None, _kernel.unavailable_reason()
+        gen = torch.Generator().manual_seed(2)
+        init = torch.randn(100_003, generator=gen, dtype=torch.float64)
+        grads = [torch.randn(100_003, generator=gen, dtype=torch.float64) for _ in range(3)]
+        results = []
+        for path in ({"fused": True}, {"fused": False, "foreach": False}):
+            p = init.clone().requires_grad_()
+            opt = LAMB([p], lr=0.05, **KW, **path)
+            for g in grads:
+                p.grad = g
+                opt.step()
+            results.append(p.detach())
+        torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
+    finally:
+        monkeypatch.undo()
+        _kernel.reset()
