@@ -2,9 +2,9 @@
 
 LAMB needs the norm of each tensor's Adam direction ``r_h`` *before* it can update ``θ_h``, and no
 eager torch operation computes ``‖m̂/(√v̂+eps) + λθ‖`` without materializing the direction. This
-kernel does one tensor's whole step in one call: a read-only pass (new moments computed in
-registers, never stored; ``Σr²`` and ``Σθ²`` accumulated in float64), the trust ratio, and the
-update pass, which runs while the tensor is still in the CPU cache (see
+kernel does one tensor's whole step in one call: a pass that updates the moments and accumulates
+``Σr²`` and ``Σθ²`` in float64, the trust ratio, and the parameter update pass, which runs while
+the tensor is still in the CPU cache (see
 :mod:`dpfl.optim._lamb_fused`). A second function tests a tensor for NaN/inf in one read pass.
 
 The C source is about 90 lines, compiled with ``$CC`` (else ``cc``/``gcc``/``clang``) into a
@@ -37,10 +37,12 @@ __all__ = ["Kernel", "load", "unavailable_reason"]
 
 # s[0..11] = beta1, 1-beta1, beta2, 1-beta2, 1/(1-beta1^t), 1/sqrt(1-beta2^t), eps, wd, sign, lr,
 # trust (0 or 1), trust_clip (+inf: none); out[0..2] = sum r^2, sum theta^2, the trust ratio.
-# Each thread owns one slice of the tensor: it accumulates its slice's squares (new moments computed
-# in registers, squares summed in double), the threads combine the sums in a fixed order, one
-# computes the ratio, then each thread updates its slice walking backwards chunk by chunk, so that
-# it starts on the data it read last (still in cache). No -ffast-math: NaN/inf must propagate.
+# Each thread owns one slice of the tensor. Pass 1 reads theta, g, m, v, stores the new moments and
+# sums the slice's squares in double; the threads combine the sums in a fixed order and one computes
+# the ratio; pass 2 reads theta, m, v (12 of pass 1's 16 bytes per element) and writes theta,
+# walking the slice backwards chunk by chunk so that it starts on the data pass 1 touched last
+# (still in cache). The caller validates everything before the call: the kernel never fails.
+# No -ffast-math: NaN/inf must propagate.
 _SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
@@ -69,11 +71,13 @@ void NAME(T* p, const T* g, T* m, T* v, int64_t n, const double* s, double* out)
     int64_t per = ((n + nt - 1) / nt + 15) / 16 * 16; /* 64-byte slices for float */      \
     int64_t lo = t < nt && t * per < n ? t * per : n;                                    \
     int64_t hi = lo + per < n ? lo + per : n;                                            \
-    if (trust) {                                                                         \
+    if (trust) { /* new moments stored: all validation was done before the call */       \
       double sr = 0.0, sp = 0.0;                                                         \
       _Pragma("omp simd reduction(+:sr,sp)")                                             \
       for (int64_t i = lo; i < hi; i++) {                                                \
         DPFL_DIRECTION(i, T, SQRT)                                                       \
+        m[i] = mi;                                                                       \
+        v[i] = vi;                                                                       \
         double rd = (double)ri, pd = (double)p[i];                                       \
         sr += rd * rd;                                                                   \
         sp += pd * pd;                                                                   \
@@ -95,14 +99,22 @@ void NAME(T* p, const T* g, T* m, T* v, int64_t n, const double* s, double* out)
       }                                                                                  \
     }                                                                                    \
     const T step = (T)(s[9] * ratio);                                                    \
-    for (int64_t e = hi; e > lo; e -= DPFL_CHUNK) {                                      \
+    for (int64_t e = hi; e > lo; e -= DPFL_CHUNK) { /* backwards: cached data first */   \
       int64_t b = e - DPFL_CHUNK > lo ? e - DPFL_CHUNK : lo;                             \
-      _Pragma("omp simd")                                                                \
-      for (int64_t i = b; i < e; i++) {                                                  \
-        DPFL_DIRECTION(i, T, SQRT)                                                       \
-        m[i] = mi;                                                                       \
-        v[i] = vi;                                                                       \
-        p[i] = p[i] - step * ri;                                                         \
+      if (trust) {                                                                       \
+        _Pragma("omp simd")                                                              \
+        for (int64_t i = b; i < e; i++) {                                                \
+          T ri = (m[i] * ib1) / (SQRT(v[i]) * ib2 + eps) + wd * p[i];                    \
+          p[i] = p[i] - step * ri;                                                       \
+        }                                                                                \
+      } else {                                                                           \
+        _Pragma("omp simd")                                                              \
+        for (int64_t i = b; i < e; i++) {                                                \
+          DPFL_DIRECTION(i, T, SQRT)                                                     \
+          m[i] = mi;                                                                     \
+          v[i] = vi;                                                                     \
+          p[i] = p[i] - step * ri;                                                       \
+        }                                                                                \
       }                                                                                  \
     }                                                                                    \
   }                                                                                      \
@@ -125,7 +137,7 @@ DPFL_LAMB_STEP(float, dpfl_lamb_step_f32, sqrtf)
 DPFL_LAMB_STEP(double, dpfl_lamb_step_f64, sqrt)
 """
 
-_VERSION = "2"
+_VERSION = "3"
 
 
 class Kernel:

@@ -4,17 +4,17 @@ For each tensor h the step is ``θ_h ← θ_h − lr·φ_h·r_h`` with ``r_h = m
 ``φ_h = ‖θ_h‖/‖r_h‖``, and ``φ_h`` needs the whole of ``r_h`` before any element of ``θ_h`` may
 change. The C kernel (:mod:`dpfl.optim._kernel`) therefore runs, per tensor and in one call:
 
-1. a read-only pass over ``θ, g, m, v`` that computes the new moments in registers (never stored)
-   and accumulates ``Σr²`` and ``Σθ²`` in float64,
+1. a pass over ``θ, g, m, v`` that stores the new moments and accumulates ``Σr²`` and ``Σθ²`` in
+   float64,
 2. the trust ratio (the definition of :func:`~dpfl.optim.trust_ratio`, clip included),
-3. the update pass, which writes ``m, v, θ``; it walks each thread's slice backwards, so it starts
-   on the data the first pass read last, which is still in the cache.
+3. the update pass, which reads ``θ, m, v`` and writes ``θ``; it walks each thread's slice
+   backwards, so it starts on the data the first pass touched last, which is still in the cache.
 
 Doing both passes of one tensor back to back (rather than all norms, then all updates) is what
 makes the second pass cheap: the memory traffic approaches a single Adam step's. The price is
 that a tensor is updated before the next one's gradient has been read, so the finiteness check
 (``check_finite``) is a separate read-only pass over the gradients (:func:`first_non_finite`)
-that runs before any tensor changes.
+that runs before any tensor changes. For ``trust_ratio=False`` groups only the update pass runs.
 
 References:
     You et al., arXiv 1904.00962 (LAMB); Loshchilov and Hutter, arXiv 1711.05101 (decoupled
