@@ -9,7 +9,15 @@ import os
 import pytest
 import torch
 
-from dpfl.optim import LAMB, NonFiniteGradientError, _kernel, lamb, layerwise_adam
+from dpfl.optim import (
+    LAMB,
+    NonFiniteGradientError,
+    _kernel,
+    _lamb_fused,
+    lamb,
+    layerwise_adam,
+    trust_ratio,
+)
 from tests.test_optim import LAMB_PATHS, _grad_sequence, _initial_params, _ref_lamb, _run
 
 needs_kernel = pytest.mark.skipif(
@@ -248,3 +256,113 @@ def test_fused_guards_the_kernel_against_bad_state():
     with pytest.raises(RuntimeError, match=r"exp_avg_sq of parameter 0 .* shape \(5,\)"):
         opt.step()
     assert torch.equal(p.detach(), before)
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def num_threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@needs_kernel
+@pytest.mark.parametrize("maximize", [False, True])
+def test_fused_matches_reference_on_tensors_split_across_threads(num_threads, maximize):
+    """Tensors of >= 65,536 elements are split between threads, each slice updated backwards in
+    chunks; sizes that are no multiple of the slice alignment or the chunk must still match."""
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(2 * 65536 + 13,), (301, 703), (3,)]
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    grads = [[10.0**k * torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+             for k in (-2, 1, 0)]  # fmt: skip
+
+    def run(path):
+        ps = [p.clone().requires_grad_() for p in init]
+        opt = LAMB(ps, lr=0.05, maximize=maximize, **KW, **path)
+        for gs in grads:
+            _set_grads(ps, gs)
+            opt.step()
+        return ps, opt
+
+    got, opt = run({"fused": True})
+    want, ref = run({"fused": False, "foreach": False})
+    for p, q in zip(got, want, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(opt.state[p]["exp_avg"], ref.state[q]["exp_avg"])
+        torch.testing.assert_close(opt.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"])
+
+
+@needs_kernel
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_fused_kernel_ratio_is_trust_ratio_of_its_sums(num_threads, clip):
+    """The ratio the C kernel computes is dpfl.optim.trust_ratio of the float64 norms, zero-norm
+    fallbacks and clip included, and its sums are those of the float64 direction."""
+    gen = torch.Generator().manual_seed(3)
+    n = 70001
+    params = [torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(4)]
+    params[1].zero_()  # ‖θ‖ = 0
+    grads = [torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(4)]
+    grads[2].zero_()  # fresh state and g = 0: ‖r‖ = λ‖θ‖ with λ = 0 here, so 0
+    grads[3].mul_(1e-4)
+    before = [p.clone() for p in params]
+    exp_avgs = [torch.zeros(n, dtype=torch.float64) for _ in range(4)]
+    exp_avg_sqs = [torch.zeros(n, dtype=torch.float64) for _ in range(4)]
+    group = {"betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0, "lr": 0.1,
+             "trust_ratio": True, "trust_clip": clip, "maximize": False}  # fmt: skip
+    out = _lamb_fused.step(_kernel.load(), params, grads, exp_avgs, exp_avg_sqs, [1] * 4, group)
+    for i in range(4):
+        m, v = 0.1 * grads[i], 0.001 * grads[i] ** 2
+        r = (m / 0.1) / ((v / 0.001).sqrt() + 1e-6)
+        torch.testing.assert_close(out[i, 0], (r * r).sum(), rtol=1e-12, atol=0.0)
+        torch.testing.assert_close(out[i, 1], (before[i] ** 2).sum(), rtol=1e-12, atol=0.0)
+    want = trust_ratio(out[:, 1].sqrt(), out[:, 0].sqrt(), trust_clip=clip)
+    assert torch.equal(out[:, 2], want)
+    assert out[1, 2] == out[2, 2] == min(1.0, clip or 1.0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_finiteness_pass_finds_every_position(num_threads, dtype):
+    kernel = _kernel.load()
+    n = 3 * 65536 + 5
+    for where in (0, n // 2 + 1, n - 1):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            x = torch.ones(n, dtype=dtype)
+            x[where] = bad
+            assert _lamb_fused.first_non_finite(kernel, [torch.ones(4, dtype=dtype), x]) == 1
+    huge = torch.full((n,), torch.finfo(dtype).max, dtype=dtype)
+    assert _lamb_fused.first_non_finite(kernel, [huge, torch.zeros(0, dtype=dtype)]) is None
+
+
+@needs_kernel
+def test_kernel_builds_and_agrees_without_openmp(tmp_path, monkeypatch, num_threads):
+    """A compiler without OpenMP (e.g. Apple clang) still builds a working, single-threaded kernel."""
+    real = _kernel._compiler()
+    wrapper = tmp_path / "cc-no-openmp"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'for a in "$@"; do [ "$a" = -fopenmp ] && { echo "unsupported: -fopenmp" >&2; exit 1; }; done\n'
+        f'exec "{real}" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    monkeypatch.setenv("DPFL_KERNEL_DIR", str(tmp_path / "kernels"))
+    _kernel.reset()
+    try:
+        assert _kernel.load() is not None, _kernel.unavailable_reason()
+        gen = torch.Generator().manual_seed(2)
+        init = torch.randn(100_003, generator=gen, dtype=torch.float64)
+        grads = [torch.randn(100_003, generator=gen, dtype=torch.float64) for _ in range(3)]
+        results = []
+        for path in ({"fused": True}, {"fused": False, "foreach": False}):
+            p = init.clone().requires_grad_()
+            opt = LAMB([p], lr=0.05, **KW, **path)
+            for g in grads:
+                p.grad = g
+                opt.step()
+            results.append(p.detach())
+        torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
+    finally:
+        monkeypatch.undo()
+        _kernel.reset()

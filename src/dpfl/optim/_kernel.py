@@ -1,17 +1,19 @@
 """A small C kernel for the fused LAMB step, built once per machine with the system C compiler.
 
 LAMB needs the norm of each tensor's Adam direction ``r_h`` *before* it can update ``θ_h``, and no
-eager torch operation computes ``‖m̂/(√v̂+eps) + λθ‖`` without materializing the direction. The fused
-path therefore makes one read-only pass per tensor with this kernel (new moments computed in
-registers, never stored; ``Σr²`` and ``Σθ²`` accumulated in float64), checks the norms, and then
-applies torch's own fused AdamW kernel with the per-tensor learning rate ``lr·φ_h``.
+eager torch operation computes ``‖m̂/(√v̂+eps) + λθ‖`` without materializing the direction. This
+kernel does one tensor's whole step in one call: a pass that updates the moments and accumulates
+``Σr²`` and ``Σθ²`` in float64, the trust ratio, and the parameter update pass, which runs while
+the tensor is still in the CPU cache (see
+:mod:`dpfl.optim._lamb_fused`). A second function tests a tensor for NaN/inf in one read pass.
 
-The C source is about 40 lines, compiled with ``$CC`` (else ``cc``/``gcc``/``clang``) into a
+The C source is about 90 lines, compiled with ``$CC`` (else ``cc``/``gcc``/``clang``) into a
 per-user cache directory (``$DPFL_KERNEL_DIR``, else ``$XDG_CACHE_HOME/dpfl`` or ``~/.cache/dpfl``)
 keyed by a hash of the source, flags and compiler, and loaded with :mod:`ctypes`. It links the
-OpenMP runtime that torch has already loaded, so it uses torch's threads. Where no compiler is found
-or the build fails, :func:`load` returns None and :func:`unavailable_reason` says why; callers fall
-back to the ``foreach`` path (or raise for an explicit ``fused=True``).
+OpenMP runtime that torch has already loaded (same ``libgomp.so.1`` soname), so it uses torch's
+threads and ``torch.set_num_threads``. Where no compiler is found or the build fails,
+:func:`load` returns None and :func:`unavailable_reason` says why; callers fall back to the
+``foreach`` path (or raise for an explicit ``fused=True``).
 """
 
 from __future__ import annotations
@@ -33,64 +35,143 @@ from torch import Tensor
 
 __all__ = ["Kernel", "load", "unavailable_reason"]
 
-# s[0..8] = beta1, 1-beta1, beta2, 1-beta2, 1/(1-beta1^t), 1/sqrt(1-beta2^t), eps, wd, sign.
-# The moments are updated in the tensor's own precision, in the same order as torch's fused Adam
-# kernel; only the squares are accumulated in double. No -ffast-math: NaN/inf must propagate.
+# s[0..11] = beta1, 1-beta1, beta2, 1-beta2, 1/(1-beta1^t), 1/sqrt(1-beta2^t), eps, wd, sign, lr,
+# trust (0 or 1), trust_clip (+inf: none); out[0..2] = sum r^2, sum theta^2, the trust ratio.
+# Each thread owns one slice of the tensor. Pass 1 reads theta, g, m, v, stores the new moments and
+# sums the slice's squares in double; the threads combine the sums in a fixed order and one computes
+# the ratio; pass 2 reads theta, m, v (12 of pass 1's 16 bytes per element) and writes theta,
+# walking the slice backwards chunk by chunk so that it starts on the data pass 1 touched last
+# (still in cache). The caller validates everything before the call: the kernel never fails.
+# No -ffast-math: NaN/inf must propagate.
 _SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
-#define LAMB_SUMS(T, NAME, SQRT)                                                          \
-void NAME(const T* p, const T* g, const T* m, const T* v, int64_t n, const double* s,    \
-          double* out) {                                                                 \
-  const T b1 = (T)s[0], c1 = (T)s[1], b2 = (T)s[2], c2 = (T)s[3];                        \
-  const T ib1 = (T)s[4], ib2 = (T)s[5], eps = (T)s[6], wd = (T)s[7], sg = (T)s[8];        \
-  double sr = 0.0, sp = 0.0;                                                             \
-  _Pragma("omp parallel for simd reduction(+:sr,sp) schedule(static) if(n >= 65536)")   \
-  for (int64_t i = 0; i < n; i++) {                                                      \
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#define DPFL_CHUNK 4096
+#define DPFL_MAX_THREADS 256
+#define DPFL_DIRECTION(i, T, SQRT)                                                         \
     T gi = g[i] * sg;                                                                    \
     T mi = m[i] * b1 + gi * c1;                                                          \
     T vi = v[i] * b2 + gi * gi * c2;                                                     \
-    T ri = (mi * ib1) / (SQRT(vi) * ib2 + eps) + wd * p[i];                              \
-    double rd = (double)ri, pd = (double)p[i];                                           \
-    sr += rd * rd;                                                                       \
-    sp += pd * pd;                                                                       \
+    T ri = (mi * ib1) / (SQRT(vi) * ib2 + eps) + wd * p[i];
+#define DPFL_LAMB_STEP(T, NAME, SQRT)                                                      \
+void NAME(T* p, const T* g, T* m, T* v, int64_t n, const double* s, double* out) {       \
+  const T b1 = (T)s[0], c1 = (T)s[1], b2 = (T)s[2], c2 = (T)s[3];                        \
+  const T ib1 = (T)s[4], ib2 = (T)s[5], eps = (T)s[6], wd = (T)s[7], sg = (T)s[8];        \
+  const int trust = s[10] != 0.0;                                                        \
+  double part_r[DPFL_MAX_THREADS], part_p[DPFL_MAX_THREADS];                             \
+  double sum_r = 0.0, sum_p = 0.0, ratio = 1.0;                                          \
+  _Pragma("omp parallel if(n >= 65536)")                                                 \
+  {                                                                                      \
+    int t = 0, nt = 1;                                                                   \
+    DPFL_THREAD_IDS                                                                      \
+    if (nt > DPFL_MAX_THREADS) nt = DPFL_MAX_THREADS; /* threads beyond it idle */       \
+    int64_t per = ((n + nt - 1) / nt + 15) / 16 * 16; /* 64-byte slices for float */      \
+    int64_t lo = t < nt && t * per < n ? t * per : n;                                    \
+    int64_t hi = lo + per < n ? lo + per : n;                                            \
+    if (trust) { /* new moments stored: all validation was done before the call */       \
+      double sr = 0.0, sp = 0.0;                                                         \
+      _Pragma("omp simd reduction(+:sr,sp)")                                             \
+      for (int64_t i = lo; i < hi; i++) {                                                \
+        DPFL_DIRECTION(i, T, SQRT)                                                       \
+        m[i] = mi;                                                                       \
+        v[i] = vi;                                                                       \
+        double rd = (double)ri, pd = (double)p[i];                                       \
+        sr += rd * rd;                                                                   \
+        sp += pd * pd;                                                                   \
+      }                                                                                  \
+      if (t < nt) {                                                                      \
+        part_r[t] = sr;                                                                  \
+        part_p[t] = sp;                                                                  \
+      }                                                                                  \
+      _Pragma("omp barrier")                                                             \
+      _Pragma("omp single")                                                              \
+      {                                                                                  \
+        for (int k = 0; k < nt; k++) {                                                   \
+          sum_r += part_r[k];                                                            \
+          sum_p += part_p[k];                                                            \
+        }                                                                                \
+        double un = sqrt(sum_r), wn = sqrt(sum_p);                                       \
+        ratio = (wn > 0.0 && un > 0.0) ? wn / un : 1.0; /* as dpfl.optim.trust_ratio */  \
+        if (ratio > s[11]) ratio = s[11];                                                \
+      }                                                                                  \
+    }                                                                                    \
+    const T step = (T)(s[9] * ratio);                                                    \
+    for (int64_t e = hi; e > lo; e -= DPFL_CHUNK) { /* backwards: cached data first */   \
+      int64_t b = e - DPFL_CHUNK > lo ? e - DPFL_CHUNK : lo;                             \
+      if (trust) {                                                                       \
+        _Pragma("omp simd")                                                              \
+        for (int64_t i = b; i < e; i++) {                                                \
+          T ri = (m[i] * ib1) / (SQRT(v[i]) * ib2 + eps) + wd * p[i];                    \
+          p[i] = p[i] - step * ri;                                                       \
+        }                                                                                \
+      } else {                                                                           \
+        _Pragma("omp simd")                                                              \
+        for (int64_t i = b; i < e; i++) {                                                \
+          DPFL_DIRECTION(i, T, SQRT)                                                     \
+          m[i] = mi;                                                                     \
+          v[i] = vi;                                                                     \
+          p[i] = p[i] - step * ri;                                                       \
+        }                                                                                \
+      }                                                                                  \
+    }                                                                                    \
   }                                                                                      \
-  out[0] = sr;                                                                           \
-  out[1] = sp;                                                                           \
+  out[0] = sum_r;                                                                        \
+  out[1] = sum_p;                                                                        \
+  out[2] = ratio;                                                                        \
+}                                                                                        \
+int NAME##_finite(const T* x, int64_t n) {                                               \
+  T z = 0; /* x * 0 is NaN exactly where x is NaN or infinite */                         \
+  _Pragma("omp parallel for simd reduction(+:z) schedule(static) if(n >= 65536)")       \
+  for (int64_t i = 0; i < n; i++) z += x[i] * (T)0;                                      \
+  return z == (T)0;                                                                      \
 }
-LAMB_SUMS(float, dpfl_lamb_sums_f32, sqrtf)
-LAMB_SUMS(double, dpfl_lamb_sums_f64, sqrt)
+#ifdef _OPENMP
+#define DPFL_THREAD_IDS t = omp_get_thread_num(); nt = omp_get_num_threads();
+#else
+#define DPFL_THREAD_IDS
+#endif
+DPFL_LAMB_STEP(float, dpfl_lamb_step_f32, sqrtf)
+DPFL_LAMB_STEP(double, dpfl_lamb_step_f64, sqrt)
 """
 
-_VERSION = "1"
+_VERSION = "3"
 
 
 class Kernel:
-    """The loaded kernel: per-tensor ``(Σr², Σθ²)`` for float32 and float64 tensors."""
+    """The loaded kernel: one fused LAMB step per tensor, and a finiteness test (float32/64)."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path
-        self._fns: dict[torch.dtype, Any] = {}
-        names = ((torch.float32, "dpfl_lamb_sums_f32"), (torch.float64, "dpfl_lamb_sums_f64"))
+        self._step: dict[torch.dtype, Any] = {}
+        self._finite: dict[torch.dtype, Any] = {}
+        names = ((torch.float32, "dpfl_lamb_step_f32"), (torch.float64, "dpfl_lamb_step_f64"))
         for dtype, name in names:
-            fn = getattr(lib, name)
-            fn.restype = None
-            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 2
-            self._fns[dtype] = fn
+            step = getattr(lib, name)
+            step.restype = None
+            step.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 2
+            self._step[dtype] = step
+            finite = getattr(lib, f"{name}_finite")
+            finite.restype = ctypes.c_int
+            finite.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+            self._finite[dtype] = finite
 
-    def lamb_sums(
-        self, p: Tensor, g: Tensor, m: Tensor, v: Tensor, scalars: Tensor, out: Tensor
-    ) -> None:
-        """Write ``(Σr², Σθ²)`` of one contiguous CPU tensor into the 2 float64s of ``out``.
+    def lamb_step(self, p: Tensor, g: Tensor, m: Tensor, v: Tensor, scalars: int, out: int) -> None:
+        """One LAMB step of one contiguous CPU tensor, in place on ``p``, ``m`` and ``v``.
 
-        ``p, g, m, v`` must be contiguous, on CPU, of one dtype (float32 or float64) and size;
-        ``scalars`` is a contiguous float64 row of 9 values (see ``_SOURCE``). Nothing is written
-        except ``out``.
+        ``p, g, m, v`` must be contiguous, on CPU, of one dtype (float32 or float64) and size.
+        ``scalars`` is the address of 12 contiguous float64 values and ``out`` of 3 (see
+        ``_SOURCE``); the caller keeps both alive. ``g`` is not written.
         """
-        self._fns[p.dtype](
-            p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel(),
-            scalars.data_ptr(), out.data_ptr(),
-        )  # fmt: skip
+        self._step[p.dtype](
+            p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel(), scalars, out
+        )
+
+    def all_finite(self, x: Tensor) -> bool:
+        """Whether the contiguous float32/float64 CPU tensor ``x`` holds no NaN or infinity."""
+        return bool(self._finite[x.dtype](x.data_ptr(), x.numel()))
 
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)

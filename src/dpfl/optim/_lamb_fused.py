@@ -1,19 +1,24 @@
-"""The fused CPU path of :class:`~dpfl.optim.LAMB`: one read-only norm pass, then torch's fused AdamW.
+"""The fused CPU path of :class:`~dpfl.optim.LAMB`: one C call per tensor, two passes over it.
 
-For each tensor h the step is ``θ_h ← θ_h − lr·φ_h·(m̂_h/(√v̂_h+eps) + λθ_h)``. With the per-tensor
-learning rate ``lr·φ_h`` this is exactly torch's fused AdamW update (decoupled decay
-``θ·(1 − lr·φ_h·λ)``, then ``− lr·φ_h·m̂/(√v̂+eps)``), so the work splits into:
+For each tensor h the step is ``θ_h ← θ_h − lr·φ_h·r_h`` with ``r_h = m̂_h/(√v̂_h+eps) + λθ_h`` and
+``φ_h = ‖θ_h‖/‖r_h‖``, and ``φ_h`` needs the whole of ``r_h`` before any element of ``θ_h`` may
+change. The C kernel (:mod:`dpfl.optim._kernel`) therefore runs, per tensor and in one call:
 
-1. :func:`lamb_sums`: a C kernel (:mod:`dpfl.optim._kernel`) reads ``θ, g, m, v`` once and returns
-   ``Σr²`` and ``Σθ²`` (float64), computing the new moments in registers without storing them;
-2. the caller checks the sums (a non-finite ``Σr²`` means a NaN/inf gradient) before anything
-   changes, then :func:`apply` runs ``torch._fused_adamw_`` per tensor with ``lr·φ_h``.
+1. a pass over ``θ, g, m, v`` that stores the new moments and accumulates ``Σr²`` and ``Σθ²`` in
+   float64,
+2. the trust ratio (the definition of :func:`~dpfl.optim.trust_ratio`, clip included),
+3. the update pass, which reads ``θ, m, v`` and writes ``θ``; it walks each thread's slice
+   backwards, so it starts on the data the first pass touched last, which is still in the cache.
 
-Two passes over memory instead of the ``foreach`` path's dozen, and the finiteness check is free.
+Doing both passes of one tensor back to back (rather than all norms, then all updates) is what
+makes the second pass cheap: the memory traffic approaches a single Adam step's. The price is
+that a tensor is updated before the next one's gradient has been read, so the finiteness check
+(``check_finite``) is a separate read-only pass over the gradients (:func:`first_non_finite`)
+that runs before any tensor changes. For ``trust_ratio=False`` groups only the update pass runs.
 
 References:
-    You et al., arXiv 1904.00962 (LAMB); Loshchilov and Hutter, arXiv 1711.05101 (AdamW's
-    decoupled weight decay, which is the form LAMB's ``λθ`` term takes here).
+    You et al., arXiv 1904.00962 (LAMB); Loshchilov and Hutter, arXiv 1711.05101 (decoupled
+    weight decay, the form LAMB's ``λθ`` term takes).
 """
 
 from __future__ import annotations
@@ -26,9 +31,8 @@ import torch
 from torch import Tensor
 
 from dpfl.optim._kernel import SUPPORTED_DTYPES, Kernel
-from dpfl.optim._trust import trust_ratio
 
-__all__ = ["apply", "lamb_sums", "unsupported"]
+__all__ = ["first_non_finite", "step", "unsupported"]
 
 
 def unsupported(params: list[Tensor]) -> str | None:
@@ -43,7 +47,15 @@ def unsupported(params: list[Tensor]) -> str | None:
     return None
 
 
-def lamb_sums(
+def first_non_finite(kernel: Kernel, tensors: list[Tensor]) -> int | None:
+    """Index of the first tensor holding NaN/inf, else None (one read pass, no allocation).
+
+    ``tensors`` must be contiguous float32/float64 CPU tensors (the fused path's gradients).
+    """
+    return next((i for i, t in enumerate(tensors) if not kernel.all_finite(t)), None)
+
+
+def step(
     kernel: Kernel,
     params: list[Tensor],
     grads: list[Tensor],
@@ -52,68 +64,44 @@ def lamb_sums(
     steps: list[int],
     group: Mapping[str, Any],
 ) -> Tensor:
-    """``(Σr², Σθ²)`` per tensor as a ``(len(params), 2)`` float64 tensor; changes nothing.
+    """One LAMB step of every tensor, in place on ``params``, ``exp_avgs``, ``exp_avg_sqs``.
 
-    ``steps`` are the step counts *after* this step; ``grads`` must be contiguous.
+    ``steps`` are the step counts *after* this step; every tensor must be contiguous, on CPU,
+    of its parameter's dtype and shape (:class:`~dpfl.optim.LAMB` guarantees it).
+
+    Returns:
+        A ``(len(params), 3)`` float64 tensor: ``Σr²``, ``Σθ²`` and the trust ratio used per
+        tensor (sums 0 and ratio 1 for a ``trust_ratio=False`` group).
     """
     beta1, beta2 = group["betas"]
-    sign = -1.0 if group.get("maximize", False) else 1.0
-    rows = [
-        [
-            beta1,
-            1 - beta1,
-            beta2,
-            1 - beta2,
-            1 / (1 - beta1**t),
-            1 / math.sqrt(1 - beta2**t),
-            group["eps"],
-            group["weight_decay"],
-            sign,
-        ]
-        for t in steps
-    ]
-    scalars = torch.tensor(rows, dtype=torch.float64)
-    out = torch.empty(len(params), 2, dtype=torch.float64)
-    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
-        kernel.lamb_sums(p, g, m, v, scalars[i], out[i])
-    return out
-
-
-def apply(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[int],
-    group: Mapping[str, Any],
-    sums: Tensor | None,
-) -> None:
-    """Update moments and parameters with torch's fused AdamW at learning rate ``lr·φ_h``.
-
-    ``sums`` comes from :func:`lamb_sums` (None for a ``trust_ratio=False`` group: φ = 1).
-    """
-    beta1, beta2 = group["betas"]
-    if sums is None:
-        ratios = [1.0] * len(params)
-    else:
-        ratios = trust_ratio(
-            sums[:, 1].sqrt(), sums[:, 0].sqrt(), trust_clip=group["trust_clip"]
-        ).tolist()
-    for p, g, m, v, t, ratio in zip(
-        params, grads, exp_avgs, exp_avg_sqs, steps, ratios, strict=True
+    clip = group["trust_clip"]
+    rows: dict[int, int] = {}
+    table: list[list[float]] = []
+    for t in steps:
+        if t not in rows:
+            rows[t] = len(table)
+            table.append(
+                [
+                    beta1,
+                    1 - beta1,
+                    beta2,
+                    1 - beta2,
+                    1 / (1 - beta1**t),
+                    1 / math.sqrt(1 - beta2**t),
+                    group["eps"],
+                    group["weight_decay"],
+                    -1.0 if group.get("maximize", False) else 1.0,
+                    group["lr"],
+                    1.0 if group["trust_ratio"] else 0.0,
+                    math.inf if clip is None else clip,
+                ]
+            )
+    scalars = torch.tensor(table, dtype=torch.float64)
+    out = torch.zeros(len(params), 3, dtype=torch.float64)
+    base, row_bytes = scalars.data_ptr(), scalars.stride(0) * scalars.element_size()
+    out_base, out_bytes = out.data_ptr(), out.stride(0) * out.element_size()
+    for i, (p, g, m, v, t) in enumerate(
+        zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True)
     ):
-        torch._fused_adamw_(
-            [p],
-            [g],
-            [m],
-            [v],
-            [],
-            [torch.tensor(float(t))],
-            lr=group["lr"] * ratio,
-            beta1=beta1,
-            beta2=beta2,
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-            amsgrad=False,
-            maximize=bool(group.get("maximize", False)),
-        )
+        kernel.lamb_step(p, g, m, v, base + rows[t] * row_bytes, out_base + i * out_bytes)
+    return out

@@ -65,8 +65,8 @@ class LAMB(_LayerwiseOptimizer):
         foreach: With ``fused`` not True: None picks the ``torch._foreach_*`` path when all
             tensors are dense and on CPU/CUDA; True/False forces the ``foreach`` path or the
             per-tensor reference path.
-        fused: The fused CPU path (one read-only norm pass, then torch's fused AdamW kernel with
-            the per-tensor learning rate ``lr·φ_h``; needs a C compiler once, see
+        fused: The fused CPU path (one C call per tensor: a read-only norm pass, then the
+            update while the tensor is still in cache; needs a C compiler once, see
             :mod:`dpfl.optim._kernel`). None (default) uses it when ``foreach`` is None, every
             tensor of the group is a contiguous float32/float64 CPU tensor and the kernel can be
             built (else as ``foreach`` says, with a warning if the build failed); True requires
@@ -122,7 +122,7 @@ class LAMB(_LayerwiseOptimizer):
         """Within the block every :meth:`step` checks finiteness as with ``check_finite=True``.
 
         :func:`~dpfl.optim.server_step` uses it, so a subclass whose ``step(closure)`` calls
-        ``super().step(closure)`` keeps the (free, on the fused path) check.
+        ``super().step(closure)`` keeps the check.
 
         Examples:
             >>> p = torch.zeros(2, requires_grad=True)
@@ -204,9 +204,8 @@ class LAMB(_LayerwiseOptimizer):
         Args:
             closure: Optional closure re-evaluating the model and returning the loss.
             check_finite: Raise :class:`~dpfl.optim.NonFiniteGradientError` if any gradient
-                holds NaN/inf (always on inside :meth:`checking_finite`). Free on the fused
-                path (its norms are checked; a NaN/inf gradient always yields a non-finite
-                ``‖r_h‖``); one read pass over the gradients elsewhere.
+                holds NaN/inf (always on inside :meth:`checking_finite`). Costs one read pass
+                over the gradients, before any tensor changes.
 
         Returns:
             The closure's loss, or None.
@@ -253,7 +252,6 @@ class _GroupStep:
         self.exp_avgs: list[Tensor] = []
         self.exp_avg_sqs: list[Tensor] = []
         self.steps: list[int] = []
-        self.sums: Tensor | None = None
 
     def gather(self, states: Mapping[Tensor, dict[str, Any]]) -> None:
         for i, p in enumerate(self.params):
@@ -277,23 +275,10 @@ class _GroupStep:
                 v = v.to(**like, memory_format=torch.contiguous_format)
             self.exp_avgs.append(m)
             self.exp_avg_sqs.append(v)
-        if self.path == "fused" and self.group["trust_ratio"]:
-            kernel = _kernel.load()
-            assert kernel is not None  # _path chose "fused" only if it loaded
-            self.sums = _lamb_fused.lamb_sums(
-                kernel,
-                self.params,
-                self.grads,
-                self.exp_avgs,
-                self.exp_avg_sqs,
-                self.steps,
-                self.group,
-            )
 
     def raise_if_non_finite(self) -> None:
-        if self.sums is not None:
-            suspects = (~torch.isfinite(self.sums[:, 0])).nonzero().flatten().tolist()
-            bad = next((i for i in suspects if not bool(torch.isfinite(self.grads[i]).all())), None)
+        if self.path == "fused":
+            bad = _lamb_fused.first_non_finite(_fused_kernel(), self.grads)
         else:
             bad = first_non_finite(self.grads)
         if bad is not None:
@@ -313,11 +298,17 @@ class _GroupStep:
             state["exp_avg"], state["exp_avg_sq"], state["step"] = m, v, t
         args = (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps, self.group)
         if self.path == "fused":
-            _lamb_fused.apply(*args, self.sums)
+            _lamb_fused.step(_fused_kernel(), *args)
         elif self.path == "foreach":
             _lamb_foreach(*args)
         else:
             _lamb_single(*args)
+
+
+def _fused_kernel() -> _kernel.Kernel:
+    kernel = _kernel.load()
+    assert kernel is not None  # _path chose "fused" only if it loaded
+    return kernel
 
 
 def _kernel_problem() -> str | None:

@@ -124,10 +124,9 @@ def server_step(
     optimizer negates gradients through its ``maximize`` group flag (:class:`~dpfl.optim.LAMB`
     and the ``torch.optim`` optimizers): ``.grad`` is ``update[name]`` itself and ``maximize`` is
     flipped for the step (then restored). Other optimizers get ``.grad = −update[name]``; a
-    dtype or device mismatch costs one cast copy. With :class:`~dpfl.optim.LAMB` the
-    finiteness check runs inside its step, before anything changes (free on its fused path: a
-    NaN/inf update makes the direction norms it needs anyway non-finite); other optimizers pay
-    one read pass over the update.
+    dtype or device mismatch costs one cast copy. The finiteness check is one read pass over
+    the update before anything changes (with :class:`~dpfl.optim.LAMB` it runs inside its step,
+    which names the culprit parameter).
 
     Args:
         optimizer: Any ``torch.optim.Optimizer`` over the model's parameters (e.g.
@@ -165,7 +164,7 @@ def server_step(
     """
     params = _named_trainable(named_params)
     _validate(optimizer, params, update)
-    # LAMB checks the gradients itself, for free on its fused path (the norms it needs anyway).
+    # LAMB checks the gradients itself, inside its step, before it changes anything.
     lamb = optimizer if check_finite and isinstance(optimizer, LAMB) else None
     if check_finite and lamb is None:
         _check_finite(update, list(params))
