@@ -88,6 +88,8 @@ def test_audit_estimate_is_reported_beside_the_accountant_and_charges_nothing(tm
     events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     logged = [e for e in events if e["event"] == "audit"]
     assert len(logged) == 1 and logged[0]["empirical_epsilon"] == empirical
+    # the log line carries the proven ε beside the estimate, as the result does
+    assert (logged[0]["epsilon"], logged[0]["delta"]) == (result.epsilon, result.delta)
     assert result.audit["mean_participations"] > 0  # canaries took part with the users' rate
 
 
