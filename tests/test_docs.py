@@ -159,3 +159,23 @@ def test_the_docstring_check_flags_an_undocumented_name(monkeypatch: pytest.Monk
         "dpfl._undocumented_probe.bare",
         "dpfl._undocumented_probe.Public.method",
     ]
+
+
+@pytest.mark.parametrize("page", ["privacy.md", "audit.md"])
+def test_math_is_rendered_by_the_site_configuration(page: str) -> None:
+    """The formulas of the privacy contract and the audit page go through the site's Markdown
+    extensions (arithmatex) to MathJax: display math becomes an ``arithmatex`` block."""
+    markdown = pytest.importorskip("markdown")
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))
+    names, options = [], {}
+    for entry in config["markdown_extensions"]:
+        name, opts = next(iter(entry.items())) if isinstance(entry, dict) else (entry, None)
+        names.append(name)
+        if opts:
+            options[name] = opts
+    assert any("mathjax" in js for js in config["extra_javascript"])
+    html = markdown.markdown(
+        (DOCS / page).read_text(encoding="utf-8"), extensions=names, extension_configs=options
+    )
+    assert '<div class="arithmatex">' in html, f"{page} has no rendered display math"
