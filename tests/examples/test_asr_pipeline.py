@@ -201,6 +201,9 @@ def test_quick_pipeline_end_to_end(tmp_path: Path) -> None:
         rounds = [json.loads(x) for x in (out / f"{name}.jsonl").read_text().splitlines()]
         assert sum(r.get("event") == "round" for r in rounds) == results[name]["rounds"] > 0
     assert (out / "seed_model.pt").is_file()
+    assert "C=0.01 global" in proc.stdout
+    assert "FL + DP" in proc.stdout and "seed model" in proc.stdout
+    assert (out / "results.md").read_text().strip() in proc.stdout
     # --canaries: a one-shot estimate for each DP stage (none without noise), printed beside the
     # proven ε, in results.json and in the table; the canaries charge nothing.
     assert "audit" not in results["fl_no_noise"]
@@ -211,9 +214,6 @@ def test_quick_pipeline_end_to_end(tmp_path: Path) -> None:
         assert (f"{name}: empirical ε {audit['empirical_epsilon']:.3g} (20 canaries, one-shot "
                 f"estimate) vs proven ε {results[name]['epsilon']:.4g}") in proc.stdout
     assert "20 canaries)" in (out / "results.md").read_text()
-    assert "C=0.01 global" in proc.stdout
-    assert "FL + DP" in proc.stdout and "seed model" in proc.stdout
-    assert (out / "results.md").read_text().strip() in proc.stdout
 
 
 def test_accountant_matches_the_sampling_that_is_run() -> None:
