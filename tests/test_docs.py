@@ -34,9 +34,9 @@ PUBLIC_MODULES = [
     "dpfl.optim",
     "dpfl.accounting",
     "dpfl.simulation",
+    "dpfl.audit",
+    "dpfl.cli",
 ]
-if (ROOT / "src" / "dpfl" / "audit").is_dir():
-    PUBLIC_MODULES.append("dpfl.audit")
 RUNNABLE_PAGES = sorted((DOCS / "tutorials").glob("*.md")) + [DOCS / "migration.md"]
 _FENCE = re.compile(r"^```(\w+)[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
@@ -61,6 +61,19 @@ def _undocumented(module_name: str) -> list[str]:
             if inspect.isfunction(target) and not (target.__doc__ or "").strip():
                 missing.append(f"{module_name}.{name}.{attr}")
     return missing
+
+
+def test_every_public_module_is_listed() -> None:
+    """A new top-level module or package of ``src/dpfl`` (no leading underscore) is public: it
+    must join ``PUBLIC_MODULES`` and so get an API page and the docstring check."""
+    found = {"dpfl"} | {
+        f"dpfl.{p.stem if p.is_file() else p.name}"
+        for p in (ROOT / "src" / "dpfl").iterdir()
+        if not p.name.startswith("_")
+        and ((p.is_file() and p.suffix == ".py") or (p / "__init__.py").is_file())
+    }
+    assert sorted(found - set(PUBLIC_MODULES)) == []
+    assert sorted(set(PUBLIC_MODULES) - found) == []
 
 
 @pytest.mark.parametrize("module_name", PUBLIC_MODULES)
@@ -146,3 +159,23 @@ def test_the_docstring_check_flags_an_undocumented_name(monkeypatch: pytest.Monk
         "dpfl._undocumented_probe.bare",
         "dpfl._undocumented_probe.Public.method",
     ]
+
+
+@pytest.mark.parametrize("page", ["privacy.md", "audit.md"])
+def test_math_is_rendered_by_the_site_configuration(page: str) -> None:
+    """The formulas of the privacy contract and the audit page go through the site's Markdown
+    extensions (arithmatex) to MathJax: display math becomes an ``arithmatex`` block."""
+    markdown = pytest.importorskip("markdown")
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))
+    names, options = [], {}
+    for entry in config["markdown_extensions"]:
+        name, opts = next(iter(entry.items())) if isinstance(entry, dict) else (entry, None)
+        names.append(name)
+        if opts:
+            options[name] = opts
+    assert any("mathjax" in js for js in config["extra_javascript"])
+    html = markdown.markdown(
+        (DOCS / page).read_text(encoding="utf-8"), extensions=names, extension_configs=options
+    )
+    assert '<div class="arithmatex">' in html, f"{page} has no rendered display math"

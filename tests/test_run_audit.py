@@ -43,11 +43,24 @@ def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.T
     return nn.functional.cross_entropy(model(x), y)
 
 
+class _ReadLog(InMemoryFederatedDataset):
+    """The dataset of :func:`_dataset` that records which users' data the run reads."""
+
+    def __init__(self) -> None:
+        super().__init__({u: _dataset().user_data(u) for u in _dataset().user_ids()})
+        self.reads: list[object] = []
+
+    def user_data(self, user_id):  # type: ignore[no-untyped-def]
+        self.reads.append(user_id)
+        return super().user_data(user_id)
+
+
 def _run(tmp: Path, rounds: int, audit: CanaryAudit | None, *, z: float = 1.0,
-         resume: bool = False, sgd: bool = False):
+         resume: bool = False, sgd: bool = False,
+         dataset: InMemoryFederatedDataset | None = None):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 2))  # 450 parameters
-    dataset = _dataset()
+    dataset = dataset or _dataset()
     accountant = RDPAccountant()
     result = run_rounds(
         model, dataset, _loss,
@@ -75,7 +88,31 @@ def test_audit_estimate_is_reported_beside_the_accountant_and_charges_nothing(tm
     events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     logged = [e for e in events if e["event"] == "audit"]
     assert len(logged) == 1 and logged[0]["empirical_epsilon"] == empirical
+    # the log line carries the proven ε beside the estimate, as the result does
+    assert (logged[0]["epsilon"], logged[0]["delta"]) == (result.epsilon, result.delta)
     assert result.audit["mean_participations"] > 0  # canaries took part with the users' rate
+
+
+def test_canaries_read_no_user_data_and_leave_the_cohorts_and_the_charge_alone(
+    tmp_path: Path,
+) -> None:
+    """The same run with and without 30 canaries: the real users read (who, in which order) are
+    the same, their data is unchanged, and the accountant holds the same ledger and ε: canaries
+    draw from their own generator, not the users' sampler, and are not charged."""
+    runs = {}
+    for k in (0, 30):
+        dataset = _ReadLog()
+        before = {u: [t.clone() for t in dataset.user_data(u)[0]] for u in dataset.user_ids()}
+        dataset.reads.clear()
+        audit = CanaryAudit(k, seed=3) if k else None
+        result, accountant = _run(tmp_path / str(k), 6, audit, dataset=dataset)
+        runs[k] = (list(dataset.reads), accountant.ledger, result.epsilon, result.audit)
+        for u, tensors in before.items():
+            after = dataset.user_data(u)[0]
+            assert all(torch.equal(a, b) for a, b in zip(tensors, after, strict=True))
+    assert runs[30][0] == runs[0][0] and len(runs[0][0]) > 0
+    assert runs[30][1] == runs[0][1] and runs[30][2] == runs[0][2]
+    assert runs[0][3] is None and runs[30][3] is not None
 
 
 def test_canaries_move_the_model_towards_their_directions(tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
 """The ``dpfl`` command line.
 
-Top-level commands are argparse subcommands; each registers itself through an ``_add_*_command``
-function so more can be added without touching the others. ``dpfl privacy`` answers the accounting
-questions of a DP-FL run::
+Top-level commands are argparse subcommands; each registers itself through an ``add_*`` function
+so more can be added without touching the others: ``dpfl privacy`` (below) and ``dpfl audit``
+(empirical ε from saved canary cosines or in/out trial counts, :mod:`dpfl.audit`).
+``dpfl privacy`` answers the accounting questions of a DP-FL run::
 
     dpfl privacy epsilon --noise-multiplier 0.6144 --sample-rate 0.002947 --rounds 2034 --delta 1e-9
     dpfl privacy calibrate --epsilon 7.2 --sample-rate 0.002947 --rounds 2034 --delta 1e-9

@@ -184,7 +184,8 @@ def assert_no_cohort_statistics_and_noise_named(out: Path, printed: str) -> None
 
 
 def test_quick_pipeline_end_to_end(tmp_path: Path) -> None:
-    """`--quick` generates its corpus, trains, fine-tunes with and without DP, writes the table."""
+    """`--quick` generates its corpus, trains, fine-tunes with and without DP, writes the table;
+    `--canaries K` prints the empirical ε of each DP stage beside the proven one."""
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
@@ -198,6 +199,8 @@ def test_quick_pipeline_end_to_end(tmp_path: Path) -> None:
             str(tmp_path / "cache"),
             "--output-dir",
             str(out),
+            "--canaries",
+            "20",
         ],
         cwd=tmp_path,
         env=env,
@@ -230,6 +233,16 @@ def test_quick_pipeline_end_to_end(tmp_path: Path) -> None:
     assert "C=0.01 global" in proc.stdout
     assert "FL + DP" in proc.stdout and "seed model" in proc.stdout
     assert (out / "results.md").read_text().strip() in proc.stdout
+    # --canaries: a one-shot estimate for each DP stage (none without noise), printed beside the
+    # proven ε, in results.json and in the table; the canaries charge nothing.
+    assert "audit" not in results["fl_no_noise"]
+    for name in ("fl_dp", "fl_dp_other_clip"):
+        audit = results[name]["audit"]
+        assert audit["num_canaries"] == 20 and audit["rounds_observed"] == results[name]["rounds"]
+        assert 0 <= audit["empirical_epsilon"] <= results[name]["epsilon"]
+        assert (f"{name}: empirical ε {audit['empirical_epsilon']:.3g} (20 canaries, one-shot "
+                f"estimate) vs proven ε {results[name]['epsilon']:.4g}") in proc.stdout
+    assert "20 canaries)" in (out / "results.md").read_text()
 
 
 def test_accountant_matches_the_sampling_that_is_run() -> None:

@@ -564,12 +564,12 @@ class _RoundLoop:
         }
         save_checkpoint(self.ckpt_path, {**meta, "model": self.model.state_dict(), **parts})
 
-    def _audit_result(self, t: int) -> dict[str, Any] | None:
-        """The canary estimate beside the accountant's ε (logged; None without an audit)."""
+    def _audit_result(self, t: int, epsilon: float) -> dict[str, Any] | None:
+        """The canary estimate, logged beside the accountant's ε (None without an audit)."""
         if self.audit is None or self.audit.rounds_observed == 0:
             return None
         estimate = self.audit.result(self.delta).to_dict()
-        self.log.write({"event": "audit", "round": t, **estimate})
+        self.log.write({"event": "audit", "round": t, "epsilon": epsilon, **estimate})
         return estimate
 
     def run(self) -> RunResult:
@@ -643,7 +643,7 @@ class _RoundLoop:
                 {"event": "stop", "round": t, "reason": reason, "message": message}
                 | {"epsilon": epsilon, "delta": self.delta}
             )
-            audit = self._audit_result(t)
+            audit = self._audit_result(t, epsilon)
             if last_saved != t:
                 self._checkpoint(t)
             bar.message(message)
