@@ -132,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_preset_help("initial server learning rate", "server_lr"))
     g.add_argument("--server-lr-decay", type=float,
                    help=_preset_help("per-round LR decay factor", "server_lr_decay"))
+    g.add_argument("--vectorized", action=argparse.BooleanOptionalAction, default=None,
+                   help="train each cohort at once with torch.func (dpfl's vectorized cohort "
+                        "training; same updates up to float rounding, other dropout draws) or "
+                        "user by user (default: vectorized unless the model has LayerDrop or "
+                        "--specaugment is on, which cannot be vectorized)")
     g.add_argument("--eval-every", type=int,
                    help=_preset_help("evaluate every this many rounds", "eval_every"))
     g = p.add_argument_group("differential privacy")
