@@ -138,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "user by user (default: vectorized unless the model has LayerDrop or "
                         "--specaugment is on, which cannot be vectorized)")
     g.add_argument("--eval-every", type=int,
-                   help=_preset_help("evaluate every this many rounds", "eval_every"))
+                   help=_preset_help("in-run evaluation (logged per round, on a seeded sample "
+                                     "of 100 eval utterances; the final table scores them all) "
+                                     "every this many rounds", "eval_every"))
     g = p.add_argument_group("differential privacy")
     g.add_argument("--clip", choices=["per-layer", "global"], default="per-layer",
                    help="clip each user's update per tensor (paper) or as one vector")
