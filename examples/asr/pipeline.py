@@ -125,10 +125,9 @@ def _seed_model(
 
 
 def _vectorized(args: argparse.Namespace, model: CTCTransformer, augment: Augment | None) -> bool:
-    """``--vectorized`` as given, else on where it can work (no LayerDrop, no SpecAugment)."""
-    if args.vectorized is not None:
-        return bool(args.vectorized)
-    return model.config.layerdrop == 0 and augment is None
+    """``--vectorized`` (the script refuses it with LayerDrop or SpecAugment, which ``vmap``
+    cannot trace; here they would only make dpfl warn and fall back to the loop)."""
+    return bool(getattr(args, "vectorized", False)) and model.config.layerdrop == 0 and augment is None
 
 
 def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:

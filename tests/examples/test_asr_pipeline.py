@@ -184,6 +184,14 @@ def test_vectorized_federated_run_matches_the_sequential_one() -> None:
         torch.testing.assert_close(models[1][k], v, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("extra", [["--model", "paper"], ["--specaugment", "small"]])
+def test_vectorized_is_refused_where_vmap_cannot_trace_before_any_work(extra: list[str]) -> None:
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--vectorized", *extra], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and "--vectorized needs a model without LayerDrop" in proc.stderr
+
+
 def test_quick_pipeline_end_to_end(tmp_path: Path) -> None:
     """`--quick` generates its corpus, trains, fine-tunes with and without DP, writes the table."""
     out = tmp_path / "out"
@@ -199,6 +207,7 @@ def test_quick_pipeline_end_to_end(tmp_path: Path) -> None:
             str(tmp_path / "cache"),
             "--output-dir",
             str(out),
+            "--vectorized",
         ],
         cwd=tmp_path,
         env=env,
