@@ -57,6 +57,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's `example
 from typing import Any  # noqa: E402
 
 from examples.asr.cli import PRESETS, UserError, build_parser  # noqa: E402
+from examples.asr.model import CONFIGS  # noqa: E402
 from examples.asr.pipeline import PAPER_SCALE, run_pipeline  # noqa: E402
 from examples.asr.report import format_table  # noqa: E402
 from examples.asr.splits import load_splits, prepare_data, sample_utterances  # noqa: E402
@@ -75,6 +76,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.sampling == "fixed" and args.target_epsilon is not None:
         parser.error("--target-epsilon calibrates for Poisson sampling; use --sampling poisson "
                      "or give --noise-multiplier / --sigma-dp with --sampling fixed")
+    model_name = args.model or PRESETS["quick" if args.quick else "default"]["model"]
+    if args.vectorized and (args.specaugment != "none" or CONFIGS[model_name].layerdrop > 0):
+        parser.error("--vectorized needs a model without LayerDrop (not --model paper) and no "
+                     "--specaugment: both branch on data, which torch.func.vmap cannot trace")
     if args.output_dir is not None and args.output_dir.exists() and not args.output_dir.is_dir():
         parser.error(f"--output-dir {args.output_dir} is a file, not a folder")
     if args.canaries == 1 or args.canaries < 0:

@@ -69,6 +69,7 @@ _GROUPS = {
     "local_steps": ("local", "steps"),
     "local_epochs": ("local", "epochs"),
     "vectorized": ("local", "vectorized"),
+    "align": ("local", "align"),
     "clipper": ("privacy", "clipper"),
     "noise_multiplier": ("privacy", "noise_multiplier"),
     "accountant": ("privacy", "accountant"),
@@ -424,6 +425,7 @@ def test_nan_loss_user_is_dropped_with_drop_nonfinite() -> None:
         ({"eval_fn": lambda m: {}, "eval_every": 0}, "Evaluation.every"),
         ({"progress_every": 0}, "Logging.every"),
         ({"vectorized": True, "local_steps": None, "local_epochs": 1}, "steps"),
+        ({"align": lambda batches: batches}, "align only applies to vectorized=True"),
     ],
 )
 def test_invalid_arguments_name_the_parameter(extra: dict[str, Any], match: str) -> None:
@@ -459,6 +461,7 @@ def test_invalid_arguments_name_the_parameter(extra: dict[str, Any], match: str)
             "Privacy.secure_noise",
         ),
         (lambda: LocalTraining(lr=0.1, steps=1.5), "LocalTraining.steps"),
+        (lambda: LocalTraining(lr=0.1, steps=1, vectorized=True, align=3), "LocalTraining.align"),
         (lambda: Checkpointing(None), "Checkpointing.dir"),
         (lambda: Logging(path=3), "Logging.path"),
         (lambda: Evaluation(fn=3), "Evaluation.fn"),

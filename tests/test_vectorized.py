@@ -250,3 +250,65 @@ def test_chunked_cohort_matches_one_pass_and_no_grad_context_is_fine() -> None:
         train_cohort_vectorized(model, cohort, ce, lr=0.2, steps=3, chunk_size=0)
     with pytest.raises(TypeError, match="sequence of batches"):
         train_cohort_vectorized(model, [torch.zeros(4, 6)], ce, lr=0.1, steps=1)
+
+
+class MaskedMean(nn.Module):
+    """Masked mean pooling over a padded sequence: padding changes nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.proj(x)) * mask[..., None]
+        return self.head(h.sum(1) / mask.sum(1, keepdim=True))
+
+
+def masked_ce(model, batch) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    x, mask, y = batch
+    return F.cross_entropy(model(x, mask), y)
+
+
+def pad_to_longest(batches: list) -> list:  # type: ignore[type-arg]
+    n = max(x.shape[1] for x, _, _ in batches)
+    return [(F.pad(x, (0, 0, 0, n - x.shape[1])), F.pad(m, (0, n - m.shape[1])), y)
+            for x, m, y in batches]
+
+
+def ragged_cohort(num_users: int) -> list[list[tuple[torch.Tensor, ...]]]:
+    """User u's sequences are 3 + u + s long at its batch s: no two users' batches stack."""
+    g = torch.Generator().manual_seed(5)
+    return [
+        [
+            (torch.randn(4, 3 + u + s, 4, generator=g), torch.ones(4, 3 + u + s),
+             torch.randint(0, 3, (4,), generator=g))
+            for s in range(2)
+        ]
+        for u in range(num_users)
+    ]
+
+
+def test_align_makes_ragged_batches_stack_and_matches_the_unpadded_loop() -> None:
+    torch.manual_seed(0)
+    model = MaskedMean()
+    cohort = ragged_cohort(4)
+    kw = {"lr": 0.3, "steps": 3, "max_grad_norm": 1.0}
+    with pytest.raises(VectorizationError, match="shapes"):
+        train_cohort_vectorized(model, cohort, masked_ce, fallback=False, **kw)
+    vec = train_cohort_vectorized(model, cohort, masked_ce, fallback=False, align=pad_to_longest,
+                                  **kw)
+    seq = [train_local(model, b, masked_ce, **kw) for b in cohort]  # unpadded batches
+    for v, s in zip(vec, seq, strict=True):
+        assert rel_error(v, s) <= REL_TOL
+
+
+def test_align_that_breaks_its_contract_raises_instead_of_falling_back() -> None:
+    model, cohort = MaskedMean(), ragged_cohort(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VectorizationFallbackWarning)
+        with pytest.raises(ValueError, match="align returned 2 batches for 3 users"):
+            train_cohort_vectorized(model, cohort, masked_ce, lr=0.1, steps=1,
+                                    align=lambda b: pad_to_longest(b)[:2])
+    with pytest.raises(TypeError, match="align must be callable"):
+        train_cohort_vectorized(model, cohort, masked_ce, lr=0.1, steps=1, align=3)  # type: ignore[arg-type]

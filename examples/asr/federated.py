@@ -42,7 +42,7 @@ from dpfl.simulation import (
     run_rounds,
 )
 from examples.asr.checks import require_non_negative, require_positive
-from examples.asr.train import Augment, batch_loss
+from examples.asr.train import Augment, Batch, BatchTensors, align_batches, batch_loss
 
 __all__ = [
     "FederatedConfig",
@@ -245,6 +245,11 @@ class FederatedConfig:
             can subtract the noise); ``None`` (default) draws the noise from OS entropy.
         secure_noise: draw the noise from a CSPRNG keystream rekeyed every release
             (:class:`dpfl.noise.GaussianMechanism` ``secure=True``); needs ``noise_seed=None``.
+        vectorized: train each cohort at once with ``torch.func`` (dpfl's vectorized cohort
+            training: the users' batches of a step padded to common shapes by
+            :func:`~examples.asr.train.align_batches`); the same updates as the sequential loop
+            up to float rounding, except that dropout draws other random streams. Needs a model
+            without LayerDrop and no SpecAugment (else dpfl warns and falls back to the loop).
     """
 
     rounds: int
@@ -265,6 +270,7 @@ class FederatedConfig:
     seed: int | None = 0
     noise_seed: int | None = None
     secure_noise: bool = False
+    vectorized: bool = False
 
     def noise_source(self) -> str:
         """Which noise the run adds, in words (printed with the results)."""
@@ -283,6 +289,24 @@ class FederatedConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form for logs and result files."""
         return dict(asdict(self), sigma_dp=self.sigma_dp(), noise=self.noise_source())
+
+
+class _TensorBatches:
+    """A federated dataset whose users' :class:`Batch` es are handed out as ``BatchTensors``
+    on ``device`` (tensor-only batches: what vectorized cohort training can stack)."""
+
+    def __init__(self, dataset: FederatedDataset, device: torch.device) -> None:
+        self.dataset, self.device = dataset, device
+
+    def user_ids(self) -> Any:
+        return self.dataset.user_ids()
+
+    def user_data(self, user_id: Any) -> list[Any]:
+        out: list[Any] = []
+        for b in self.dataset.user_data(user_id):
+            out.append(BatchTensors(*(t.to(self.device) for t in b.tensors()))
+                       if isinstance(b, Batch) else b)
+        return out
 
 
 def run_federated(
@@ -343,6 +367,8 @@ def run_federated(
     optimizer = make_server_optimizer(
         model, config.server_optimizer, lr=config.server_lr, lr_decay=config.server_lr_decay
     )
+    if config.vectorized:
+        dataset = _TensorBatches(dataset, next(model.parameters()).device)
     return run_rounds(
         model,
         dataset,
@@ -354,6 +380,8 @@ def run_federated(
             lr=config.local_lr,
             steps=config.local_steps,
             max_grad_norm=config.local_max_grad_norm,
+            vectorized=config.vectorized,
+            align=align_batches if config.vectorized else None,
         ),
         privacy=Privacy(
             make_clipper(config.clip, config.clip_bound, allocation=config.clip_allocation),

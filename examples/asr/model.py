@@ -13,6 +13,10 @@ Randomness: dropout and LayerDrop draw from the ``generator`` passed to :meth:`f
 none they use torch's default generator (as ``nn.Dropout`` does). Evaluation mode is
 deterministic.
 
+Vectorization: without LayerDrop (the ``small`` and ``tiny`` configurations) the forward has no
+data-dependent control flow, so ``torch.func.vmap`` can run many users' copies of the model at
+once (dpfl's vectorized cohort training); LayerDrop's per-block skip is such a branch.
+
 References:
     Pelikan et al., "Enabling Differentially Private Federated Learning for Speech Recognition:
     Benchmarks, Adaptive Optimizers and Gradient Clipping", arXiv:2310.00098, section 5.
@@ -224,8 +228,9 @@ class CTCTransformer(nn.Module):
         t_out = x.shape[1]
         x = x + _sinusoids(t_out, cfg.d_model, device=x.device, dtype=x.dtype)
         x = _dropout(x, cfg.dropout, self.training, generator)
-        valid = torch.arange(t_out, device=x.device)[None, :] < out_len[:, None]
-        key_mask = None if bool(valid.all()) else valid[:, None, None, :]
+        # Always a mask, never a data-dependent branch on it: the forward stays traceable by
+        # torch.func.vmap (vectorized cohort training); an all-true mask changes nothing.
+        key_mask = (torch.arange(t_out, device=x.device)[None, :] < out_len[:, None])[:, None, None, :]
         if self.training and cfg.layerdrop > 0:
             draws = torch.rand(len(self.blocks), generator=generator, device=x.device).tolist()
         else:
@@ -236,7 +241,10 @@ class CTCTransformer(nn.Module):
         return F.log_softmax(self.head(self.final_ln(x)), dim=-1), out_len
 
 
-def ctc_loss(log_probs: Tensor, out_lengths: Tensor, targets: Tensor, target_lengths: Tensor) -> Tensor:
+def ctc_loss(
+    log_probs: Tensor, out_lengths: Tensor, targets: Tensor, target_lengths: Tensor,
+    weights: Tensor | None = None,
+) -> Tensor:
     """CTC loss averaged over utterances (each utterance's loss is a sum over its frames).
 
     Args:
@@ -244,16 +252,16 @@ def ctc_loss(log_probs: Tensor, out_lengths: Tensor, targets: Tensor, target_len
         out_lengths: ``(batch,)`` valid output frames.
         targets: ``(batch, max_target)`` padded symbol indices (no blanks).
         target_lengths: ``(batch,)`` target lengths.
+        weights: optional ``(batch,)`` utterance weights: the loss is then
+            ``sum(w_i * loss_i) / sum(w_i)``, so rows of weight 0 (batch padding) count for
+            nothing; ``None`` weighs every utterance 1.
 
     Returns:
         A scalar loss; infeasible alignments (target longer than output) contribute zero.
     """
-    return F.ctc_loss(
-        log_probs.transpose(0, 1).float(),
-        targets,
-        out_lengths,
-        target_lengths,
-        blank=0,
-        reduction="sum",
-        zero_infinity=True,
-    ) / log_probs.shape[0]
+    args = (log_probs.transpose(0, 1).float(), targets, out_lengths, target_lengths)
+    if weights is None:
+        return F.ctc_loss(*args, blank=0, reduction="sum", zero_infinity=True) / log_probs.shape[0]
+    per_utterance = F.ctc_loss(*args, blank=0, reduction="none", zero_infinity=True)
+    w = weights.to(per_utterance.dtype)
+    return (per_utterance * w).sum() / w.sum()

@@ -28,7 +28,12 @@ from examples.asr.data import (
 from examples.asr.store import StoredBatches, StoredFederatedDataset, extract_splits
 from examples.asr.text import CharTokenizer
 
-__all__ = ["PreparedData", "Splits", "load_splits", "prepare_data", "sample_utterances"]
+__all__ = ["MONITOR_UTTERANCES", "PreparedData", "Splits", "load_splits", "prepare_data",
+           "sample_utterances"]
+
+MONITOR_UTTERANCES = 100
+"""Utterances of the in-run evaluation every ``--eval-every`` rounds (a seeded sample of the
+eval set, to keep monitoring cheap); the final table scores the whole eval set."""
 
 
 @dataclass
@@ -130,6 +135,7 @@ class PreparedData:
     seed_batches: StoredBatches
     eval_batches: StoredBatches
     dev_batches: StoredBatches | None
+    monitor_batches: StoredBatches  # a sample of eval_batches' utterances (MONITOR_UTTERANCES)
     dataset: StoredFederatedDataset
     report: dict[str, Any]
     fl_utterances: int
@@ -192,6 +198,9 @@ def prepare_data(splits: Splits, args: argparse.Namespace, tok: CharTokenizer) -
         seed_batches=StoredBatches(stores["seed"], seed_utts, tok, batch_size=args.batch_size,
                                    seed=args.seed),
         eval_batches=StoredBatches(stores["eval"], eval_kept, tok, batch_size=64),
+        monitor_batches=StoredBatches(
+            stores["eval"], sample_utterances(eval_kept, MONITOR_UTTERANCES, args.seed + 1), tok,
+            batch_size=64),
         dev_batches=(StoredBatches(stores["seed_dev"], dev_kept, tok, batch_size=64)
                      if dev_kept else None),
         dataset=dataset, report=report,

@@ -14,10 +14,13 @@ References:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dpfl.optim import LARS
@@ -28,6 +31,8 @@ from examples.asr.text import CharTokenizer, ErrorRates, error_rates, greedy_dec
 __all__ = [
     "Augment",
     "Batch",
+    "BatchTensors",
+    "align_batches",
     "batch_loss",
     "collate",
     "evaluate",
@@ -59,6 +64,59 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def tensors(self) -> BatchTensors:
+        """The tensors of the batch (what training needs), every utterance of weight 1."""
+        return BatchTensors(self.features, self.lengths, self.targets, self.target_lengths,
+                            torch.ones(len(self.lengths)))
+
+
+class BatchTensors(NamedTuple):
+    """A training batch of tensors only (no transcripts), for vectorized cohort training.
+
+    The fields of :class:`Batch` without ``texts``, plus ``weights`` ``(batch,)``: 1 for an
+    utterance, 0 for a padding row that :func:`align_batches` added (it counts for nothing in
+    :func:`batch_loss`). A ``NamedTuple`` is a pytree, so ``torch.func`` can stack it.
+    """
+
+    features: Tensor
+    lengths: Tensor
+    targets: Tensor
+    target_lengths: Tensor
+    weights: Tensor
+
+
+def align_batches(batches: Sequence[BatchTensors]) -> list[BatchTensors]:
+    """Pad several users' batches of one local step to common shapes, changing no loss.
+
+    Features are zero-padded to the most frames and targets to the longest target (the model
+    masks frames past ``lengths`` and CTC reads ``target_lengths``, so neither changes any
+    utterance's loss); a batch with fewer utterances than the largest gets rows of weight 0
+    (all-valid zero features, an empty target), which :func:`batch_loss` ignores. This is the
+    ``align`` of ``dpfl.simulation.LocalTraining`` for vectorized cohort training.
+
+    Raises:
+        TypeError: if a batch is not a :class:`BatchTensors` (see :meth:`Batch.tensors`).
+    """
+    for i, b in enumerate(batches):
+        if not isinstance(b, BatchTensors):
+            raise TypeError(f"batches[{i}] must be a BatchTensors (Batch.tensors()), "
+                            f"got {type(b).__name__}")
+    if not batches:
+        return []
+    frames = max(b.features.shape[1] for b in batches)
+    symbols = max(b.targets.shape[1] for b in batches)
+    rows = max(b.features.shape[0] for b in batches)
+    out = []
+    for b in batches:
+        extra = rows - b.features.shape[0]
+        out.append(BatchTensors(
+            F.pad(b.features, (0, 0, 0, frames - b.features.shape[1], 0, extra)),
+            torch.cat([b.lengths, b.lengths.new_full((extra,), frames)]),
+            F.pad(b.targets, (0, symbols - b.targets.shape[1], 0, extra)),
+            torch.cat([b.target_lengths, b.target_lengths.new_zeros(extra)]),
+            torch.cat([b.weights, b.weights.new_zeros(extra)])))
+    return out
 
 
 def collate(features: Sequence[Tensor], texts: Sequence[str], tokenizer: CharTokenizer) -> Batch:
@@ -125,7 +183,7 @@ def make_batches(
 
 def batch_loss(
     model: nn.Module,
-    batch: Batch,
+    batch: Batch | BatchTensors,
     *,
     augment: Augment | None = None,
     generator: torch.Generator | None = None,
@@ -133,11 +191,13 @@ def batch_loss(
     """CTC loss of ``model`` on ``batch``, averaged over utterances.
 
     This is the ``loss_fn(model, batch)`` handed to dpfl's local trainer (``augment`` and
-    ``generator`` bound with :func:`functools.partial` when SpecAugment is wanted).
+    ``generator`` bound with :func:`functools.partial` when SpecAugment is wanted). Without
+    ``augment`` it only calls the model and does tensor maths, so it vectorizes over users
+    (``torch.func``) on :class:`BatchTensors`.
 
     Args:
         model: a :class:`~examples.asr.model.CTCTransformer`.
-        batch: a :class:`Batch`.
+        batch: a :class:`Batch`, or a :class:`BatchTensors` (weighted mean over utterances).
         augment: optional per-utterance augmentation applied to the valid frames only.
         generator: randomness for ``augment`` and the model's dropout; None uses torch's RNG
             (which dpfl's local trainer seeds per user in an isolated block).
@@ -150,6 +210,12 @@ def batch_loss(
         features = features.clone()
         for i, n in enumerate(batch.lengths.tolist()):
             features[i, :n] = augment(features[i, :n], generator)
+    if isinstance(batch, BatchTensors):  # the model may be a torch.func proxy: no parameters
+        log_probs, out_lengths = model(features, batch.lengths, generator=generator)
+        with warnings.catch_warnings():  # under vmap, CTC loops over users (a small share)
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            return ctc_loss(log_probs, out_lengths, batch.targets, batch.target_lengths,
+                            batch.weights)
     device = _device_of(model)
     log_probs, out_lengths = model(features.to(device), batch.lengths.to(device), generator=generator)
     return ctc_loss(

@@ -7,10 +7,19 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from dpfl.simulation import train_cohort_vectorized, train_local
 from examples.asr.model import CONFIGS, CTCTransformer, ModelConfig, get_config, output_lengths
 from examples.asr.text import BLANK, CharTokenizer, error_rates, greedy_decode, normalize_transcript
-from examples.asr.train import batch_loss, evaluate, make_batches, train_central
+from examples.asr.train import (
+    BatchTensors,
+    align_batches,
+    batch_loss,
+    evaluate,
+    make_batches,
+    train_central,
+)
 
 TOK = CharTokenizer()
 ALPHABET = " '-abcdefghijklmnopqrstuvwxyz"
@@ -144,6 +153,68 @@ def test_output_lengths_and_padding_invariance() -> None:
     assert n.tolist() == [13, 19] == output_lengths(torch.tensor([37, 57]), cfg).tolist()
     assert int(n_alone) == 13
     torch.testing.assert_close(out[0, :13], alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_forward_vectorizes_over_users_with_ragged_lengths() -> None:
+    """vmap over stacked parameter sets (vectorized cohort training) equals a loop over models,
+    also when the lengths differ within a batch (the attention mask is needed)."""
+    cfg = get_config("tiny")
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(CTCTransformer(cfg).eval())
+    stacked = {k: torch.stack([dict(m.named_parameters())[k].detach() for m in models])
+               for k, _ in models[0].named_parameters()}
+    x = torch.randn(3, 2, 40, 80)
+    lengths = torch.tensor([[40, 25], [40, 40], [12, 31]])
+
+    def run(params: dict[str, torch.Tensor], f: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(models[0], params, (f, n))[0]
+
+    with sdpa_kernel(SDPBackend.MATH):
+        got = torch.func.vmap(run)(stacked, x, lengths)
+    for u, m in enumerate(models):
+        want, n_out = m(x[u], lengths[u])
+        for i, n in enumerate(n_out.tolist()):
+            torch.testing.assert_close(got[u, i, :n], want[i, :n], rtol=1e-4, atol=1e-5)
+
+
+def ragged_batches() -> list:  # type: ignore[type-arg]
+    """Three users' batches that differ in frames, target lengths and utterance count."""
+    g = torch.Generator().manual_seed(0)
+    texts = [["ab c", "d"], ["hello there", "x y z", "q"], ["mm"]]
+    return [make_batches([torch.randn(20 + 9 * i + 5 * u, 80, generator=g) for i in range(len(t))],
+                         t, TOK, batch_size=3)[0] for u, t in enumerate(texts)]
+
+
+def test_align_batches_pads_to_common_shapes_without_changing_any_loss() -> None:
+    torch.manual_seed(0)
+    model = CTCTransformer(get_config("tiny")).eval()
+    batches = ragged_batches()
+    aligned = align_batches([b.tensors() for b in batches])
+    assert all(isinstance(a, BatchTensors) for a in aligned)
+    assert len({tuple(t.shape for t in a) for a in aligned}) == 1  # they stack
+    assert [a.weights.tolist() for a in aligned] == [[1, 1, 0], [1, 1, 1], [1, 0, 0]]
+    for b, a in zip(batches, aligned, strict=True):
+        torch.testing.assert_close(batch_loss(model, a), batch_loss(model, b), rtol=1e-5, atol=1e-5)
+    assert align_batches([]) == []
+    with pytest.raises(TypeError, match=r"batches\[1\] must be a BatchTensors"):
+        align_batches([batches[0].tensors(), batches[1]])  # type: ignore[list-item]
+
+
+def test_vectorized_local_training_matches_the_sequential_loop() -> None:
+    """The example's CTC model trains a ragged cohort vectorized (no fallback) with the same
+    updates as dpfl's sequential loop on the unpadded batches."""
+    torch.manual_seed(0)
+    model = CTCTransformer(get_config("tiny"))
+    users = [[b] for b in ragged_batches()]
+    kw = {"lr": 0.1, "steps": 3, "max_grad_norm": 1.0}
+    vec = train_cohort_vectorized(model, [[b.tensors() for b in u] for u in users], batch_loss,
+                                  fallback=False, align=align_batches, **kw)
+    for v, u in zip(vec, users, strict=True):
+        s = train_local(model, u, batch_loss, **kw)
+        err = torch.cat([(v[k] - s[k]).flatten() for k in s]).norm()
+        assert float(err / torch.cat([s[k].flatten() for k in s]).norm()) < 1e-4
 
 
 def test_dropout_and_layerdrop_follow_the_generator() -> None:

@@ -152,3 +152,26 @@ def test_federated_dataset_reads_one_user_at_a_time(librispeech_root: Path,
     assert sum(len(b) for b in batches) == 3 and [len(b) for b in batches] in ([2, 1], [1, 2])
     with pytest.raises(KeyError, match="nobody"):
         dataset.user_data("nobody")
+
+
+def test_in_run_monitoring_scores_a_seeded_sample_of_the_eval_set(
+        librispeech_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from examples.asr import splits as splits_module
+    from examples.asr.cli import build_parser, fill_presets
+
+    args = fill_presets(build_parser().parse_args(
+        ["--librispeech-root", str(librispeech_root), "--cache-dir", str(tmp_path / "c"),
+         "--workers", "1"]))
+    args.progress = False
+    splits = splits_module.load_splits(args)
+    tok = CharTokenizer()
+    full = splits_module.prepare_data(splits, args, tok)
+    assert full.monitor_batches.num_utterances() == full.eval_utterances == 4  # all, when few
+    monkeypatch.setattr(splits_module, "MONITOR_UTTERANCES", 3)
+    texts = []
+    for _ in range(2):  # the same sample every time (seeded)
+        data = splits_module.prepare_data(splits, args, tok)
+        texts.append(sorted(t for b in data.monitor_batches for t in b.texts))
+    assert texts[0] == texts[1] and len(texts[0]) == 3
+    assert set(texts[0]) <= {t for b in data.eval_batches for t in b.texts}
+    assert data.eval_batches.num_utterances() == 4  # the final table still scores all

@@ -44,6 +44,7 @@ class ShardTrainer:
     ) -> None:
         self.model, self.dataset, self.loss_fn = model, dataset, loss_fn
         self.steps, self.epochs, self.vectorized = local.steps, local.epochs, local.vectorized
+        self.align = local.align
         self.local: dict[str, Any] = {
             "lr": local.lr,
             "steps": local.steps,
@@ -74,7 +75,8 @@ class ShardTrainer:
             try:
                 gens = [_generator(seed, t, i) for i in mine]
                 updates = train_cohort_vectorized(
-                    self.model, datas, self.loss_fn, generator=gens, user_ids=users, **self.local
+                    self.model, datas, self.loss_fn, generator=gens, user_ids=users,
+                    align=self.align, **self.local
                 )
             except NonFiniteLossError:
                 if not self.drop_nonfinite:

@@ -80,10 +80,16 @@ class LocalTraining:
         max_grad_norm: Per-step gradient-norm clip (``None``: off). This bounds the optimisation,
             not the privacy: the user-level bound is the clipper's.
         vectorized: Train each cohort with :func:`~dpfl.simulation.train_cohort_vectorized`.
+        align: With ``vectorized``: ``align(batches) -> batches``, given the users' batches of
+            one local step (one per user, cohort order), returns them with equal structures,
+            shapes and dtypes so that they stack (e.g. sequences padded to a common length). It
+            must not change any user's loss; see ``train_cohort_vectorized``.
 
     Raises:
         ValueError: If ``lr`` is not > 0, both or neither of ``steps``/``epochs`` is given,
-            ``vectorized`` is combined with ``epochs``, or a count or norm is out of range.
+            ``vectorized`` is combined with ``epochs``, ``align`` is given without
+            ``vectorized``, or a count or norm is out of range.
+        TypeError: If ``align`` is neither callable nor ``None``.
     """
 
     lr: float
@@ -91,6 +97,7 @@ class LocalTraining:
     epochs: int | None = None
     max_grad_norm: float | None = 1.0
     vectorized: bool = False
+    align: Callable[[list[Any]], list[Any]] | None = None
 
     def __post_init__(self) -> None:
         _set(self, "lr", require_positive("LocalTraining.lr", self.lr))
@@ -108,6 +115,16 @@ class LocalTraining:
             raise ValueError(
                 "LocalTraining: vectorized=True needs steps (train_cohort_vectorized has no epochs)"
             )
+        if self.align is not None:
+            if not callable(self.align):
+                raise TypeError(
+                    f"LocalTraining.align must be callable or None, got {type(self.align).__name__}"
+                )
+            if not self.vectorized:
+                raise ValueError(
+                    "LocalTraining: align only applies to vectorized=True (the sequential loop "
+                    "trains each user on its own batches)"
+                )
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,10 @@ class _Unvectorizable(Exception):
     """Internal: the cohort's data cannot be stacked; carries the reason."""
 
 
+class _AlignError(ValueError):
+    """Internal: ``align`` broke its contract (a caller bug: raised, never a fallback)."""
+
+
 class FunctionalModel:
     """A callable stand-in for a module, evaluated with given parameters and buffers.
 
@@ -102,7 +106,7 @@ def _user_name(user_ids: Sequence[Hashable] | None, u: int) -> str:
 
 
 def _stack_batches(
-    cohort: list[list[Any]], steps: int
+    cohort: list[list[Any]], steps: int, align: Callable[[list[Any]], list[Any]] | None = None
 ) -> list[tuple[list[Tensor], pytree.TreeSpec]]:
     """Stack each step's per-user batches along a new leading user axis (cached by batch index)."""
     cache: dict[tuple[int, ...], tuple[list[Tensor], pytree.TreeSpec]] = {}
@@ -110,7 +114,15 @@ def _stack_batches(
     for s in range(steps):
         key = tuple(s % len(b) for b in cohort)
         if key not in cache:
-            flat = [pytree.tree_flatten(b[i]) for b, i in zip(cohort, key, strict=True)]
+            step = [b[i] for b, i in zip(cohort, key, strict=True)]
+            if align is not None:
+                step = list(align(step))
+                if len(step) != len(cohort):
+                    raise _AlignError(
+                        f"align returned {len(step)} batches for {len(cohort)} users; it must "
+                        "return one batch per user, in order"
+                    )
+            flat = [pytree.tree_flatten(b) for b in step]
             leaves0, spec = flat[0]
             if any(not isinstance(x, Tensor) for x in leaves0):
                 raise _Unvectorizable("a batch holds non-tensor leaves")
@@ -137,9 +149,10 @@ def _train_stacked(
     seed: int,
     user_ids: Sequence[Hashable] | None,
     offset: int,
+    align: Callable[[list[Any]], list[Any]] | None = None,
 ) -> dict[str, Tensor]:
     """The vectorized path; returns stacked updates ``{name: [U, *shape]}``."""
-    batches = _stack_batches(cohort, steps)
+    batches = _stack_batches(cohort, steps, align)
     num_users = len(cohort)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     fixed: dict[str, Tensor] = {
@@ -218,6 +231,7 @@ def train_cohort_vectorized(
     user_ids: Sequence[Hashable] | None = None,
     fallback: bool = True,
     chunk_size: int | None = None,
+    align: Callable[[list[Any]], list[Any]] | None = None,
 ) -> list[dict[str, Tensor]]:
     """Train every user of a cohort from ``model`` at once; return each user's ``θ_user − θ``.
 
@@ -256,6 +270,11 @@ def train_cohort_vectorized(
             ``chunk_size x model size x (parameters + gradients + activations)``); ``None`` trains
             the whole cohort in one vectorized pass. Results do not depend on it (except for
             randomness inside the model, whose streams differ per chunk).
+        align: ``align(batches) -> batches``: given the users' batches of one step (one per
+            user of a chunk, in order), returns them with equal structures, shapes and dtypes,
+            e.g. variable-length sequences padded to the longest with a mask. The caller
+            promises that it changes no user's loss (the sequential fallback trains on the
+            original batches). ``None`` stacks the batches as they are.
 
     Returns:
         One update dict per user, in cohort order, keyed like ``model.named_parameters()``. On the
@@ -263,6 +282,7 @@ def train_cohort_vectorized(
 
     Raises:
         ValueError: If an option is invalid or a user has no batches (the message names it).
+        TypeError: If ``align`` is neither callable nor ``None``.
         NonFiniteLossError: If a user's loss or gradient norm becomes NaN/inf.
         VectorizationError: If vectorization fails and ``fallback=False``.
 
@@ -285,6 +305,8 @@ def train_cohort_vectorized(
         chunk_size = require_int("chunk_size", chunk_size, minimum=1)
     if max_grad_norm is not None:
         max_grad_norm = require_positive("max_grad_norm", max_grad_norm)
+    if align is not None and not callable(align):
+        raise TypeError(f"align must be callable or None, got {type(align).__name__}")
     if user_ids is not None and len(user_ids) != len(cohort_batches):
         raise ValueError(
             f"user_ids has {len(user_ids)} entries but cohort_batches has {len(cohort_batches)}; "
@@ -347,12 +369,13 @@ def train_cohort_vectorized(
                 seed=chunk_seed,
                 user_ids=user_ids,
                 offset=start,
+                align=align,
             )
             updates += [
                 {n: t[u] for n, t in stacked.items()}
                 for u in range(len(cohort[start : start + chunk]))
             ]
-    except NonFiniteLossError:
+    except (NonFiniteLossError, _AlignError):
         raise
     except Exception as exc:  # noqa: BLE001 - any vmap/functional_call failure means "fall back"
         reason = str(exc) if isinstance(exc, _Unvectorizable) else f"{type(exc).__name__}: {exc}"
