@@ -167,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="insert K canary clients into the DP run and print the one-shot "
                         "empirical ε (Andrew et al. 2023) beside the proven one; canaries are "
                         "not users and cost no privacy (default: 0, off; K >= 2)")
+    g.add_argument("--unsafe-metrics", action="store_true",
+                   help="also record each DP stage's time and the run's wall time; they depend "
+                        "on the realised cohorts and are NOT covered by the DP guarantee "
+                        "(default: off)")
     seeding = g.add_mutually_exclusive_group()
     seeding.add_argument("--noise-seed", type=int, default=None,
                          help="seed the DP noise, to reproduce a table exactly (simulations only: "

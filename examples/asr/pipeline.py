@@ -245,7 +245,9 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
         if _rank0(dist):
             entry = {**score(model), "epsilon": run.epsilon, "delta": run.delta,
                      "rounds": run.rounds_completed, "stop_reason": run.stop_reason,
-                     "time_s": round(time.time() - t0, 1), **cfg.to_dict()}
+                     **cfg.to_dict()}
+            if cfg.noise_multiplier == 0 or args.unsafe_metrics:  # DP stages: cohort-dependent
+                entry["time_s"] = round(time.time() - t0, 1)
             if run.audit is not None:
                 entry["audit"] = run.audit
                 _say(dist, f"{name}: empirical ε {run.audit['empirical_epsilon']:.3g} "
@@ -259,7 +261,9 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
             delta=PAPER_SCALE["delta"], accountant=args.accountant)
         results["extrapolated"] = {**PAPER_SCALE, "sigma_dp": sigma_dp, "noise_multiplier":
                                    ext.noise_multiplier, "epsilon": ext.epsilon, "accountant": args.accountant}
-    results["wall_time_s"] = round(time.time() - started, 1)
+    if args.unsafe_metrics or not any(r.get("noise_multiplier", 0) > 0 for r in results.values()
+                                      if isinstance(r, dict)):
+        results["wall_time_s"] = round(time.time() - started, 1)
     if _rank0(dist):
         table = format_table(results)
         print("\n" + table, flush=True)

@@ -79,7 +79,9 @@ def format_table(results: dict[str, Any]) -> str:
             + (" – |" if dev else "") + f" {e['epsilon']:.3g} (δ={e['delta']:g}) |")
     lines.append(f"\nDP noise: {dp.get('noise', 'unknown')}; sampling and training seeded by --seed "
                  "(a simulation: the cohorts are reproducible)")
-    lines.append(f"wall time {results['wall_time_s']:.0f}s; data: {results['data']['source']}")
+    wall = (f"wall time {results['wall_time_s']:.0f}s" if "wall_time_s" in results else
+            "wall time not recorded (it depends on the DP stages' realised cohorts; --unsafe-metrics)")
+    lines.append(f"{wall}; data: {results['data']['source']}")
     if "environment" in results:
         env = results["environment"]
         lines.append(f"torch {env['torch']}, CPU kernels {env['cpu_capability']}, "

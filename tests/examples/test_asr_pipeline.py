@@ -176,10 +176,12 @@ def assert_no_cohort_statistics_and_noise_named(out: Path, printed: str) -> None
                 assert set(event) <= SAFE_ROUND_KEYS, (name, event)
     results = json.loads((out / "results.json").read_text())
     for name in ("fl_dp", "fl_dp_other_clip"):
-        assert not {"num_users", "num_dropped", "records"} & set(results[name]), name
+        assert not {"num_users", "num_dropped", "records", "time_s"} & set(results[name]), name
         assert results[name]["noise_seed"] is None and results[name]["secure_noise"] is False
         assert results[name]["noise"].startswith("OS entropy")
+    assert "wall_time_s" not in results and "time_s" in results["fl_no_noise"]
     assert "DP noise: OS entropy (unseeded)" in (out / "results.md").read_text()
+    assert "wall time not recorded" in (out / "results.md").read_text()
     assert "NOT covered" not in printed
     rounds = [line for line in printed.replace("\r", "\n").splitlines() if "dpfl: round" in line]
     assert rounds and all(re.fullmatch(r"dpfl: round \d+/\d+  epsilon \S+", r) for r in rounds)
