@@ -219,7 +219,7 @@ def test_property_one_round_is_clipped_sum_over_expected_cohort(
 
 
 def _local_seed(seed: int, *key: int) -> int:
-    from dpfl.simulation.rounds import _derive_seed
+    from dpfl.simulation._shard import derive_seed as _derive_seed
 
     return _derive_seed(seed, *key)
 

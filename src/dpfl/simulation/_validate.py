@@ -1,0 +1,84 @@
+"""Argument checks of :func:`~dpfl.simulation.run_rounds`, all made before any training or I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dpfl.adaptive_clip import AdaptiveClip
+from dpfl.audit.canary import CanaryAudit
+from dpfl.simulation.config import Checkpointing, Evaluation, LocalTraining, Logging, Privacy
+
+
+def _require_methods(name: str, obj: Any, methods: tuple[str, ...], what: str) -> None:
+    missing = [m for m in methods if not callable(getattr(obj, m, None))]
+    if missing:
+        raise TypeError(f"{name} must be {what}; it lacks the method(s) {missing}")
+
+
+def _require_instance(name: str, value: Any, cls: type, hint: str) -> None:
+    if not isinstance(value, cls):
+        raise TypeError(f"{name} must be a {cls.__name__} ({hint}), got {type(value).__name__}")
+
+
+def check_arguments(
+    model: nn.Module,
+    dataset: Any,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    sampler: Any,
+    server_optimizer: torch.optim.Optimizer,
+    local: LocalTraining,
+    privacy: Privacy,
+    logging: Logging,
+    checkpointing: Checkpointing | None,
+    evaluation: Evaluation | None,
+    audit: CanaryAudit | None,
+) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the first bad argument; change nothing."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _require_methods("dataset", dataset, ("user_ids", "user_data"), "a FederatedDataset")
+    if len(dataset.user_ids()) == 0:
+        raise ValueError("dataset has no users (empty population); give it at least one user")
+    if not callable(loss_fn):
+        raise TypeError("loss_fn must be callable as loss_fn(model, batch) -> scalar tensor")
+    methods = ("sample", "round_spec", "state_dict", "load_state_dict")
+    _require_methods("sampler", sampler, methods, "a PoissonSampler or FixedCohortSampler")
+    if not isinstance(server_optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            "server_optimizer must be a torch.optim.Optimizer over model's parameters"
+        )
+    _require_instance("local", local, LocalTraining, "LocalTraining(lr=..., steps=...)")
+    _require_instance("privacy", privacy, Privacy, "Privacy(clipper, noise_multiplier, ...)")
+    _require_instance("logging", logging, Logging, "Logging(path=...)")
+    if checkpointing is not None:
+        _require_instance("checkpointing", checkpointing, Checkpointing, "Checkpointing(dir)")
+    if evaluation is not None:
+        _require_instance("evaluation", evaluation, Evaluation, "Evaluation(fn, every=...)")
+    if isinstance(privacy.clipper, AdaptiveClip) and audit is not None:
+        raise ValueError(
+            "audit= with an AdaptiveClip is not supported: the canaries are sized to a fixed "
+            "bound; audit a run with a fixed clipper"
+        )
+    if checkpointing is not None and Path(checkpointing.dir).exists():
+        if not Path(checkpointing.dir).is_dir():
+            raise ValueError(
+                f"Checkpointing.dir {checkpointing.dir} exists and is not a directory"
+            )
+    if logging.path is not None and Path(logging.path).is_dir():
+        raise ValueError(f"Logging.path {logging.path} is a directory; give a file path")
+    population = getattr(sampler, "population", None)
+    if population is not None:
+        known = set(dataset.user_ids())
+        unknown = [uid for uid in population if uid not in known]
+        if unknown:
+            raise ValueError(
+                f"sampler has {len(unknown)} user id(s) that dataset does not hold, e.g. "
+                f"{unknown[:3]!r}; build the sampler from dataset.user_ids()"
+            )
+    if audit is not None and not isinstance(audit, CanaryAudit):
+        raise TypeError(f"audit must be a dpfl.audit.CanaryAudit or None, got {audit!r}")
