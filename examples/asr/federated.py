@@ -105,7 +105,10 @@ def make_server_optimizer(
     require_positive("lr_decay", lr_decay)
     if lr_decay > 1:
         raise ValueError(f"lr_decay must be <= 1 (a decay), got {lr_decay}")
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr_decay": lr_decay}]
+    # "initial_lr" keeps the configured rate beside the decayed "lr", as torch's schedulers do:
+    # run_rounds compares it on resume, so the decay itself is not reported as a changed setting.
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr_decay": lr_decay,
+               "initial_lr": lr}]
     if name == "lamb":
         return DecayingLAMB(groups, lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0)
     if name == "adam":

@@ -222,6 +222,29 @@ def test_vectorized_is_refused_where_vmap_cannot_trace_before_any_work(extra: li
     assert proc.returncode == 2 and "--vectorized needs a model without LayerDrop" in proc.stderr
 
 
+def test_resuming_a_decaying_server_lr_raises_no_false_alarm(tmp_path: Path) -> None:
+    """The decayed server LR in a checkpoint is the schedule, not a changed setting: resuming the
+    same configuration warns of nothing; another initial LR is still reported."""
+    tok = CharTokenizer()
+    g = torch.Generator().manual_seed(0)
+    users: dict[Hashable, Any] = {
+        f"u{i}": make_batches([torch.randn(30 + 5 * i, 80, generator=g)], ["ab"], tok, batch_size=1)
+        for i in range(4)
+    }
+    config = FederatedConfig(rounds=2, cohort_size=2, local_steps=1, local_lr=0.05, clip_bound=0.1,
+                             noise_multiplier=0.5, server_lr=0.01, server_lr_decay=0.5, seed=1)
+    model = CTCTransformer(get_config("tiny"))
+    run_federated(model, InMemoryFederatedDataset(users), config, checkpoint_dir=tmp_path / "c",
+                  progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        run_federated(model, InMemoryFederatedDataset(users), replace(config, rounds=3),
+                      checkpoint_dir=tmp_path / "c", resume=True, progress=False)
+    with pytest.warns(RuntimeWarning, match="learning rate"):
+        run_federated(model, InMemoryFederatedDataset(users), replace(config, rounds=4, server_lr=0.1),
+                      checkpoint_dir=tmp_path / "c", resume=True, progress=False)
+
+
 def test_quick_pipeline_end_to_end(tmp_path: Path) -> None:
     """`--quick` generates its corpus, trains, fine-tunes with and without DP, writes the table;
     `--canaries K` prints the empirical ε of each DP stage beside the proven one."""
