@@ -45,8 +45,8 @@ if __package__ in (None, ""):  # run as a script: make the repository's `example
 import torch  # noqa: E402
 
 from benchmarks._asr_study.cells import load_data, run_study  # noqa: E402
-from benchmarks._asr_study.measure import measure_fidelity, measure_norms, measure_speed  # noqa: E402
 from benchmarks._asr_study.grid import FULL, QUICK, RESULTS, load_cells, plan, quick_plan  # noqa: E402
+from benchmarks._asr_study.measure import measure_fidelity, measure_norms, measure_speed  # noqa: E402
 from benchmarks._asr_study.report import write_report  # noqa: E402
 
 
