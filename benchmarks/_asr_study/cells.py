@@ -278,6 +278,30 @@ def run_cell(cell: Cell, protocol: Protocol, data: Data, out: Path) -> dict[str,
 
 
 # --------------------------------------------------------------------------- runner
+def _claim(out: Path, key: str) -> bool:
+    """Claim cell ``key`` for this process, so that several runners share one plan; a claim
+    whose process has died is taken over."""
+    path = out / "cells" / f".claim-{key}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text() or 0)
+                os.kill(pid, 0)
+                return False  # held by a live runner
+            except (ValueError, ProcessLookupError):
+                path.unlink(missing_ok=True)  # a dead runner's claim
+                continue
+            except FileNotFoundError:
+                continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
 def run_study(protocol: Protocol, data: Data, out: Path, *, planner: Callable[..., list[Cell]],
               max_cells: int | None, time_budget: float | None, groups: set[str] | None) -> int:
     """Run unfinished cells in plan order until none is left, ``max_cells`` or the budget."""
@@ -292,9 +316,16 @@ def run_study(protocol: Protocol, data: Data, out: Path, *, planner: Callable[..
         if time_budget is not None and time.time() - started > time_budget:
             print("time budget spent; stopping (finished cells are kept)", flush=True)
             break
-        cell = todo[0]
+        cell = next((c for c in todo if _claim(out, c.key(protocol))
+                     and not (out / "cells" / f"{c.key(protocol)}.json").exists()), None)
+        if cell is None:
+            print("every remaining cell is claimed by another live runner; stopping", flush=True)
+            break
         print(f"[{len(done) + 1}/{total}] {','.join(cell.groups)}: {cell.label()} ...", flush=True)
-        rec = run_cell(cell, protocol, data, out)
+        try:
+            rec = run_cell(cell, protocol, data, out)
+        finally:
+            (out / "cells" / f".claim-{cell.key(protocol)}").unlink(missing_ok=True)
         ran += 1
         print(f"    WER {rec['wer']:.1%} CER {rec['cer']:.1%} (seed {rec['seed_model']['wer']:.1%}) "
               f"in {rec['total_s']:.0f}s; {len(todo) - 1} left, elapsed {time.time() - started:.0f}s",
