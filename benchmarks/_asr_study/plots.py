@@ -151,7 +151,44 @@ def make_plots(protocol: Protocol, agg: dict[tuple, dict[str, list[float]]], lr:
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
 
-    # 4. Per-layer update norms.
+    # 4. Cohort size and local work at one σ_DP (the paper's open question on that trade-off).
+    sweeps = (("cohort", "users per round S", (5, 10, 20, 40), protocol.cohort_size, 5),
+              ("local", "local SGD steps per user", (1, 5, 10, 20), protocol.local_steps, 6))
+    panels = []
+    for _name, label, values, default, slot in sweeps:
+        lines = []
+        for clip in ("global", "dim"):
+            pts = []
+            for v in values:
+                key = [clip, "lamb", protocol.sigma_depth, lamb, None, None, None]
+                key[slot] = None if v == default else v
+                cell = agg.get(tuple(key))
+                if cell and cell["wer"]:
+                    m, sd = _mean_std(cell["wer"])
+                    pts.append((v, 100 * m, 0.0 if math.isnan(sd) else 100 * sd, len(cell["wer"])))
+            if pts:
+                lines.append((clip, pts))
+        panels.append((label, lines))
+    if any(lines for _, lines in panels):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for ax, (label, lines), (_, _, values, _, _) in zip(axes, panels, sweeps, strict=True):
+            for clip, pts in lines:
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts], marker="o", capsize=3,
+                            linestyle="--" if clip == "global" else "-",
+                            label=f"{CLIP_LABEL[clip]} (seeds: {'/'.join(str(p[3]) for p in pts)})")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(values, [str(v) for v in values])
+            ax.set_xlabel(label)
+            ax.set_ylabel("eval WER %")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"Cohort size and local work at σ_DP {protocol.sigma_depth:g} (LAMB; mean ± std over seeds)")
+        fig.tight_layout()
+        paths.append(out / "cohort_local.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+    # 5. Per-layer update norms.
     norms_path = out / "update_norms.json"
     if norms_path.is_file():
         n = json.loads(norms_path.read_text())
