@@ -21,8 +21,8 @@ __all__ = ["PRESETS", "UserError", "build_parser", "fill_presets"]
 # Tunables whose default depends on --quick. Everything else has a plain argparse default.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {
-        "model": "small", "seed_steps": 1800, "seed_lr": 5.0, "batch_size": 16,
-        "rounds": 30, "cohort_size": 10, "local_batch_size": 4, "local_lr": 0.1,
+        "model": "small", "seed_steps": 1400, "seed_lr": 5.0, "batch_size": 16,
+        "rounds": 20, "cohort_size": 10, "local_batch_size": 4, "local_lr": 0.1,
         "server_lr": 0.02, "server_lr_decay": 0.98, "eval_every": 5, "sigma_dp": 1e-3,
     },
     "quick": {
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Seed training (LARS) + DP federated fine-tuning of a CTC transformer (dpfl).",
         epilog=textwrap.fill("Without --librispeech-root / --common-voice-root an embedded synthetic corpus is "
                "generated (once) under --cache-dir. The default run, measured from a fresh cache "
-               "on 2 CPU cores: 19 min 40 s (three FL stages; --no-compare-clip drops one), about "
+               "on 2 CPU cores: 14 min 34 s (three FL stages; --no-compare-clip drops one), about "
                "400 MB of corpus and feature cache and 55 MB of run outputs. Exit status 2 means a usage or data problem; the one-line "
                "message says what to do."),
         formatter_class=_HelpFormatter,
