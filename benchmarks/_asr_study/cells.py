@@ -106,6 +106,15 @@ def model_config(protocol: Protocol, n_layers: int | None) -> Any:
     return get_config(protocol.model, **overrides)
 
 
+def depth_slot(protocol: Protocol, agg: Mapping[tuple, Any], depth: int, sigma: float, lr: float | None) -> int | None:
+    """The ``n_layers`` entry of the depth study's cells at ``depth``: the depth group's own cells
+    where both clipping modes have them (run with the same code as the other depths), else the
+    main grid's cells (``None``) when ``depth`` is the protocol's default."""
+    if all((c, "lamb", sigma, lr, depth, None, None) in agg for c in ("global", "dim")):
+        return depth
+    return None if depth == model_config(protocol, None).n_layers else depth
+
+
 def seed_model(protocol: Protocol, data: Data, n_layers: int | None, out: Path) -> tuple[CTCTransformer, dict[str, float]]:
     """The seed model of this depth: trained once (LARS, seed 0), cached, and its eval WER/CER.
 

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from benchmarks._asr_study.cells import model_config
+from benchmarks._asr_study.cells import depth_slot
 from benchmarks._asr_study.grid import CLIP_LABEL, CLIPS, OPT_LABEL, OPTIMIZERS, Protocol
 from benchmarks._asr_study.measure import _relative_rms
 from benchmarks._study import mean_std as _mean_std
@@ -126,10 +126,9 @@ def make_plots(protocol: Protocol, agg: dict[tuple, dict[str, list[float]]], lr:
     plt.close(fig)
 
     # 3. Gap vs depth.
-    default_depth = model_config(protocol, None).n_layers
     gaps = []
     for d in protocol.depths:
-        nl = None if d == default_depth else d
+        nl = depth_slot(protocol, agg, d, protocol.sigma_depth, lamb)
         g = agg.get(("global", "lamb", protocol.sigma_depth, lamb, nl, None, None))
         p = agg.get(("dim", "lamb", protocol.sigma_depth, lamb, nl, None, None))
         if g and p:

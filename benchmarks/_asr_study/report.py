@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from benchmarks._asr_study.cells import model_config
+from benchmarks._asr_study.cells import depth_slot, model_config
 from benchmarks._asr_study.grid import (
     ADAPTIVE_STARTS,
     CLIP_LABEL,
@@ -176,7 +176,8 @@ def write_report(protocol: Protocol, out: Path) -> Path:
     rows = [(f"σ_DP {s:g}, {OPT_LABEL[o]}, {CLIP_LABEL[c]}", (c, o, s, lr[o], None, None, None))
             for s in sigmas for o in OPTIMIZERS for c in ("global", "dim") if lr[o] is not None]
     table("Server optimizer comparison", rows)
-    rows = [(f"{d} blocks, σ_DP {s:g}, {CLIP_LABEL[c]}", (c, "lamb", s, lamb, None if d == model_config(protocol, None).n_layers else d, None, None))
+    rows = [(f"{d} blocks, σ_DP {s:g}, {CLIP_LABEL[c]}",
+             (c, "lamb", s, lamb, depth_slot(protocol, agg, d, protocol.sigma_depth, lamb), None, None))
             for d in protocol.depths for s in (0.0, protocol.sigma_depth) for c in ("global", "dim")]
     table("Depth (LAMB)", rows)
     rows = [(f"S={s}, {CLIP_LABEL[c]}", (c, "lamb", protocol.sigma_depth, lamb, None,
@@ -274,9 +275,8 @@ def claims_section(protocol: Protocol, agg: Mapping[tuple, Mapping[str, list[flo
             a = agg.get((clip, "adam", s, adam, None, None, None))
             b = agg.get((clip, "lamb", s, lamb, None, None, None))
             lines.append(f"| 2. LAMB beats Adam ({clip} clipping) | {s:g} | {verdict(paired_gap(a, b))} |")
-    default_depth = model_config(protocol, None).n_layers
     for depth in protocol.depths:
-        nl = None if depth == default_depth else depth
+        nl = depth_slot(protocol, agg, depth, protocol.sigma_depth, lamb)
         g = agg.get(("global", "lamb", protocol.sigma_depth, lamb, nl, None, None))
         d = agg.get(("dim", "lamb", protocol.sigma_depth, lamb, nl, None, None))
         lines.append(f"| 3. clipping gap at {depth} blocks (grows with depth?) | {protocol.sigma_depth:g} | "
