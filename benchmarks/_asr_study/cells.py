@@ -50,7 +50,15 @@ from examples.asr.data import read_librispeech
 from examples.asr.features import cached_features
 from examples.asr.model import CTCTransformer, get_config
 from examples.asr.text import CharTokenizer
-from examples.asr.train import Batch, batch_loss, evaluate, make_batches, train_central
+from examples.asr.train import (
+    Batch,
+    BatchTensors,
+    align_batches,
+    batch_loss,
+    evaluate,
+    make_batches,
+    train_central,
+)
 
 
 # --------------------------------------------------------------------------- data and seed model
@@ -220,6 +228,8 @@ def fl_run(
     """
     population = sorted(users)
     sampler = PoissonSampler(population, min(1.0, cohort_size / len(population)), seed=seed)
+    if vectorized:  # vmap stacks tensors only: hand out the batches without their transcripts
+        users = {u: [BatchTensors(*b.tensors()) for b in batches] for u, batches in users.items()}
     return run_rounds(
         model,
         InMemoryFederatedDataset(dict(users)),
@@ -228,7 +238,7 @@ def fl_run(
         server_optimizer=optimizer,
         rounds=rounds,
         local=LocalTraining(lr=local_lr, steps=local_steps, max_grad_norm=1.0,
-                            vectorized=vectorized),
+                            vectorized=vectorized, align=align_batches if vectorized else None),
         # A benchmark is a simulation: seeded noise makes every cell reproducible.
         privacy=Privacy(clipper, noise_multiplier=sigma_dp * cohort_size,
                         accountant=RDPAccountant(), delta=1e-6, noise_seed=seed),

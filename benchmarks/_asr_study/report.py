@@ -207,7 +207,8 @@ def write_report(protocol: Protocol, out: Path) -> Path:
         lines += ["## Vectorized cohort training", "",
                   f"Seconds per round, sequential {sp['seconds_per_round']['sequential']:.1f}, "
                   f"`vectorized=True` {sp['seconds_per_round']['vectorized']:.1f}: speed-up "
-                  f"{sp['speedup']:.2f}x (cohort {sp['cohort_size']}, {sp['local_steps']} local steps)."]
+                  f"{sp['speedup']:.2f}x (cohort {sp['cohort_size']}, {sp['local_steps']} local steps; "
+                  f"{sp['machine']['description']}; two interleaved repeats, median)."]
         if sp["fallback_warnings"]:
             lines.append("The vectorized path fell back to the sequential loop, so both timings are of the "
                          "same code and their ratio reflects only machine load, not a speed-up: "
