@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from tests._scripts.study import run_quick_study
@@ -33,3 +36,16 @@ def test_quick_study_writes_cells_report_and_plots(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "] clip:" not in proc.stdout  # no cell was run again
     assert {p.name: p.read_text() for p in sorted((out / "cells").glob("*.json"))} == before
+    assert not list((out / "cells").glob(".claim-*"))  # runners leave no claim behind
+
+
+def test_runners_claim_cells_and_take_over_a_dead_runners_claim(tmp_path: Path) -> None:
+    from benchmarks._asr_study.cells import _claim
+
+    assert _claim(tmp_path, "abc")  # first claim wins
+    assert not _claim(tmp_path, "abc")  # held by this live process: a second runner skips it
+    assert (tmp_path / "cells" / ".claim-abc").read_text() == str(os.getpid())
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    (tmp_path / "cells" / ".claim-def").write_text(dead.stdout.strip())
+    assert _claim(tmp_path, "def")  # the claimant has exited: its claim is taken over
