@@ -192,13 +192,17 @@ def plan(protocol: Protocol, done: Mapping[str, dict[str, Any]]) -> list[Cell]:
                      for lr in sweep_lrs(protocol, done, opt))
 
     def grid(clips: Iterable[str], opts: Iterable[str], sigmas: Iterable[float], group: str,
-             **extra: Any) -> None:
-        for seed in seeds:
+             sigma_major: bool = False, **extra: Any) -> None:
+        """Cells of clips x opts x sigmas x seeds: seed-major (a whole curve per seed first), or
+        sigma-major (every seed of a level first, so a partial grid has full-seed levels)."""
+        sigmas = list(sigmas)
+        blocks = [(seed, [s]) for s in sigmas for seed in seeds] if sigma_major else [(seed, sigmas) for seed in seeds]
+        for seed, levels in blocks:
             for opt in opts:
                 lr = tuned_lr(protocol, done, opt)
                 if lr is None:
                     continue
-                for s in sigmas:
+                for s in levels:
                     for clip in clips:
                         cells.append(Cell(clip, opt, s, seed, lr, groups=(group,), **extra))
 
@@ -223,7 +227,8 @@ def plan(protocol: Protocol, done: Mapping[str, dict[str, Any]]) -> list[Cell]:
         grid(("dim", "global"), ("lamb",), (mid,), "cohort", cohort_size=s)
     for steps in (1, 5, 20):
         grid(("dim", "global"), ("lamb",), (mid,), "local", local_steps=steps)
-    grid(("uniform", "normalize"), ("adam", "sgd"), sig, "optim")
+    # Sigma-major: each level gets all its seeds before the next level starts.
+    grid(("uniform", "normalize"), ("adam", "sgd"), sig, "optim", sigma_major=True)
     cells.extend(adaptive_cells(protocol, done, sig))
     # Merge duplicates (the same configuration reached from several groups).
     merged: dict[str, Cell] = {}
