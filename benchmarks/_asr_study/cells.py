@@ -321,6 +321,16 @@ def _claim(out: Path, key: str) -> bool:
     return False
 
 
+def _claim_unfinished(out: Path, key: str) -> bool:
+    """Claim cell ``key`` unless another runner holds it or has finished it since the plan."""
+    if not _claim(out, key):
+        return False
+    if (out / "cells" / f"{key}.json").exists():
+        (out / "cells" / f".claim-{key}").unlink(missing_ok=True)
+        return False
+    return True
+
+
 def run_study(protocol: Protocol, data: Data, out: Path, *, planner: Callable[..., list[Cell]],
               max_cells: int | None, time_budget: float | None, groups: set[str] | None) -> int:
     """Run unfinished cells in plan order until none is left, ``max_cells`` or the budget."""
@@ -335,8 +345,7 @@ def run_study(protocol: Protocol, data: Data, out: Path, *, planner: Callable[..
         if time_budget is not None and time.time() - started > time_budget:
             print("time budget spent; stopping (finished cells are kept)", flush=True)
             break
-        cell = next((c for c in todo if _claim(out, c.key(protocol))
-                     and not (out / "cells" / f"{c.key(protocol)}.json").exists()), None)
+        cell = next((c for c in todo if _claim_unfinished(out, c.key(protocol))), None)
         if cell is None:
             print("every remaining cell is claimed by another live runner; stopping", flush=True)
             break

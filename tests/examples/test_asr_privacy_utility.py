@@ -40,7 +40,7 @@ def test_quick_study_writes_cells_report_and_plots(tmp_path: Path) -> None:
 
 
 def test_runners_claim_cells_and_take_over_a_dead_runners_claim(tmp_path: Path) -> None:
-    from benchmarks._asr_study.cells import _claim
+    from benchmarks._asr_study.cells import _claim, _claim_unfinished
 
     assert _claim(tmp_path, "abc")  # first claim wins
     assert not _claim(tmp_path, "abc")  # held by this live process: a second runner skips it
@@ -49,3 +49,6 @@ def test_runners_claim_cells_and_take_over_a_dead_runners_claim(tmp_path: Path) 
                           text=True, check=True)
     (tmp_path / "cells" / ".claim-def").write_text(dead.stdout.strip())
     assert _claim(tmp_path, "def")  # the claimant has exited: its claim is taken over
+    (tmp_path / "cells" / "ghi.json").write_text("{}")  # finished by another runner since the plan
+    assert not _claim_unfinished(tmp_path, "ghi")
+    assert not (tmp_path / "cells" / ".claim-ghi").exists()  # and its claim is not left behind
