@@ -7,6 +7,7 @@ Compares, side by side in one run (interleaved repeats, medians of per-repeat ra
 * ``server_step`` with fused and with foreach LAMB (validation, update as gradient, finiteness
   check, step, grad restore), and the procedure ``server_step`` followed before (a separate
   finiteness pass and a ``−Δ`` copy, then a foreach LAMB step),
+* the finiteness pass alone (the fused kernel's read pass over the update),
 
 plus the one-off build time of the fused kernel (in a fresh cache directory), and writes
 ``benchmarks/results/optim.md`` and ``benchmarks/results/optim.png``. The optimizers share one set
@@ -37,6 +38,7 @@ from pathlib import Path
 import torch
 
 from dpfl.optim import LAMB, _kernel, server_step
+from dpfl.optim._lamb_fused import first_non_finite
 from dpfl.optim.server import _check_finite
 
 RESULTS = Path(__file__).resolve().parent / "results" / "optim.md"
@@ -110,6 +112,11 @@ def _kernel_build_seconds() -> tuple[float, str]:
     return seconds, ("built" if ok else f"unavailable: {reason}")
 
 
+def _check_fused(kernel: _kernel.Kernel, tensors: list[torch.Tensor]) -> None:
+    """The finiteness pass ``server_step`` runs with fused LAMB before any tensor changes."""
+    assert first_non_finite(kernel, tensors) is None
+
+
 def _plot(path: Path, paired: dict[str, float], title: str) -> None:
     import matplotlib
 
@@ -142,6 +149,12 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per method")
     parser.add_argument("--out", type=Path, default=RESULTS, help="markdown output path")
+    parser.add_argument(
+        "--fused-only",
+        action="store_true",
+        help="time only torch Adam (fused), LAMB fused, server_step(LAMB fused) and the "
+        "finiteness pass (about 1.5 s a repeat instead of 12: many repeats fit a short window)",
+    )
     args = parser.parse_args()
     if not 0 < args.scale <= 1:
         parser.error("--scale must lie in (0, 1]")
@@ -212,6 +225,13 @@ def main() -> None:
         methods["server_step(LAMB fused)"] = server(lamb_fused)
     methods["server_step(LAMB foreach)"] = server(lamb_fe)
     methods["server_step as before (copy + check), LAMB foreach"] = server_as_before
+    if fused_ok:
+        kernel = _kernel.load()
+        assert kernel is not None
+        methods["finiteness check alone (fused kernel)"] = lambda: _check_fused(kernel, grads)
+    if args.fused_only:
+        keep = (BASE, "LAMB fused", "server_step(LAMB fused)", "finiteness check alone")
+        methods = {k: f for k, f in methods.items() if k.startswith(keep)}
     for fn in methods.values():  # warm-up round, not timed
         set_grads()
         fn()
@@ -224,26 +244,44 @@ def main() -> None:
 
     med = {k: statistics.median(v) for k, v in times.items()}
 
+    def ratios(num: str, den: str) -> list[float]:
+        return [a / b for a, b in zip(times[num], times[den], strict=True)]
+
     def paired(num: str, den: str) -> float:
         # Each method against the other's time in the same repeat, then the median: the most
         # robust figure on a shared machine whose load drifts between repeats.
-        return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
+        return statistics.median(ratios(num, den))
+
+    def spread(num: str, den: str) -> str:
+        r = ratios(num, den)
+        return f"{min(r):.2f}-{max(r):.2f}"
 
     vs_base = {k: paired(k, BASE) for k in methods}
-    vs_foreach_adam = {k: paired(k, "torch Adam (foreach)") for k in methods}
+    fe = "torch Adam (foreach)"
     rows = [
-        f"| {k} | {med[k]:.3f} | {min(times[k]):.3f} | {vs_base[k]:.2f}x "
-        f"| {vs_foreach_adam[k]:.2f}x |"
+        f"| {k} | {med[k]:.3f} | {min(times[k]):.3f} | {vs_base[k]:.2f}x | {spread(k, BASE)} "
+        f"| {f'{paired(k, fe):.2f}x' if fe in methods else '-'} |"
         for k in methods
     ]
-    header = "| method | median s | min s | vs torch Adam (fused) | vs torch Adam (foreach) |"
-    table = "\n".join([header, "|---|---|---|---|---|", *rows])
-    overhead = [("server_step(LAMB foreach)", "LAMB foreach")]
-    overhead.append(("server_step as before (copy + check), LAMB foreach", "LAMB foreach"))
-    if lamb_fused is not None:
-        overhead.insert(0, ("server_step(LAMB fused)", "LAMB fused"))
-    over_rows = "\n".join(f"| {a} | {b} | {paired(a, b):.2f}x |" for a, b in overhead)
-    over_table = "| server step | optimizer step alone | ratio |\n|---|---|---|\n" + over_rows
+    header = (
+        "| method | median s | min s | vs torch Adam (fused) | per-repeat range "
+        "| vs torch Adam (foreach) |"
+    )
+    table = "\n".join([header, "|---|---|---|---|---|---|", *rows])
+    overhead = [
+        ("server_step(LAMB fused)", "LAMB fused"),
+        ("server_step(LAMB foreach)", "LAMB foreach"),
+        ("server_step as before (copy + check), LAMB foreach", "LAMB foreach"),
+    ]
+    over_rows = "\n".join(
+        f"| {a} | {b} | {paired(a, b):.2f}x | {spread(a, b)} |"
+        for a, b in overhead
+        if a in methods and b in methods
+    )
+    over_table = (
+        "| server step | optimizer step alone | ratio | per-repeat range |\n|---|---|---|---|\n"
+        + over_rows
+    )
     info = (
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
         f"- machine: {_cpu_name()}, {torch.get_num_threads()} torch threads, "
@@ -252,7 +290,7 @@ def main() -> None:
         f"{os.getloadavg()[0]:.1f}\n"
         f"- parameter set: {len(params)} tensors, {numel:,} float32 parameters "
         f"({num_blocks} of 36 blocks, --scale {args.scale}); {args.repeats} interleaved repeats "
-        "after one warm-up round\n"
+        f"after one warm-up round{' (--fused-only)' if args.fused_only else ''}\n"
         f"- fused kernel build (once per machine, cached): {build_s:.2f} s ({build_status})\n"
         "- ratios are medians of per-repeat ratios; shared-CPU machine: absolute seconds are "
         "noisy, compare the ratios\n"

@@ -366,3 +366,26 @@ def test_kernel_builds_and_agrees_without_openmp(tmp_path, monkeypatch, num_thre
     finally:
         monkeypatch.undo()
         _kernel.reset()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_finiteness_pass_finds_every_read_stream_boundary(num_threads, dtype):
+    """Each thread reads its part as four streams of whole 64-element blocks plus a remainder:
+    a NaN/inf next to any stream or part boundary, or in the remainder, is found."""
+    kernel = _kernel.load()
+    for n in (65536 + 1, 4 * 65536 + 300, 1000):
+        threads = num_threads if n >= 65536 else 1  # as the kernel splits the tensor
+        per = -(-n // threads)
+        parts = [min(t * per, n) for t in range(threads + 1)]
+        edges = {0, n - 1, *parts[1:-1]}
+        for lo, hi in zip(parts[:-1], parts[1:], strict=True):
+            block = (hi - lo) // 4 // 64 * 64
+            edges |= {lo + k * block + d for k in range(1, 5) for d in (-1, 0, 1)}
+        x = torch.ones(n, dtype=dtype)
+        for where in sorted(e for e in edges if 0 <= e < n):
+            for bad in (float("nan"), -float("inf")):
+                x[where] = bad
+                assert not kernel.all_finite(x), (n, where)
+                x[where] = 1.0
+        assert kernel.all_finite(x)

@@ -42,6 +42,9 @@ __all__ = ["Kernel", "load", "unavailable_reason"]
 # the ratio; pass 2 reads theta, m, v (12 of pass 1's 16 bytes per element) and writes theta,
 # walking the slice backwards chunk by chunk so that it starts on the data pass 1 touched last
 # (still in cache). The caller validates everything before the call: the kernel never fails.
+# The finiteness test splits the tensor between the threads and reads each thread's part as four
+# interleaved streams (measured ~10% faster than one stream here: a pure read is bound by the
+# reads each core keeps in flight, not by the memory bus).
 # No -ffast-math: NaN/inf must propagate.
 _SOURCE = r"""
 #include <math.h>
@@ -124,8 +127,28 @@ void NAME(T* p, const T* g, T* m, T* v, int64_t n, const double* s, double* out)
 }                                                                                        \
 int NAME##_finite(const T* x, int64_t n) {                                               \
   T z = 0; /* x * 0 is NaN exactly where x is NaN or infinite */                         \
-  _Pragma("omp parallel for simd reduction(+:z) schedule(static) if(n >= 65536)")       \
-  for (int64_t i = 0; i < n; i++) z += x[i] * (T)0;                                      \
+  _Pragma("omp parallel reduction(+:z) if(n >= 65536)")                                  \
+  {                                                                                      \
+    int t = 0, nt = 1;                                                                   \
+    DPFL_THREAD_IDS                                                                      \
+    int64_t per = (n + nt - 1) / nt;                                                     \
+    int64_t lo = t * per < n ? t * per : n, hi = lo + per < n ? lo + per : n;            \
+    /* four read streams per thread: more reads in flight than one stream */             \
+    int64_t len = (hi - lo) / 4 / 64 * 64;                                               \
+    const T* q = x + lo;                                                                 \
+    T z0 = 0, z1 = 0, z2 = 0, z3 = 0;                                                    \
+    for (int64_t j = 0; j < len; j += 64) {                                              \
+      _Pragma("omp simd reduction(+:z0,z1,z2,z3)")                                       \
+      for (int k = 0; k < 64; k++) {                                                     \
+        z0 += q[j + k] * (T)0;                                                           \
+        z1 += q[len + j + k] * (T)0;                                                     \
+        z2 += q[2 * len + j + k] * (T)0;                                                 \
+        z3 += q[3 * len + j + k] * (T)0;                                                 \
+      }                                                                                  \
+    }                                                                                    \
+    for (int64_t i = lo + 4 * len; i < hi; i++) z0 += x[i] * (T)0;                       \
+    z += (z0 + z1) + (z2 + z3);                                                          \
+  }                                                                                      \
   return z == (T)0;                                                                      \
 }
 #ifdef _OPENMP
@@ -137,7 +160,7 @@ DPFL_LAMB_STEP(float, dpfl_lamb_step_f32, sqrtf)
 DPFL_LAMB_STEP(double, dpfl_lamb_step_f64, sqrt)
 """
 
-_VERSION = "3"
+_VERSION = "4"
 
 
 class Kernel:

@@ -65,7 +65,7 @@ class LAMB(_LayerwiseOptimizer):
         foreach: With ``fused`` not True: None picks the ``torch._foreach_*`` path when all
             tensors are dense and on CPU/CUDA; True/False forces the ``foreach`` path or the
             per-tensor reference path.
-        fused: The fused CPU path (one C call per tensor: a read-only norm pass, then the
+        fused: The fused CPU path (one C call per tensor: a moment-and-norm pass, then the
             update while the tensor is still in cache; needs a C compiler once, see
             :mod:`dpfl.optim._kernel`). None (default) uses it when ``foreach`` is None, every
             tensor of the group is a contiguous float32/float64 CPU tensor and the kernel can be

@@ -126,7 +126,10 @@ def server_step(
     flipped for the step (then restored). Other optimizers get ``.grad = −update[name]``; a
     dtype or device mismatch costs one cast copy. The finiteness check is one read pass over
     the update before anything changes (with :class:`~dpfl.optim.LAMB` it runs inside its step,
-    which names the culprit parameter).
+    which names the culprit parameter). It cannot share a pass with the step: fused LAMB updates
+    each tensor before it reads the next one's gradient, and validate-before-mutate needs every
+    coordinate checked before the first tensor changes. At the memory's read speed it costs about
+    0.13x a fused LAMB step on the paper's model (``benchmarks/results/optim.md``).
 
     Args:
         optimizer: Any ``torch.optim.Optimizer`` over the model's parameters (e.g.
@@ -136,7 +139,9 @@ def server_step(
         update: The mean model update ``{name: Δ}`` with ``Δ = θ_user − θ_server`` (e.g. the
             noised mean released by ``DPAggregator.release``), one tensor per trainable
             parameter with the parameter's shape.
-        check_finite: Reject updates containing NaN/inf (default True).
+        check_finite: Reject updates containing NaN/inf (default True). Pass False only for an
+            update known to be finite, e.g. checked where it was produced; a NaN/inf then
+            reaches the parameters and optimizer state.
 
     Raises:
         ValueError: If ``update`` misses a trainable parameter, has an extra key, has a tensor of
