@@ -117,6 +117,19 @@ def _check_fused(kernel: _kernel.Kernel, tensors: list[torch.Tensor]) -> None:
     assert first_non_finite(kernel, tensors) is None
 
 
+CERTIFIED = "server_step(LAMB fused), release-certified mean (run_rounds)"
+DIV_TORCH = "release division (torch div_)"
+DIV_KERNEL = "release division + finiteness check (fused kernel)"
+
+
+def _divide_checked(kernel: _kernel.Kernel, tensors: list[torch.Tensor]) -> None:
+    """``DPAggregator.release``'s division by the cohort size, proving the mean finite in the
+    same pass (divisor 1 here, so repeated calls keep the values)."""
+    for t in tensors:
+        if not kernel.div_finite_(t, 1.0):
+            raise AssertionError("benchmark update is not finite")
+
+
 def _plot(path: Path, paired: dict[str, float], title: str) -> None:
     import matplotlib
 
@@ -203,6 +216,20 @@ def main() -> None:
 
         return run
 
+    def server_certified(opt: LAMB) -> Callable[[], None]:
+        def run() -> None:
+            for p in params:
+                p.grad = None
+            server_step(opt, named, update, check_finite=False)
+
+        return run
+
+    quotients = [g.clone() for g in grads]  # the release's division pass, on its own buffers
+
+    def divide_torch() -> None:
+        for q in quotients:
+            q.div_(1.0)
+
     def server_as_before() -> None:
         """What server_step did before: a finiteness pass, a −Δ copy, then the step."""
         _check_finite(update, list(named))
@@ -223,14 +250,17 @@ def main() -> None:
     methods["LAMB per-tensor reference"] = lamb_ref.step
     if lamb_fused is not None:
         methods["server_step(LAMB fused)"] = server(lamb_fused)
+        methods[CERTIFIED] = server_certified(lamb_fused)
     methods["server_step(LAMB foreach)"] = server(lamb_fe)
     methods["server_step as before (copy + check), LAMB foreach"] = server_as_before
     if fused_ok:
         kernel = _kernel.load()
         assert kernel is not None
         methods["finiteness check alone (fused kernel)"] = lambda: _check_fused(kernel, grads)
+        methods[DIV_TORCH] = divide_torch
+        methods[DIV_KERNEL] = lambda: _divide_checked(kernel, quotients)
     if args.fused_only:
-        keep = (BASE, "LAMB fused", "server_step(LAMB fused)", "finiteness check alone")
+        keep = (BASE, "LAMB fused", "server_step(LAMB fused)", "finiteness check alone", "release division")
         methods = {k: f for k, f in methods.items() if k.startswith(keep)}
     for fn in methods.values():  # warm-up round, not timed
         set_grads()
@@ -270,7 +300,9 @@ def main() -> None:
     table = "\n".join([header, "|---|---|---|---|---|---|", *rows])
     overhead = [
         ("server_step(LAMB fused)", "LAMB fused"),
+        (CERTIFIED, "LAMB fused"),
         ("server_step(LAMB foreach)", "LAMB foreach"),
+        (DIV_KERNEL, DIV_TORCH),
         ("server_step as before (copy + check), LAMB foreach", "LAMB foreach"),
     ]
     over_rows = "\n".join(

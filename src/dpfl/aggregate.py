@@ -23,6 +23,7 @@ from dpfl._checks import require_positive
 from dpfl.adaptive_clip import COUNT_STREAM, AdaptiveClip
 from dpfl.clip import ClipStats, GlobalClip, NonFiniteUpdateError, PerLayerClip
 from dpfl.noise import GaussianMechanism
+from dpfl.optim import _kernel
 
 __all__ = ["DPAggregator", "ReleaseStats"]
 
@@ -36,6 +37,11 @@ class ReleaseStats:
         num_dropped: Users dropped for non-finite values (``drop_nonfinite=True``).
         fraction_clipped: Fraction of ``num_users`` whose update was scaled down (0 if none).
         mean_norm: Mean pre-clip global norm over ``num_users`` (0 if none).
+        mean_finite: Whether every coordinate of the released (noised) mean is finite, found
+            while dividing by the fixed denominator (no extra pass); ``None`` where that pass
+            could not check (no compiled kernel, other dtypes or devices). A property of the DP
+            output itself, unlike the fields above; ``run_rounds`` uses it to skip
+            ``server_step``'s own finiteness pass.
 
     Warning:
         These statistics are computed from raw user updates and are **not** differentially
@@ -46,6 +52,23 @@ class ReleaseStats:
     num_dropped: int
     fraction_clipped: float
     mean_norm: float
+    mean_finite: bool | None = None
+
+
+def _divide_(sums: Mapping[str, Tensor], denominator: float) -> bool | None:
+    """Divide every tensor by ``denominator`` in place; whether all quotients are finite when
+    the compiled kernel could check it in the same pass, else ``None``."""
+    kernel = _kernel.load()
+    finite: bool | None = kernel is not None
+    with torch.no_grad():
+        for t in sums.values():
+            if (kernel is not None and t.dtype in _kernel.SUPPORTED_DTYPES and t.device.type == "cpu"
+                    and t.is_contiguous()):
+                finite = kernel.div_finite_(t, denominator) and finite
+            else:
+                t.div_(denominator)
+                finite = None
+    return finite
 
 
 class DPAggregator:
@@ -282,15 +305,14 @@ class DPAggregator:
             self.clipper.update_(count_t.tolist(), expected_cohort_size=self.expected_cohort_size)
         else:
             self.mechanism.add_noise_(sums)
-        with torch.no_grad():
-            for t in sums.values():
-                t.div_(self.expected_cohort_size)
+        finite = _divide_(sums, self.expected_cohort_size)
         n = round(num_users)
         stats = ReleaseStats(
             num_users=n,
             num_dropped=round(num_dropped),
             fraction_clipped=num_clipped / n if n else 0.0,
             mean_norm=norm_sum / n if n else 0.0,
+            mean_finite=finite,
         )
         self._reset()
         return sums, stats

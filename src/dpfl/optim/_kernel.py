@@ -151,6 +151,21 @@ int NAME##_finite(const T* x, int64_t n) {                                      
   }                                                                                      \
   return z == (T)0;                                                                      \
 }
+/* x /= d in place (IEEE division, as torch's div_); returns 1 iff every quotient is finite. */
+#define DPFL_DIV_FINITE(T, NAME)                                                         \
+int NAME(T* x, int64_t n, double d) {                                                    \
+  const T dd = (T)d;                                                                     \
+  T z = 0;                                                                               \
+  _Pragma("omp parallel for simd reduction(+:z) schedule(static) if(n >= 65536)")        \
+  for (int64_t i = 0; i < n; i++) {                                                      \
+    T y = x[i] / dd;                                                                     \
+    x[i] = y;                                                                            \
+    z += y * (T)0;                                                                       \
+  }                                                                                      \
+  return z == (T)0;                                                                      \
+}
+DPFL_DIV_FINITE(float, dpfl_div_finite_f32)
+DPFL_DIV_FINITE(double, dpfl_div_finite_f64)
 #ifdef _OPENMP
 #define DPFL_THREAD_IDS t = omp_get_thread_num(); nt = omp_get_num_threads();
 #else
@@ -160,7 +175,7 @@ DPFL_LAMB_STEP(float, dpfl_lamb_step_f32, sqrtf)
 DPFL_LAMB_STEP(double, dpfl_lamb_step_f64, sqrt)
 """
 
-_VERSION = "4"
+_VERSION = "5"
 
 
 class Kernel:
@@ -180,6 +195,12 @@ class Kernel:
             finite.restype = ctypes.c_int
             finite.argtypes = [ctypes.c_void_p, ctypes.c_int64]
             self._finite[dtype] = finite
+        self._div: dict[torch.dtype, Any] = {}
+        for dtype, name in ((torch.float32, "dpfl_div_finite_f32"), (torch.float64, "dpfl_div_finite_f64")):
+            div = getattr(lib, name)
+            div.restype = ctypes.c_int
+            div.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_double]
+            self._div[dtype] = div
 
     def lamb_step(self, p: Tensor, g: Tensor, m: Tensor, v: Tensor, scalars: int, out: int) -> None:
         """One LAMB step of one contiguous CPU tensor, in place on ``p``, ``m`` and ``v``.
@@ -191,6 +212,12 @@ class Kernel:
         self._step[p.dtype](
             p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel(), scalars, out
         )
+
+    def div_finite_(self, x: Tensor, divisor: float) -> bool:
+        """``x /= divisor`` in place on a contiguous float32/float64 CPU tensor (the same IEEE
+        quotients as ``torch.Tensor.div_``); returns whether every quotient is finite, found in
+        the same pass, so a finite result costs no second read."""
+        return bool(self._div[x.dtype](x.data_ptr(), x.numel(), float(divisor)))
 
     def all_finite(self, x: Tensor) -> bool:
         """Whether the contiguous float32/float64 CPU tensor ``x`` holds no NaN or infinity."""

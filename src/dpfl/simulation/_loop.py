@@ -291,7 +291,11 @@ class _RoundLoop:
             before = None
             if self.audit is not None:
                 before = {n: p.detach().clone() for n, p in self.trainable.items()}
-            server_step(self.optimizer, self.model, mean)
+            # The release proved its mean finite while dividing it; re-checking is only needed
+            # if rank 0's mean replaced this rank's, or a cast could overflow.
+            certified = (stats.mean_finite is True and (self.dist is None or self.noise_seed is not None)
+                         and all(n in mean and mean[n].dtype == p.dtype for n, p in self.trainable.items()))
+            server_step(self.optimizer, self.model, mean, check_finite=not certified)
         except BaseException:
             self.sampler.load_state_dict(saved[0])
             self.mechanism.load_state_dict(saved[1])
