@@ -58,6 +58,7 @@ def make_plots(protocol: Protocol, agg: dict[tuple, dict[str, list[float]]], lr:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     paths: list[Path] = []
     lamb = lr["lamb"]
@@ -90,6 +91,7 @@ def make_plots(protocol: Protocol, agg: dict[tuple, dict[str, list[float]]], lr:
         axes[0].set_xscale("log")
         axes[0].set_xlabel("σ_DP (leftmost point: no noise)")
         axes[1].set_xscale("log")
+        axes[1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no overlapping labels
         axes[1].set_xlabel("ε (RDP, δ 1e-9) at paper scale of the paper-model-equivalent σ_DP")
         for ax in axes:
             ax.set_ylabel("eval WER %")
