@@ -59,16 +59,16 @@ def _divide_(sums: Mapping[str, Tensor], denominator: float) -> bool | None:
     """Divide every tensor by ``denominator`` in place; whether all quotients are finite when
     the compiled kernel could check it in the same pass, else ``None``."""
     kernel = _kernel.load()
-    finite: bool | None = kernel is not None
+    finite, checked = True, kernel is not None
     with torch.no_grad():
         for t in sums.values():
             if (kernel is not None and t.dtype in _kernel.SUPPORTED_DTYPES and t.device.type == "cpu"
                     and t.is_contiguous()):
-                finite = kernel.div_finite_(t, denominator) and finite
+                finite &= kernel.div_finite_(t, denominator)  # the division happens either way
             else:
                 t.div_(denominator)
-                finite = None
-    return finite
+                checked = False
+    return finite if checked else None
 
 
 class DPAggregator:
