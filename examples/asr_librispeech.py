@@ -57,7 +57,6 @@ if __package__ in (None, ""):  # run as a script: make the repository's `example
 from typing import Any  # noqa: E402
 
 from examples.asr.cli import PRESETS, UserError, build_parser  # noqa: E402
-from examples.asr.model import CONFIGS  # noqa: E402
 from examples.asr.pipeline import PAPER_SCALE, run_pipeline  # noqa: E402
 from examples.asr.report import format_table  # noqa: E402
 from examples.asr.splits import load_splits, prepare_data, sample_utterances  # noqa: E402
@@ -68,26 +67,7 @@ __all__ = ["PAPER_SCALE", "PRESETS", "UserError", "build_parser", "format_table"
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse ``argv`` (default ``sys.argv``), run the pipeline and return its results."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.sampling == "fixed" and args.accountant == "pld":
-        parser.error("--sampling fixed needs --accountant rdp (fixed cohorts are accounted under "
-                     "replace-one adjacency, which the PLD accountant does not support)")
-    if args.sampling == "fixed" and args.target_epsilon is not None:
-        parser.error("--target-epsilon calibrates for Poisson sampling; use --sampling poisson "
-                     "or give --noise-multiplier / --sigma-dp with --sampling fixed")
-    model_name = args.model or PRESETS["quick" if args.quick else "default"]["model"]
-    if args.vectorized and (args.specaugment != "none" or CONFIGS[model_name].layerdrop > 0):
-        parser.error("--vectorized needs a model without LayerDrop (not --model paper) and no "
-                     "--specaugment: both branch on data, which torch.func.vmap cannot trace")
-    if args.output_dir is not None and args.output_dir.exists() and not args.output_dir.is_dir():
-        parser.error(f"--output-dir {args.output_dir} is a file, not a folder")
-    if args.canaries == 1 or args.canaries < 0:
-        parser.error(f"--canaries must be 0 (off) or at least 2, got {args.canaries}")
-    for name in ("workers", "threads", "max_eval_utterances"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    args = build_parser().parse_args(argv)
     try:
         return run_pipeline(args)
     except UserError as exc:
