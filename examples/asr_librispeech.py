@@ -27,19 +27,23 @@ not; ``--noise-seed`` makes the whole table repeatable (simulations only: not pr
 Data: features are extracted once, by ``--workers`` processes, into an on-disk store under
 ``--cache-dir`` (default ``$DPFL_CACHE`` or ``~/.cache/dpfl``, never inside a dataset) and read
 per batch and per user (:mod:`examples.asr.store`), so memory does not grow with the corpus.
-Files that cannot be used (missing or corrupt audio, audio that decodes shorter than its header
-says, a missing transcript) are skipped, counted per split with reasons, printed and recorded in
-``results.json``; ``--strict`` makes any skip an error.
+Only files not cached yet are extracted (one entry per audio file: a touched file is extracted
+again alone). Files that cannot be used (missing or corrupt audio, audio that decodes shorter
+than its header says, a missing transcript) are skipped, counted per split with reasons,
+printed and recorded in ``results.json``; ``--strict`` makes any skip an error, naming the
+files (what the listing finds before any extraction).
 
 Outputs: a run directory, by default a new ``runs/asr/<YYYYmmdd-HHMMSS>/``
 (``runs/asr-quick/...`` with ``--quick``), or ``--output-dir``: ``run.json`` (command line),
 ``seed_model.pt``, per-round JSON-lines logs ``fl_no_noise.jsonl`` / ``fl_dp.jsonl`` /
 ``fl_dp_other_clip.jsonl`` (FL + DP with the other ``--clip`` mode at the same noise, the paper's
 per-layer vs global comparison; ``--no-compare-clip`` skips it), checkpoints ``ckpt_<stage>/``
-(``--resume`` continues the latest run,
-or the one in ``--output-dir``; ``--overwrite`` replaces it), ``results.json`` and
-``results.md`` (the printed table). Usage and data problems end with one line on stderr and
-exit status 2.
+(after every DP round; ``--resume`` continues the latest run, or the one in ``--output-dir``,
+which must hold a run; ``--overwrite`` replaces it), ``results.json`` and ``results.md`` (the
+printed table). The folder is created when training starts, so a run refused before leaves
+nothing behind. Usage and data problems end with one line on stderr and exit status 2, before
+any work where they can be known then (every option at start, the data when it is listed).
+No stage prints or records a time without ``--unsafe-metrics``.
 
 References:
     Pelikan et al., "Enabling Differentially Private Federated Learning for Speech Recognition:
