@@ -27,7 +27,7 @@ from examples.asr.features import SpecAugment, SpecAugmentConfig
 from examples.asr.federated import FederatedConfig, resolve_noise, run_federated
 from examples.asr.model import CTCTransformer, get_config
 from examples.asr.report import data_report, format_table, jsonable, summary
-from examples.asr.rundir import RUN_FILES, claim_run_directory, plan_run_directory
+from examples.asr.rundir import claim_run_directory, plan_run_directory
 from examples.asr.splits import load_splits, prepare_data
 from examples.asr.text import CharTokenizer
 from examples.asr.train import Augment, Batch, evaluate, train_central
@@ -38,7 +38,6 @@ PAPER_SCALE = {"cohort_size": 204_800, "population": 69_500_000, "rounds": 2_034
 """The paper's extrapolation point (table in design notes 2.4: σ_DP 3e-6 gives ε 7.2, RDP)."""
 
 
-_RUN_FILES = RUN_FILES  # kept for callers of the earlier name
 _T = TypeVar("_T")
 
 
