@@ -9,6 +9,7 @@ prints as one line and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import textwrap
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 from examples.asr.model import CONFIGS
 
-__all__ = ["PRESETS", "UserError", "build_parser", "fill_presets"]
+__all__ = ["PRESETS", "UserError", "build_parser", "check_args", "fill_presets"]
 
 # Tunables whose default depends on --quick. Everything else has a plain argparse default.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -168,9 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "empirical ε (Andrew et al. 2023) beside the proven one; canaries are "
                         "not users and cost no privacy (default: 0, off; K >= 2)")
     g.add_argument("--unsafe-metrics", action="store_true",
-                   help="also record each DP stage's time and the run's wall time; they depend "
-                        "on the realised cohorts and are NOT covered by the DP guarantee "
-                        "(default: off)")
+                   help="also print and record timings (each stage's time, the run's wall "
+                        "time); they depend on the realised cohorts and are NOT covered by the "
+                        "DP guarantee (default: off: no stage prints a time)")
     seeding = g.add_mutually_exclusive_group()
     seeding.add_argument("--noise-seed", type=int, default=None,
                          help="seed the DP noise, to reproduce a table exactly (simulations only: "
@@ -205,3 +206,87 @@ def fill_presets(args: argparse.Namespace) -> argparse.Namespace:
         args.workers = _cpu_count()
     return args
 
+
+
+_SEED_LIMIT = 2**63  # dpfl's seeds are below 2**63
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Check every option of ``args`` (presets filled in) before any work.
+
+    Raises:
+        UserError: naming the first option that is out of range, with what it accepts.
+    """
+    for name, low in (("rounds", 1), ("cohort_size", 1), ("local_steps", 1), ("batch_size", 1),
+                      ("local_batch_size", 1), ("eval_every", 1), ("seed_steps", 0),
+                      ("seed", 0), ("workers", 1), ("threads", 1), ("max_eval_utterances", 1)):
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise UserError(f"{_flag(name)} must be at least {low}, got {value}")
+    if args.seed >= _SEED_LIMIT:
+        raise UserError(f"--seed must be below 2**63, got {args.seed}")
+    if args.noise_seed is not None and not 0 <= args.noise_seed < _SEED_LIMIT:
+        raise UserError(f"--noise-seed must be an integer in [0, 2**63), got {args.noise_seed}")
+    for name in ("local_lr", "seed_lr", "server_lr", "clip_bound", "target_epsilon"):
+        value = getattr(args, name, None)
+        if value is not None and not 0 < value < math.inf:
+            raise UserError(f"{_flag(name)} must be > 0 and finite, got {value}")
+    for name in ("noise_multiplier", "sigma_dp"):
+        value = getattr(args, name, None)
+        if value is not None and not 0 <= value < math.inf:
+            raise UserError(f"{_flag(name)} must be >= 0 and finite, got {value}")
+    if not 0 < args.server_lr_decay <= 1:
+        raise UserError(f"--server-lr-decay must lie in (0, 1], got {args.server_lr_decay}")
+    if not 0 < args.delta < 1:
+        raise UserError(f"--delta must lie in (0, 1), got {args.delta}")
+    if args.canaries == 1 or args.canaries < 0:
+        raise UserError(f"--canaries must be 0 (off) or at least 2, got {args.canaries}")
+    if args.sampling == "fixed" and args.accountant == "pld":
+        raise UserError("--sampling fixed needs --accountant rdp (fixed cohorts are accounted "
+                        "under replace-one adjacency, which the PLD accountant does not support)")
+    if args.sampling == "fixed" and args.target_epsilon is not None:
+        raise UserError("--target-epsilon calibrates for Poisson sampling; use --sampling "
+                        "poisson or give --noise-multiplier / --sigma-dp with --sampling fixed")
+    if args.vectorized and (args.specaugment != "none" or CONFIGS[args.model].layerdrop > 0):
+        raise UserError("--vectorized needs a model without LayerDrop (not --model paper) and no "
+                        "--specaugment: both branch on data, which torch.func.vmap cannot trace")
+    _check_device(args.device)
+    if args.output_dir is not None:
+        _check_folder("--output-dir", args.output_dir)
+    if args.cache_dir is not None:
+        _check_folder("--cache-dir", args.cache_dir)
+    for name in ("librispeech_root", "common_voice_root"):
+        root = getattr(args, name)
+        if root is not None and not root.is_dir():
+            raise UserError(f"{_flag(name)} {root} is not a folder")
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise UserError(f"--device {device!r} is not a torch device ({exc})") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine")
+
+
+def _check_folder(flag: str, path: Path) -> None:
+    """``path`` is a folder this process can write in, or can be created as one."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder")
+    existing = path
+    while not existing.exists():  # the nearest existing ancestor is where it gets created
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file, so the folder cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == path else f"cannot be created in {existing}"
+        raise UserError(f"{flag} {path} {what} (read-only); choose a writable folder")
