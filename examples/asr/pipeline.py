@@ -28,6 +28,7 @@ from examples.asr.federated import FederatedConfig, resolve_noise, run_federated
 from examples.asr.model import CTCTransformer, get_config
 from examples.asr.report import data_report, format_table, jsonable, summary
 from examples.asr.rundir import claim_run_directory, plan_run_directory
+from examples.asr.seed import check_record, load_shipped, shipped_path
 from examples.asr.splits import load_splits, prepare_data
 from examples.asr.text import CharTokenizer
 from examples.asr.train import Augment, Batch, evaluate, train_central
@@ -96,25 +97,63 @@ def _rates(model: torch.nn.Module, batches: Sequence[Batch], tok: CharTokenizer)
     return {"wer": rates.wer, "cer": rates.cer}
 
 
+def shipped_seed_reason(args: argparse.Namespace) -> str | None:
+    """Why this run trains its seed model instead of loading the shipped one (None: it loads it).
+
+    The shipped checkpoint is the ``small`` recipe of :mod:`examples.asr.seed` on the default
+    embedded corpus; any option that would change that model trains it instead.
+    """
+    if getattr(args, "train_seed", False):
+        return "--train-seed"
+    if args.quick:
+        return "--quick (tiny model, quick corpus)"
+    if args.librispeech_root is not None or args.common_voice_root is not None:
+        return "real data"
+    if args.model != "small":
+        return f"--model {args.model}"
+    if args.specaugment != "none":
+        return f"--specaugment {args.specaugment}"
+    given = getattr(args, "seed_options_given", [])
+    if given:
+        return ", ".join("--" + name.replace("_", "-") for name in given)
+    return None
+
+
 def _seed_model(
     args: argparse.Namespace, model: CTCTransformer, batches: Sequence[Batch],
     augment: Augment | None,
     dist: DistContext | None,
-) -> bool:
-    """Train (rank 0) or reload the seed model; returns True if it was reloaded."""
+) -> dict[str, Any]:
+    """Load the shipped seed model or train it (rank 0), or reload it on ``--resume``; returns
+    where it came from (``{"source": "shipped" | "trained" | "reused", ...}``)."""
     path = args.output_dir / "seed_model.pt"
-    key = {"model": model.config.to_dict(), "steps": args.seed_steps, "lr": args.seed_lr,
-           "batch_size": args.batch_size, "seed": args.seed, "data": args.data_source}
-    reused = False
+    reason = shipped_seed_reason(args)
+    if reason is None:
+        record = check_record("small")
+        key: dict[str, Any] = {"shipped": "small", "sha256": record["sha256"]}
+        origin: dict[str, Any] = {"source": "shipped", "checkpoint": str(shipped_path("small")),
+                                  "recipe_steps": record["recipe"]["steps"]}
+    else:
+        key = {"model": model.config.to_dict(), "steps": args.seed_steps, "lr": args.seed_lr,
+               "batch_size": args.batch_size, "seed": args.seed, "data": args.data_source}
+        origin = {"source": "trained", "why": reason, "steps": args.seed_steps}
     if _rank0(dist):
+        reused = False
         if args.resume and path.is_file():
             blob = torch.load(path, weights_only=True, map_location="cpu")
             if blob["key"] == json.loads(json.dumps(key)):
                 model.load_state_dict(blob["state"])
                 reused = True
                 print(f"seed model: reusing {path}", flush=True)
-        if not reused:
+        if not reused and reason is None:
+            shipped, _ = load_shipped("small")
+            model.load_state_dict(shipped.state_dict())
+            print(f"seed model: shipped checkpoint {shipped_path('small').name} (recipe 'small': "
+                  f"{record['recipe']['steps']:,} LARS steps on the embedded corpus; record "
+                  "checked against the code; --train-seed trains one here)", flush=True)
+        elif not reused:
             t0 = time.time()
+            print(f"seed model: training ({reason}): {args.seed_steps:,} LARS steps", flush=True)
             losses = train_central(
                 model, batches, steps=args.seed_steps, lr=args.seed_lr, warmup_steps=args.seed_steps // 10,
                 augment=augment, seed=args.seed, progress=True,
@@ -122,11 +161,12 @@ def _seed_model(
             took = f" in {time.time() - t0:.0f}s" if args.unsafe_metrics else ""
             print(f"seed model: {args.seed_steps} LARS steps{took}, "
                   f"final loss {sum(losses[-20:]) / max(1, len(losses[-20:])):.3f}", flush=True)
+        if not reused:
             torch.save({"key": key, "state": model.state_dict()}, path)
     if dist is not None:
         tdist.barrier()
         model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu")["state"])
-    return reused
+    return origin
 
 
 def _vectorized(args: argparse.Namespace, model: CTCTransformer, augment: Augment | None) -> bool:
@@ -181,13 +221,14 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device) if args.device else (dist.device if dist else torch.device("cpu"))
     model.to(device)
     _say(dist, f"model: {args.model}, {sum(p.numel() for p in model.parameters()):,} parameters")
-    _seed_model(args, model, seed_batches, augment, dist)
+    seed_origin = _seed_model(args, model, seed_batches, augment, dist)
     seed_state = {k: v.clone() for k, v in model.state_dict().items()}
     results: dict[str, Any] = {
         "data": {"source": splits.source, "seed_utterances": data.seed_batches.num_utterances(),
                  "fl_users": len(dataset), "fl_utterances": data.fl_utterances,
                  "eval_utterances": data.eval_utterances, "splits": data.report},
         "model": model.config.to_dict(),
+        "seed_model": seed_origin,
         # what the printed numbers depend on besides the command line (see docs/asr.md,
         # "Determinism"): the float kernels torch picks for this CPU and the thread count
         "environment": {"torch": torch.__version__,
