@@ -26,6 +26,7 @@ from benchmarks._asr_study.grid import (
     PAPER_NOISE_NORM,
     PAPER_SCALE,
     PROTOCOL_VERSION,
+    Cell,
     Study,
     choose_sigma_star,
     load_cells,
@@ -159,7 +160,7 @@ def eps_section(study: Study, cells: Cells, out: Path) -> list[str]:
     return lines + [""]
 
 
-def sweeps_section(study: Study, cells: Cells) -> list[str]:
+def sweeps_section(study: Study, cells: Cells, parts: Mapping[str, Mapping[str, str]]) -> list[str]:
     p = study.protocol
     lines = ["## Server learning rates", "",
              f"Swept per arm at σ* on seeds {', '.join(map(str, p.sweep_seeds))} (mean eval CER %), "
@@ -168,14 +169,18 @@ def sweeps_section(study: Study, cells: Cells) -> list[str]:
              "| blocks | arm | LR → mean CER % | chosen | interior |", "|---|---|---|---|---|"]
     if cells.sigma_star is None:
         return lines[:-3] + ["Not started (σ* not chosen yet).", ""]
+    hashes: set[str] = set()
     for depth in p.depths:
         for arm in p.arms(depth):
             r = sweep_result(study, cells.done, arm, depth, cells.sigma_star)
+            hashes |= {cells.done[k].get("code", {}).get("hash", "?") for k in
+                       (study.key(Cell(*arm, cells.sigma_star, seed, lr, depth))
+                        for lr in r["lrs"] for seed in p.sweep_seeds) if k in cells.done}
             txt = ", ".join(f"{lr:g} → {'–' if m is None else f'{100 * m:.2f}'}"
                             for lr, m in zip(r["lrs"], r["mean_cer"], strict=True))
             interior = "–" if r["chosen"] is None else ("yes" if r["interior"] else "**no** (at an end)")
             lines.append(f"| {depth} | {arm_label(*arm)} | {txt} | {r['chosen'] if r['chosen'] else '–'} | {interior} |")
-    return lines + [""]
+    return lines + [""] + code_flag(hashes, parts)
 
 
 def results_section(study: Study, cells: Cells, parts: Mapping[str, Mapping[str, str]]) -> list[str]:
@@ -192,7 +197,7 @@ def results_section(study: Study, cells: Cells, parts: Mapping[str, Mapping[str,
                 got = cells.get(depth, *arm, sigma)
                 if not got:
                     continue
-                hashes |= {r.get("code", {}).get("hash", "?") for r in got.values()}
+                hashes |= _hashes(got)
                 cols = []
                 for name in METRICS:
                     v = values(got, name)
@@ -312,9 +317,10 @@ def secondary_section(rows: list[ClaimRow]) -> list[str]:
     return lines + [""]
 
 
-def later_section(study: Study, cells: Cells) -> list[str]:
+def later_section(study: Study, cells: Cells, parts: Mapping[str, Mapping[str, str]]) -> list[str]:
     p = study.protocol
     depth, s = p.main_depth, cells.sigma_star
+    hashes: set[str] = set()
     lines = ["## Later questions (σ*, LAMB, main depth)", "",
              "Cohort size S and local steps (one factor at a time; the other at the protocol's value, "
              f"S = {p.cohort_size}, {p.local_steps} local steps): eval CER % per clipping mode and the paired "
@@ -330,6 +336,7 @@ def later_section(study: Study, cells: Cells) -> list[str]:
         local = None if local == p.local_steps else local
         g = cells.get(depth, "global", "lamb", s, cohort=cohort, local=local)
         d = cells.get(depth, "dim", "lamb", s, cohort=cohort, local=local)
+        hashes |= _hashes(g, d)
         _, diffs = pair(g, d, "cer")
         ps = paired(diffs)
         lines.append(f"| {label} | {_mean(g)} | {_mean(d)} | "
@@ -341,11 +348,16 @@ def later_section(study: Study, cells: Cells) -> list[str]:
         for start in p.adaptive_starts:
             a = cells.get(depth, clip, "lamb", s, start=start, lr_arm=(base, "lamb"))
             f = cells.get(depth, base, "lamb", s)
+            hashes |= _hashes(a, f)
             _, diffs = pair(f, a, "cer")
             ps = paired(diffs)
             lines.append(f"| {CLIP_LABEL[clip]} | C×{start:g} | {_mean(a)} | {_mean(f)} | "
                          f"{f'{ps.mean:+.2f} {_ci(ps.ci95)}' if ps else '–'} | {len(diffs)} |")
-    return lines + [""]
+    return lines + [""] + code_flag(hashes, parts)
+
+
+def _hashes(*groups: Mapping[int, Mapping[str, Any]]) -> set[str]:
+    return {r.get("code", {}).get("hash", "?") for g in groups for r in g.values()}
 
 
 def _mean(cells: Mapping[int, Any]) -> str:
@@ -422,12 +434,12 @@ def write_report(study: Study, out: Path) -> Path:
     lines += seeds_section(study, statuses, seeds)
     lines += pilot_section(study, cells, out)
     lines += eps_section(study, cells, out)
-    lines += sweeps_section(study, cells)
+    lines += sweeps_section(study, cells, parts)
     lines += results_section(study, cells, parts)
     lines += claims_section(rows, parts)
     lines += against_section(rows)
     lines += secondary_section(rows)
-    lines += later_section(study, cells)
+    lines += later_section(study, cells, parts)
     lines += diagnostics_section(study, out)
     plots = make_plots(study, cells, statuses, out)
     if plots:
