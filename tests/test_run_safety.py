@@ -169,3 +169,48 @@ def test_a_log_that_stops_before_the_checkpoint_round_is_refused(tmp_path: Path)
 def test_a_checkpoint_path_that_is_a_directory_is_named_as_such(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="is a directory"):
         load_checkpoint(tmp_path)
+
+
+def _journal_lines(out: Path) -> int:
+    journal = out / "ckpt" / "ledger.jsonl"
+    return len(journal.read_text().splitlines()) if journal.exists() else 0
+
+
+def test_an_optimizer_over_another_models_parameters_fails_before_any_charge(
+    tmp_path: Path,
+) -> None:
+    """Issue 21 p16: the mismatch is found before training, so no round is charged for it."""
+    from dpfl.optim import LAMB
+    from tests._scripts.tiny_fl import make_model
+
+    other = make_model(seed=1)
+
+    class ForeignLAMB(LAMB):
+        def __init__(self, params, lr):  # type: ignore[no-untyped-def]
+            super().__init__(other.parameters(), lr=lr)  # the wrong model's parameters
+
+    with pytest.raises(ValueError, match=r"server_optimizer does not manage .*'0\.weight'"):
+        run(tmp_path, rounds=2, optimizer_cls=ForeignLAMB)
+    assert _journal_lines(tmp_path) == 0 and not (tmp_path / "log.jsonl").exists()
+
+
+def test_noise_beyond_float32s_range_fails_before_any_charge(tmp_path: Path) -> None:
+    """Issue 21 p16: std 5e37 × the largest draw overflows the float32 sums: refused up front."""
+    with pytest.raises(ValueError, match=r"noise std 5e\+37 .* float32"):
+        run(tmp_path, rounds=2, noise_multiplier=1e38)
+    assert _journal_lines(tmp_path) == 0 and not (tmp_path / "log.jsonl").exists()
+
+
+def test_an_adaptive_bound_grown_beyond_float32_is_refused_before_its_round_is_charged(
+    tmp_path: Path,
+) -> None:
+    """With a huge count noise the first round moves the bound to its cap (1e150); the second
+    round's noise cannot be represented, and is refused before it is charged."""
+    from dpfl.adaptive_clip import AdaptiveClip
+    from dpfl.clip import GlobalClip
+
+    clipper = AdaptiveClip(GlobalClip(0.5), count_noise_multiplier=1e6)
+    with pytest.raises(ValueError, match=r"noise std 1e\+150 .* float32"):
+        run(tmp_path, rounds=3, clipper=clipper, noise_seed=3)
+    assert clipper.bound == 1e150
+    assert _journal_lines(tmp_path) == 1  # round 1 only: round 2 was never charged

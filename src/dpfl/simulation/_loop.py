@@ -31,7 +31,7 @@ from dpfl.simulation._progress import (
 )
 from dpfl.simulation._shard import ShardTrainer
 from dpfl.simulation._shard import derive_seed as _derive_seed
-from dpfl.simulation._validate import check_arguments
+from dpfl.simulation._validate import check_arguments, check_noise_representable
 from dpfl.simulation.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -257,6 +257,8 @@ class _RoundLoop:
         used: dict[str, Any] = {}
         audit_saved = None if self.audit is None else self.audit.state_dict()
         try:
+            if self.adaptive:  # this round's bound may have grown: its noise must still fit
+                check_noise_representable(self.z, self.clipper.sensitivity, secure=self.secure)
             cohort = list(self.sampler.sample())
             timings["sample"] = time.perf_counter() - start
             agg = DPAggregator(
