@@ -289,3 +289,20 @@ def test_a_release_with_the_user_never_lands_where_none_without_can():
     beyond = int((with_user > mech.std * MAX_ABS_NORMAL).sum())
     lower = float(sps.beta.ppf(ALPHA, beyond, n - beyond + 1)) if beyond else 0.0
     assert lower <= delta, f"{beyond} of {n} releases beyond the ceiling: delta >= {lower:.3g}"
+
+
+def test_advance_to_skips_releases_and_never_reuses_one():
+    """The round loop keys each release on its journal charge (advance_to); an index already
+    drawn cannot come back, since the same noise twice leaks the difference of two releases."""
+    a, b = GaussianMechanism(1.0, 1.0, seed=3), GaussianMechanism(1.0, 1.0, seed=3)
+    b.advance_to(2)
+    assert b.release_index == 2
+    skipped = b.add_noise({"w": torch.zeros(8)})["w"]
+    drawn = [a.add_noise({"w": torch.zeros(8)})["w"] for _ in range(3)]
+    assert torch.equal(skipped, drawn[2]) and not torch.equal(skipped, drawn[0])
+    b.advance_to(3)  # the next index: a no-op
+    with pytest.raises(ValueError, match="never reused"):
+        b.advance_to(2)
+    with pytest.raises(ValueError, match="< 2\\*\\*64"):
+        b.advance_to(2**64)
+    assert b.release_index == 3

@@ -158,6 +158,33 @@ class GaussianMechanism:
         )
 
     @property
+    def release_index(self) -> int:
+        """Index of the next release: its words come from counter ``(release_index, ·)``."""
+        return self._release
+
+    def advance_to(self, release: int) -> None:
+        """Make ``release`` the index of the next release; the ones skipped are never drawn.
+
+        The round loop keys each release on the privacy journal's charge index, so a round
+        re-run after a crash (charged again) never repeats the noise of its first release.
+
+        Raises:
+            ValueError: if ``release`` is below :attr:`release_index` (an index is never
+                reused: two releases with the same noise leak their difference) or not in
+                ``[0, 2**64)``.
+        """
+        release = require_int("release", release, minimum=0)
+        if release < self._release:
+            raise ValueError(
+                f"release must be >= the next release index {self._release}, got {release}: "
+                "a release index is never reused (the same noise twice leaks the difference "
+                "of the two releases)"
+            )
+        if release >= 2**64:
+            raise ValueError(f"release must be < 2**64, got {release}")
+        self._release = release
+
+    @property
     def std(self) -> float:
         """Standard deviation of the noise per coordinate: ``noise_multiplier * sensitivity``."""
         if self.noise_multiplier == 0:
