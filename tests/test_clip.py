@@ -146,6 +146,38 @@ def test_update_within_layer_bounds_is_unchanged(update, factor, normalize):
         assert torch.equal(out[k], update[k])
 
 
+@given(st.floats(1e-2, 1e4), st.sampled_from(["uniform", "dim"]), updates(min_size=1))
+def test_normalize_mode_bounds_the_total_and_each_layer_only_when_rescaled(
+    bound, allocation, update
+):
+    """What ``normalize=True`` guarantees, exactly (docs/privacy.md, "sensitivity"): the total
+    is <= C always, which is the sensitivity the noise is calibrated to; an update whose total
+    exceeds C is rescaled and then every layer is <= C_h; any other update is returned unchanged,
+    so its layers are bounded by the total (<= C), not by C_h."""
+    clipper = PerLayerClip(bound, allocation=allocation, normalize=True)
+    out, stats = clipper.clip(update)
+    assert norm64(out.values()) <= bound
+    layer_bounds = clipper.layer_bounds(update)
+    norms = layer_norms64(out)
+    if stats.clipped:
+        assert all(n <= layer_bounds[h] for h, n in norms.items()), norms
+    else:
+        assert all(torch.equal(out[k], update[k]) for k in update)
+        assert all(n <= bound for n in norms.values())
+
+
+def test_normalize_mode_leaves_a_layer_far_above_its_own_bound():
+    """The witness: 100 layers (C_h = C/10), all of an update within C in one layer: returned
+    as it is, 9 C_h in that layer. (docs/privacy.md once said every layer stays <= C_h "also
+    with normalize=True"; the audit of issue 21 measured layers up to 754 C_h.)"""
+    clipper = PerLayerClip(1.0, allocation="uniform", normalize=True)
+    update = {f"t{i}": torch.zeros(4) for i in range(100)}
+    update["t0"] = torch.full((4,), 0.45)  # norm 0.9 <= C = 1
+    out, stats = clipper.clip(update)
+    assert not stats.clipped and torch.equal(out["t0"], update["t0"])
+    assert norm64([out["t0"]]) == pytest.approx(9 * clipper.layer_bounds(update)["t0"])
+
+
 @given(
     bounds,
     st.sampled_from(["uniform", "dim"]),

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpfl.simulation import PoissonSampler
+from dpfl.simulation import PoissonSampler, SeededNoiseWarning
 from dpfl.simulation.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tests._scripts.tiny_fl import make_dataset, run
 
@@ -98,6 +98,7 @@ def test_resume_reports_a_changed_server_learning_rate(tmp_path: Path) -> None:
         run(tmp_path, rounds=2, resume=True, server_lr=0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a scheduler's decayed rate is not a change
+        warnings.simplefilter("ignore", SeededNoiseWarning)  # tiny_fl seeds its noise
         run(tmp_path / "s", rounds=2, scheduler=True)
         run(tmp_path / "s", rounds=3, resume=True, scheduler=True)
     events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]

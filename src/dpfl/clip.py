@@ -13,9 +13,11 @@ Every clipper offers ``clip`` (returns a clipped copy), ``clip_`` (in place) and
 clipped copy: one norm pass plus one fused scaled-add pass). All three return :class:`ClipStats`.
 
 Guarantee: for finite inputs of any length, magnitude and dtype (float16, bfloat16, float32,
-float64), the clipped output measured exactly never exceeds the bound, globally and per layer (and
-in normalize mode), for ``clip``, ``clip_`` and ``clip_and_accumulate_`` (there: the contribution
-rounded to the accumulator's dtype). Norms that decide clipping come with a stated error bound
+float64), the clipped output measured exactly never exceeds the bound, globally and per layer (in
+normalize mode: globally, and per layer when the update was rescaled; an update within the total
+bound is returned as it is, so a layer of it can exceed its ``C_h``, never ``C``), for ``clip``,
+``clip_`` and ``clip_and_accumulate_`` (there: the contribution rounded to the accumulator's
+dtype). Norms that decide clipping come with a stated error bound
 (a float32 pass over 128-element rows combined in float64, or a float64 pass; relative error below
 8e-6 for a tensor of any length), and each scale factor is shrunk by a margin *derived* from that
 bound and from the rounding of the scale and the output (about 1.6e-5 for float32 updates, about
@@ -322,7 +324,10 @@ class PerLayerClip(_Clipper):
     By default each layer is min-clipped: ``Δ_h · min(1, C_h / ‖Δ_h‖)``. With ``normalize=True``
     the reference code's behaviour is reproduced: if ``‖Δ‖ ≤ bound`` the update is untouched,
     otherwise *every* layer is rescaled to norm ``C_h`` (small layers are scaled up; all-zero
-    layers stay zero). Both keep ``‖clipped Δ‖ ≤ bound``, so ``sensitivity == bound``.
+    layers stay zero). Both keep ``‖clipped Δ‖ ≤ bound``, so ``sensitivity == bound``. Only the
+    default mode bounds every layer by its ``C_h``: in normalize mode a layer of an update
+    within the total bound keeps its norm (up to ``bound``, e.g. ``√H · C_h`` for ``H``
+    uniform layers), and per-layer bounds hold only for rescaled updates.
 
     Args:
         bound: Total bound ``C`` > 0 (``math.inf`` disables clipping; not with a mapping).

@@ -5,8 +5,9 @@ independent Gaussian noise of standard deviation ``z·C`` to every coordinate is
 mechanism with noise multiplier ``z``; its privacy loss is described by
 ``dp_accounting.GaussianDpEvent(z)`` and composed by an accountant. The guarantee assumes the
 noise is Gaussian in the tail that small ``δ`` depends on; the sampler (:mod:`dpfl._sampler`)
-reaches ``sqrt(128 ln 2) ≈ 9.42`` standard deviations, where torch's float32 ``normal_`` stops at
-``5.77``.
+is Gaussian up to ``sqrt(252 ln 2) ≈ 13.216`` standard deviations and never beyond (torch's
+float32 ``normal_`` stops at ``5.77``); dpfl's accountants add the δ of that ceiling
+(:mod:`dpfl.accounting.ceiling`).
 
 References: Pelikan et al., arXiv 2310.00098, section 2 (DP-FedAvg, noise on the sum, z = σ_DP·S);
 Box & Muller (1958); Holohan & Braghin, "Secure Random Sampling in Differential Privacy",
@@ -42,15 +43,19 @@ class GaussianMechanism:
     """Add Gaussian noise of standard deviation ``noise_multiplier * sensitivity`` to tensors.
 
     **Sampler.** Every coordinate (float16, bfloat16, float32 or float64, on any device) gets
-    ``std · Z`` with ``Z`` from Box–Muller on 64-bit random words: ``u1 = (|b1| + 1/2)·2^-63``
-    reaches ``2^-64``, so the largest attainable ``|Z|`` is ``sqrt(128 ln 2) ≈ 9.419``
-    (:data:`MAX_ABS_NORMAL`; secure mode: ``2 × 9.419``); ``P(|Z| > t)`` matches the Gaussian
-    tail to a relative ``2e-5`` for ``t <= 8`` and ``1e-3`` for ``t <= 8.5`` (the ``2^-63``
-    spacing of ``u1``). (torch's float32 ``normal_``, used before, is Box–Muller on
-    24-bit uniforms and never exceeds 5.77σ: a released coordinate beyond that could only come
-    from the neighbouring dataset, an unaccounted privacy failure.) The transform runs in float64
-    for float64 tensors and in float32 otherwise; noise is generated on the tensor's device,
-    in cache-sized pieces shared by ``num_threads`` threads on the CPU, and added in place.
+    ``std · Z`` with ``Z`` from Box–Muller whose radius uniform is built from two 64-bit random
+    words: ``u1 = 2^-126 (2^63 k + j + 1)`` (``k``, ``j``: the words' low 63 bits) is the
+    uniform rounded up to the grid ``2^-126`` and keeps float precision down to ``2^-126``, so
+    the radius is Rayleigh (``Z`` Gaussian) up to the largest attainable ``|Z|``,
+    ``sqrt(252 ln 2) ≈ 13.216`` (:data:`MAX_ABS_NORMAL`; secure mode: ``2 × 13.216``). A
+    release with a user can land beyond that from the neighbour's sum where none without can;
+    the accountants add that probability to δ (:func:`dpfl.accounting.ceiling_delta`,
+    ``exp(-(13.216 - 1/z)²/2)`` per participation: ``2e-21`` at ``z = 0.6144``). (torch's
+    float32 ``normal_``, used in dpfl 0.1.0, is Box–Muller on 24-bit uniforms and never exceeds
+    5.77σ; one 64-bit word per radius stopped at 9.419σ, which at ``z = 0.2`` gave δ ≥ 3e-6.)
+    The transform runs in float64 for float64 tensors and in float32 otherwise; noise is
+    generated on the tensor's device, in cache-sized pieces shared by ``num_threads`` threads on
+    the CPU, and added in place.
 
     **Randomness.** The mechanism owns a 256-bit key and a release counter; release ``r`` draws
     its words from AES-256 in counter mode keyed by the key, at counter ``(r, position)`` (on
@@ -151,6 +156,33 @@ class GaussianMechanism:
             f"GaussianMechanism(noise_multiplier={self.noise_multiplier!r}, "
             f"sensitivity={self.sensitivity!r}, seed={self.seed!r}, secure={self.secure!r})"
         )
+
+    @property
+    def release_index(self) -> int:
+        """Index of the next release: its words come from counter ``(release_index, ·)``."""
+        return self._release
+
+    def advance_to(self, release: int) -> None:
+        """Make ``release`` the index of the next release; the ones skipped are never drawn.
+
+        The round loop keys each release on the privacy journal's charge index, so a round
+        re-run after a crash (charged again) never repeats the noise of its first release.
+
+        Raises:
+            ValueError: if ``release`` is below :attr:`release_index` (an index is never
+                reused: two releases with the same noise leak their difference) or not in
+                ``[0, 2**64)``.
+        """
+        release = require_int("release", release, minimum=0)
+        if release < self._release:
+            raise ValueError(
+                f"release must be >= the next release index {self._release}, got {release}: "
+                "a release index is never reused (the same noise twice leaks the difference "
+                "of the two releases)"
+            )
+        if release >= 2**64:
+            raise ValueError(f"release must be < 2**64, got {release}")
+        self._release = release
 
     @property
     def std(self) -> float:

@@ -15,6 +15,7 @@ from dpfl.accounting.accountants import (
 )
 from dpfl.accounting.budget import BudgetExceededError, PrivacyBudget
 from dpfl.accounting.calibration import calibrate_noise_multiplier, epsilon_for
+from dpfl.accounting.ceiling import NOISE_CEILING, ceiling_delta, ledger_ceiling_delta
 from dpfl.accounting.events import (
     ADD_OR_REMOVE_ONE,
     NOISE_MULTIPLIER_CAP,
@@ -30,6 +31,7 @@ from dpfl.accounting.extrapolation import Extrapolation, extrapolate
 __all__ = [
     "ADD_OR_REMOVE_ONE",
     "DEFAULT_VALUE_DISCRETIZATION_INTERVAL",
+    "NOISE_CEILING",
     "NOISE_MULTIPLIER_CAP",
     "REPLACE_ONE",
     "BudgetExceededError",
@@ -40,9 +42,11 @@ __all__ = [
     "PrivacyBudget",
     "RDPAccountant",
     "calibrate_noise_multiplier",
+    "ceiling_delta",
     "effective_noise_multiplier",
     "epsilon_for",
     "extrapolate",
+    "ledger_ceiling_delta",
     "round_from_dict",
     "split_noise_multiplier",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -10,6 +11,7 @@ import dp_accounting
 
 from dpfl._checks import require_int, require_non_negative, require_probability
 from dpfl.accounting.budget import BudgetExceededError, PrivacyBudget
+from dpfl.accounting.ceiling import NOISE_CEILING, ledger_ceiling_delta
 from dpfl.accounting.events import (
     ADD_OR_REMOVE_ONE,
     REPLACE_ONE,
@@ -65,6 +67,12 @@ class _LedgerAccountant(abc.ABC):
         """A copy of the ledger: ``(round, count)`` entries, consecutive duplicates merged."""
         return list(self._ledger)
 
+    @property
+    def ceiling_delta(self) -> float:
+        """The δ that the noise sampler's ceiling adds to this ledger (already in every ε and δ
+        this accountant reports; see :mod:`dpfl.accounting.ceiling`)."""
+        return ledger_ceiling_delta(self._ledger)
+
     # ----------------------------------------------------------------- composition
     def add_rounds(self, round: Round, count: int = 1) -> None:
         """Compose ``count`` identical rounds into the ledger.
@@ -83,13 +91,13 @@ class _LedgerAccountant(abc.ABC):
         """
         candidate = self._extended(round, count)
         if self._budget is not None and candidate != self._ledger:
-            eps = self._epsilon_of(candidate, self._budget.delta)
+            eps = self._epsilon_total(candidate, self._budget.delta)
             if eps > self._budget.epsilon:
                 raise BudgetExceededError(
                     f"adding {count} round(s) of {round} would bring epsilon to {eps:.6g} at "
                     f"delta={self._budget.delta:g}, over the budget epsilon="
-                    f"{self._budget.epsilon:g} ({self.rounds} rounds composed so far); "
-                    "the ledger is unchanged"
+                    f"{self._budget.epsilon:g} ({self.rounds} rounds composed so far)"
+                    f"{_ceiling_note(candidate, self._budget.delta)}; the ledger is unchanged"
                 )
         self._ledger = candidate
 
@@ -102,25 +110,31 @@ class _LedgerAccountant(abc.ABC):
         candidate = self._extended(round, count)
         if self._budget is None:
             return False
-        return self._epsilon_of(candidate, self._budget.delta) > self._budget.epsilon
+        return self._epsilon_total(candidate, self._budget.delta) > self._budget.epsilon
 
     def epsilon(self, delta: float) -> float:
         """Return the ε of all rounds composed so far at the given δ.
+
+        The δ includes the noise sampler's ceiling (:attr:`ceiling_delta`): the Gaussian ε is
+        taken at ``delta - ceiling_delta``, so ``(ε, delta)`` holds for dpfl's sampler.
 
         Args:
             delta: the target δ, in (0, 1).
 
         Returns:
-            ε >= 0; ``math.inf`` when a round had ``noise_multiplier = 0``.
+            ε >= 0; ``math.inf`` when a round had ``noise_multiplier = 0`` or the ceiling's δ
+            reaches ``delta`` (a noise multiplier far below any useful one).
 
         Raises:
             ValueError: if ``delta`` is outside (0, 1).
         """
         delta = require_probability("delta", delta, high_open=True)
-        return self._epsilon_of(self._ledger, delta)
+        return self._epsilon_total(self._ledger, delta)
 
     def delta(self, epsilon: float) -> float:
         """Return the δ of all rounds composed so far at the given ε.
+
+        Includes the noise sampler's ceiling (:attr:`ceiling_delta`), capped at 1.
 
         Args:
             epsilon: the target ε, >= 0 and finite.
@@ -132,7 +146,8 @@ class _LedgerAccountant(abc.ABC):
             ValueError: if ``epsilon`` is negative or not finite.
         """
         epsilon = require_non_negative("epsilon", epsilon)
-        return self._delta_of(self._ledger, epsilon)
+        total = self._delta_of(self._ledger, epsilon) + ledger_ceiling_delta(self._ledger)
+        return min(1.0, total)
 
     def dp_event(self) -> dp_accounting.DpEvent:
         """The ledger as a ``ComposedDpEvent`` of ``SelfComposedDpEvent(round.dp_event(), count)``.
@@ -202,6 +217,12 @@ class _LedgerAccountant(abc.ABC):
         self._ledger = ledger
 
     # ----------------------------------------------------------------- internals
+    def _epsilon_total(self, ledger: Ledger, delta: float) -> float:
+        """ε of ``ledger`` at ``delta`` for dpfl's sampler: the Gaussian ε at the δ the
+        sampler's ceiling leaves (``inf`` when it leaves none)."""
+        rest = gaussian_delta(ledger, delta)
+        return math.inf if rest is None else self._epsilon_of(ledger, rest)
+
     def _extended(
         self, round: Round, count: Any, *, ledger: Ledger | None = None, minimum: int = 0
     ) -> Ledger:
@@ -249,6 +270,27 @@ class _LedgerAccountant(abc.ABC):
             f"{type(self).__name__}(rounds={self.rounds}, adjacency={self._adjacency!r}, "
             f"budget={self._budget!r})"
         )
+
+
+def gaussian_delta(ledger: Ledger, delta: float) -> float | None:
+    """The δ left to the Gaussian accounting of ``ledger`` once the sampler's ceiling is paid,
+    or ``None`` when the ceiling alone reaches ``delta``."""
+    rest = delta - ledger_ceiling_delta(ledger)
+    return rest if rest > 0.0 else None
+
+
+def _ceiling_note(ledger: Ledger, delta: float) -> str:
+    """A clause naming the ceiling when it alone exhausts ``delta``, else ``""``."""
+    floor = ledger_ceiling_delta(ledger)
+    if floor < delta:
+        return ""
+    small = min(
+        (r.noise_multiplier for r, _ in ledger if r.noise_multiplier > 0), default=0.0
+    )
+    return (
+        f" (the noise sampler's {NOISE_CEILING:.3f}-sigma ceiling alone needs delta >= "
+        f"{floor:.3g} at noise_multiplier={small:g}; raise noise_multiplier)"
+    )
 
 
 def _ledger_event(ledger: Ledger) -> dp_accounting.DpEvent:

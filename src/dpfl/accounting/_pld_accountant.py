@@ -12,7 +12,7 @@ from dp_accounting.pld import privacy_loss_distribution
 
 from dpfl._checks import require_positive, require_probability
 from dpfl.accounting import _pld
-from dpfl.accounting._ledger import Ledger, _LedgerAccountant
+from dpfl.accounting._ledger import Ledger, _LedgerAccountant, gaussian_delta
 from dpfl.accounting.budget import PrivacyBudget
 from dpfl.accounting.events import (
     ADD_OR_REMOVE_ONE,
@@ -134,7 +134,8 @@ class PLDAccountant(_LedgerAccountant):
         delta = require_probability("delta", delta, high_open=True)
         if self._interval is not None:
             return self._interval
-        return self._cached_refine(self._ledger, "epsilon", delta)[1]
+        rest = gaussian_delta(self._ledger, delta)  # the δ that epsilon() accounts at
+        return self._cached_refine(self._ledger, "epsilon", delta if rest is None else rest)[1]
 
     def _check_supported(self, round: Round) -> None:
         if isinstance(round, FixedCohortRound):

@@ -23,7 +23,7 @@ import numpy as np
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from dpfl._checks import require_positive, require_probability
-from dpfl.accounting._ledger import _RELATIONS, Ledger, _LedgerAccountant
+from dpfl.accounting._ledger import _RELATIONS, Ledger, _LedgerAccountant, gaussian_delta
 from dpfl.accounting._pld_accountant import DEFAULT_VALUE_DISCRETIZATION_INTERVAL, PLDAccountant
 from dpfl.accounting.budget import PrivacyBudget
 from dpfl.accounting.events import (
@@ -131,8 +131,11 @@ class RDPAccountant(_LedgerAccountant):
             ValueError: if ``delta`` is outside (0, 1).
         """
         delta = require_probability("delta", delta, high_open=True)
+        rest = gaussian_delta(self._ledger, delta)
+        if rest is None:
+            return math.nan
         rdp = self._rdp_of(self._ledger)
-        eps, order = rdp_privacy_accountant.compute_epsilon(self._orders, rdp, delta)
+        eps, order = rdp_privacy_accountant.compute_epsilon(self._orders, rdp, rest)
         if not self._ledger or math.isinf(eps):
             return math.nan
         return float(order)

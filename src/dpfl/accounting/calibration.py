@@ -18,6 +18,7 @@ from dpfl.accounting.accountants import (
     PLDAccountant,
     RDPAccountant,
 )
+from dpfl.accounting.ceiling import ledger_ceiling_delta
 from dpfl.accounting.events import (
     PoissonRound,
     effective_noise_multiplier,
@@ -276,9 +277,13 @@ def _epsilon_function(
         rdp = RDPAccountant(orders=orders)
 
         def rdp_epsilon(rnd: PoissonRound) -> float:
-            # RDP of T identical rounds is T times the RDP of one: one curve per z.
+            # RDP of T identical rounds is T times the RDP of one: one curve per z; the δ the
+            # noise sampler's ceiling takes is paid first, as the accountants do.
+            rest = delta - ledger_ceiling_delta(((rnd, rounds),))
+            if rest <= 0.0:
+                return math.inf
             curve = rounds * rdp.round_rdp(rnd)
-            return float(compute_epsilon(rdp.orders, curve, delta)[0])
+            return float(compute_epsilon(rdp.orders, curve, rest)[0])
 
         return rdp_epsilon
     if accountant == "pld":

@@ -38,7 +38,14 @@ from dpfl.simulation.checkpoint import (
     restore_run,
     save_checkpoint,
 )
-from dpfl.simulation.config import Checkpointing, Evaluation, LocalTraining, Logging, Privacy
+from dpfl.simulation.config import (
+    Checkpointing,
+    Evaluation,
+    LocalTraining,
+    Logging,
+    Privacy,
+    SeededNoiseWarning,
+)
 from dpfl.simulation.distributed import DistContext
 from dpfl.simulation.journal import (
     JOURNAL_FILE,
@@ -209,6 +216,7 @@ class _RoundLoop:
             seed=None if self.noise_seed is None else _derive_seed(self.noise_seed, 0),
             secure=self.secure,
         )
+        self.fresh = state is None and not charges  # a new run, not a resumed one
         if self.audit is not None:
             self.audit.begin(self.trainable, self.clipper)  # before its state is restored
         start, charged = 0, 0
@@ -286,6 +294,10 @@ class _RoundLoop:
                 self._add_canaries(agg)
             clock = time.perf_counter()
             self._charge(t, spec)  # from here on the round stays charged, even if it fails
+            if self.journal is not None:
+                # Noise keyed on the charge, not the round: a round re-run after a crash is
+                # charged again and never repeats the noise of its first release.
+                self.mechanism.advance_to(self.journal.count - 1)
             timings["account"] = time.perf_counter() - clock
             clock = time.perf_counter()
             reduce = None if self.dist is None else self.dist.all_reduce_sum_
@@ -399,6 +411,10 @@ class _RoundLoop:
         for text in self.warnings:
             warnings.warn(text, RuntimeWarning, stacklevel=3)
             self.log.write({"event": "warning", "round": start, "message": text})
+        if self.noise_seed is not None and self.fresh and self.is_main:
+            # (the log's config records "noise_seeded"; the warning is for the caller)
+            message = _seeded_noise_message(self.noise_seed)
+            warnings.warn(message, SeededNoiseWarning, stacklevel=4)  # at run_rounds' caller
         bar = Progress(
             self.rounds,
             start,
@@ -456,6 +472,16 @@ class _RoundLoop:
             resumed_from=start if start > 0 else None,
             audit=audit,
         )
+
+
+def _seeded_noise_message(noise_seed: int) -> str:
+    return (
+        f"noise_seed={noise_seed}: seeded noise is for simulations only. Anyone who knows the "
+        "seed (or holds a checkpoint) can reproduce and subtract the noise, and two runs with "
+        "one noise_seed add identical noise, so the difference of their releases leaks with no "
+        "noise at all, although the ledger charges them as independent runs; use "
+        "noise_seed=None (OS entropy) for any run whose privacy matters"
+    )
 
 
 def _bounds_used(clipper: AdaptiveClip, template: Mapping[str, torch.Tensor]) -> dict[str, Any]:

@@ -42,7 +42,14 @@ from torch import nn
 
 from dpfl._checks import require_int, require_non_negative, require_positive, require_probability
 
-__all__ = ["Checkpointing", "Evaluation", "LocalTraining", "Logging", "Privacy"]
+__all__ = [
+    "Checkpointing",
+    "Evaluation",
+    "LocalTraining",
+    "Logging",
+    "Privacy",
+    "SeededNoiseWarning",
+]
 
 
 def _set(obj: object, name: str, value: object) -> None:
@@ -127,6 +134,17 @@ class LocalTraining:
                 )
 
 
+class SeededNoiseWarning(UserWarning):
+    """A run draws its noise from a seed (``Privacy(noise_seed=...)``): a simulation.
+
+    Anyone who knows the seed (or holds a checkpoint) can reproduce and subtract the noise, and
+    two runs with one seed add identical noise, so the difference of their releases has no noise
+    at all, although the ledger charges them as independent runs. ``run_rounds`` warns at the
+    start of every seeded run (not on resume); silence it in simulations with
+    ``warnings.simplefilter("ignore", SeededNoiseWarning)``.
+    """
+
+
 @dataclass(frozen=True)
 class Privacy:
     """The DP mechanism of each round and the ledger it is charged to.
@@ -145,8 +163,11 @@ class Privacy:
         delta: The δ at which ε is reported, in (0, 1).
         noise_seed: Seed of the noise generator, for **simulations only**; ``None`` (the default)
             draws the noise from OS entropy. Anyone who knows the seed can reproduce and subtract
-            the noise, and two runs with the same noise seed add identical noise, so their
-            releases are *not* independent and their ε do not compose as separate runs.
+            the noise, and two runs with the same noise seed add identical noise, so the
+            difference of their releases carries no noise at all and their ε do not compose as
+            separate runs (a :class:`SeededNoiseWarning` says so at the start of every seeded
+            run). Within one run each release's noise is keyed on its journal charge, so a round
+            re-run after a crash gets fresh noise.
         secure_noise: Hardened, unseeded noise (:class:`~dpfl.noise.GaussianMechanism`
             ``secure=True``); needs ``noise_seed=None``.
         drop_nonfinite: Drop users whose update is NaN/inf instead of raising.

@@ -11,9 +11,11 @@ immediately before it adds the noise::
 
 Each checkpoint records how many charges its ledger holds (``"charges"``); on resume the journal's
 charges beyond that number are added to the restored accountant. A round re-run after a crash is
-therefore charged again: an upper bound (a re-run seeded round repeats identical noise; an
-unseeded one draws fresh noise, and both releases are in the ledger). A charge is never
-withdrawn, not even when its round fails afterwards.
+therefore charged again, and its noise is keyed on its charge index (``charge - 1`` is the
+release index of the noise generator), so it draws fresh noise also when the noise is seeded:
+two releases with independent noise, two charges. (Identical noise twice would leak the
+difference of the two releases with no noise at all, which charging twice does not cover.) A
+charge is never withdrawn, not even when its round fails afterwards.
 
 A line torn by a crash during its own write is ignored: the process died before the release it
 announces. Any other damage (a malformed line in the middle, a gap in the charge numbers, fewer

@@ -87,8 +87,10 @@ def run_rounds(
     before it. Resuming restores it, adds the journal's charges beyond the checkpoint to the
     ledger, and continues with round t + 1. Rounds released after the checkpoint by a process that
     died are re-run and charged again: after any crash and resume the ledger holds at least as
-    many rounds as noised releases left the process (conservative: a re-run seeded round repeats
-    identical noise and is still charged). Resume refuses a checkpoint written with other privacy
+    many rounds as noised releases left the process. Each release's noise is keyed on its
+    journal charge, not its round, so a re-run round draws fresh noise also when seeded (the same
+    noise twice would leak the difference of the two releases with no noise at all, which no
+    second charge covers). Resume refuses a checkpoint written with other privacy
     settings (noise multiplier, sensitivity, clipper configuration, sampling, adjacency,
     accountant, budget, noise mode) and a ledger with fewer rounds than the round index.
 
@@ -150,8 +152,9 @@ def run_rounds(
     Warning:
         Privacy: seeded noise (``privacy.noise_seed``) is for simulations only: it is
         reproducible from the seed and from the generator state inside checkpoints, and two runs
-        with the same noise seed add identical noise, so their releases are not independent.
-        With ``noise_seed=None`` (the default) the noise comes from OS entropy and a resumed run
+        with the same noise seed add identical noise, so the difference of their releases has
+        no noise at all (a :class:`~dpfl.simulation.SeededNoiseWarning` at the start of every
+        seeded run says so). With ``noise_seed=None`` (the default) the noise comes from OS entropy and a resumed run
         draws fresh noise. A known *sampler* seed reveals the cohorts and voids amplification by
         sampling. By default nothing that depends on the realised cohort (its size, dropped
         users, clipping statistics, cohort-dependent timings) is logged, printed or returned;
