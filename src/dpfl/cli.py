@@ -30,6 +30,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from dpfl import __version__
 from dpfl._checks import require_int, require_probability
 from dpfl.accounting.accountants import PLDAccountant, RDPAccountant
 from dpfl.accounting.calibration import calibrate_noise_multiplier
@@ -105,6 +106,7 @@ def _interval(text: str) -> float | None:
 def build_parser() -> argparse.ArgumentParser:
     """Return the ``dpfl`` argument parser with every top-level command registered."""
     parser = _Parser(prog="dpfl", description="Differential-privacy federated-learning tools.")
+    parser.add_argument("--version", action="version", version=f"dpfl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_privacy_command(commands)
     add_audit_parser(commands)
