@@ -26,6 +26,14 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.2.0.dev0"
 
 _EXPORTS: dict[str, str] = {
+    "DPFLError": "dpfl._errors",
+    "NonFiniteUpdateError": "dpfl.clip",
+    "NonFiniteGradientError": "dpfl.optim",
+    "NonFiniteLossError": "dpfl.simulation",
+    "CheckpointError": "dpfl.simulation",
+    "DistributedError": "dpfl.simulation",
+    "VectorizationError": "dpfl.simulation",
+    "PLDTooLargeError": "dpfl.accounting",
     "ClipStats": "dpfl.clip",
     "GlobalClip": "dpfl.clip",
     "PerLayerClip": "dpfl.clip",
@@ -60,6 +68,14 @@ _SUBMODULES = (
 
 __all__ = [
     "__version__",
+    "DPFLError",
+    "NonFiniteUpdateError",
+    "NonFiniteGradientError",
+    "NonFiniteLossError",
+    "CheckpointError",
+    "DistributedError",
+    "VectorizationError",
+    "PLDTooLargeError",
     "ClipStats",
     "GlobalClip",
     "PerLayerClip",
@@ -92,11 +108,13 @@ __all__ = [
 
 if TYPE_CHECKING:
     from dpfl import accounting, adaptive_clip, aggregate, audit, clip, noise, optim, simulation
+    from dpfl._errors import DPFLError
     from dpfl.accounting import (
         BudgetExceededError,
         Extrapolation,
         FixedCohortRound,
         PLDAccountant,
+        PLDTooLargeError,
         PoissonRound,
         PrivacyBudget,
         RDPAccountant,
@@ -105,9 +123,15 @@ if TYPE_CHECKING:
     )
     from dpfl.adaptive_clip import AdaptiveClip
     from dpfl.aggregate import DPAggregator, ReleaseStats
-    from dpfl.clip import ClipStats, GlobalClip, PerLayerClip
+    from dpfl.clip import ClipStats, GlobalClip, NonFiniteUpdateError, PerLayerClip
     from dpfl.noise import GaussianMechanism
-    from dpfl.optim import LAMB, LARS, layerwise_adam, server_step
+    from dpfl.optim import LAMB, LARS, NonFiniteGradientError, layerwise_adam, server_step
+    from dpfl.simulation import (
+        CheckpointError,
+        DistributedError,
+        NonFiniteLossError,
+        VectorizationError,
+    )
 
 
 assert set(__all__) == {"__version__", *_EXPORTS, *_SUBMODULES}

@@ -85,6 +85,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from dpfl._errors import DPFLError
+
 __all__ = [
     "ROW",
     "SMALL",
@@ -120,7 +122,7 @@ _WIDER = {  # output dtype -> input dtypes it holds exactly
 }
 
 
-class NonFiniteUpdateError(ValueError):
+class NonFiniteUpdateError(ValueError, DPFLError):
     """A tensor of a model update holds inf or NaN. ``tensor`` is the offending key."""
 
     def __init__(self, tensor: str) -> None:

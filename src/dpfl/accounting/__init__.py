@@ -8,6 +8,7 @@ References:
     Pelikan et al., arXiv 2310.00098, section 2.4.
 """
 
+from dpfl.accounting._pld import PLDTooLargeError
 from dpfl.accounting.accountants import (
     DEFAULT_VALUE_DISCRETIZATION_INTERVAL,
     PLDAccountant,
@@ -36,6 +37,7 @@ __all__ = [
     "Extrapolation",
     "FixedCohortRound",
     "PLDAccountant",
+    "PLDTooLargeError",
     "PoissonRound",
     "PrivacyBudget",
     "RDPAccountant",

@@ -35,6 +35,8 @@ from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.pld import privacy_loss_mechanism as mechanism
 from scipy import fft, special
 
+from dpfl._errors import DPFLError
+
 __all__ = ["MAX_POINTS", "PLDTooLargeError", "gaussian_pld", "round_points", "self_compose"]
 
 #: Most grid points one privacy-loss array may have (per direction). 2**24 float64 values are
@@ -47,7 +49,7 @@ _TAIL_MASS_TRUNCATION = 1e-15
 _ORDERS = np.concatenate((np.arange(-20, 0), np.arange(1, 21))).astype(np.float64)
 
 
-class PLDTooLargeError(ValueError):
+class PLDTooLargeError(ValueError, DPFLError):
     """A PLD computation would need more than :data:`MAX_POINTS` grid points."""
 
     def __init__(self, message: str, points: float) -> None:

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from dpfl._checks import require_positive, require_probability
+from dpfl._errors import DPFLError
 
 __all__ = ["BudgetExceededError", "PrivacyBudget"]
 
 
-class BudgetExceededError(RuntimeError):
+class BudgetExceededError(RuntimeError, DPFLError):
     """Raised by ``add_rounds`` when the new rounds would push ε past the budget.
 
     The accountant's ledger is left unchanged when this is raised, so training can stop cleanly

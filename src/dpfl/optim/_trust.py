@@ -32,13 +32,14 @@ import torch
 from torch import Tensor
 
 from dpfl._checks import require_positive
+from dpfl._errors import DPFLError
 
 __all__ = ["NonFiniteGradientError", "trust_ratio", "trust_ratio_groups"]
 
 _FOREACH_DEVICES = ("cpu", "cuda")
 
 
-class NonFiniteGradientError(ValueError):
+class NonFiniteGradientError(ValueError, DPFLError):
     """A gradient holds NaN or ±inf; raised by ``step(check_finite=True)`` before any change.
 
     Attributes:

@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from dpfl._errors import DPFLError
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
@@ -56,7 +58,7 @@ CHECKPOINT_VERSION = 1
 _RESERVED = ("format", "version", "digest")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ValueError, DPFLError):
     """A checkpoint file is corrupt, truncated, foreign or does not match the current run.
 
     The message starts with the file path and says what is wrong and how to fix it.

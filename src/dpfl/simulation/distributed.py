@@ -45,13 +45,14 @@ import torch
 import torch.distributed as tdist
 
 from dpfl._checks import require_positive
+from dpfl._errors import DPFLError
 
 __all__ = ["DistContext", "DistributedError", "init_distributed", "shutdown_distributed"]
 
 T = TypeVar("T")
 
 
-class DistributedError(RuntimeError):
+class DistributedError(RuntimeError, DPFLError):
     """A collective failed: a peer rank died, was killed, or did not answer within the timeout."""
 
 

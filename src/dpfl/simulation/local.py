@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from dpfl._checks import require_int, require_positive
+from dpfl._errors import DPFLError
 
 __all__ = ["NonFiniteLossError", "train_local"]
 
@@ -37,7 +38,7 @@ LossFn = Callable[[Any, Any], Tensor]
 CLIP_EPS = 1e-6
 
 
-class NonFiniteLossError(ValueError):
+class NonFiniteLossError(ValueError, DPFLError):
     """A user's local loss or gradient became NaN or infinite.
 
     Attributes:

@@ -39,6 +39,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
 from dpfl._checks import require_int, require_positive
+from dpfl._errors import DPFLError
 from dpfl.simulation.local import (
     CLIP_EPS,
     NonFiniteLossError,
@@ -58,7 +59,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class VectorizationError(RuntimeError):
+class VectorizationError(RuntimeError, DPFLError):
     """The cohort could not be vectorized and ``fallback=False`` forbade the sequential loop."""
 
 
