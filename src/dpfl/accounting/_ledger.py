@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import dp_accounting
 
 from dpfl._checks import require_int, require_non_negative, require_probability
+from dpfl.accounting._dp_events import rounds_of_event
 from dpfl.accounting.budget import BudgetExceededError, PrivacyBudget
 from dpfl.accounting.events import (
     ADD_OR_REMOVE_ONE,
@@ -66,20 +67,30 @@ class _LedgerAccountant(abc.ABC):
         return list(self._ledger)
 
     # ----------------------------------------------------------------- composition
-    def add_rounds(self, round: Round, count: int = 1) -> None:
+    def add_rounds(self, round: Round | dp_accounting.DpEvent, count: int = 1) -> None:
         """Compose ``count`` identical rounds into the ledger.
 
         Args:
-            round: a :class:`PoissonRound` or :class:`FixedCohortRound` whose adjacency matches
-                this accountant's.
-            count: number of rounds, an integer >= 0 (0 is a no-op).
+            round: a [`PoissonRound`][dpfl.accounting.PoissonRound] or
+                [`FixedCohortRound`][dpfl.accounting.FixedCohortRound] whose adjacency matches
+                this accountant's, or a dp_accounting ``DpEvent`` describing such rounds: a
+                ``PoissonSampledDpEvent`` (add/remove-one) or ``SampledWithoutReplacementDpEvent``
+                (replace-one; its Gaussian's multiplier is relative to the replace-one
+                sensitivity ``2C``) of a ``GaussianDpEvent``, an unsampled ``GaussianDpEvent``
+                (a round that includes everyone), and ``SelfComposedDpEvent`` /
+                ``ComposedDpEvent`` of these, such as another accountant's
+                [`dp_event`][dpfl.accounting.RDPAccountant.dp_event]. The event is charged as
+                those rounds, with every check below.
+            count: number of times to compose ``round``, an integer >= 0 (0 is a no-op).
 
         Raises:
             BudgetExceededError: if a budget is set and the new ledger's ε at ``budget.delta`` would
                 exceed ``budget.epsilon``; the ledger is left unchanged.
-            ValueError: if the round cannot be accounted by this accountant (wrong adjacency or an
-                unsupported round type); the ledger is left unchanged.
-            TypeError: if ``round`` is not a round spec or ``count`` is not an integer.
+            ValueError: if the round cannot be accounted by this accountant (wrong adjacency, an
+                unsupported round type or a ``DpEvent`` of another mechanism); the ledger is left
+                unchanged.
+            TypeError: if ``round`` is neither a round spec nor a ``DpEvent``, or ``count`` is not
+                an integer.
         """
         candidate = self._extended(round, count)
         if self._budget is not None and candidate != self._ledger:
@@ -93,8 +104,12 @@ class _LedgerAccountant(abc.ABC):
                 )
         self._ledger = candidate
 
-    def would_exceed(self, round: Round, count: int = 1) -> bool:
+    def would_exceed(self, round: Round | dp_accounting.DpEvent, count: int = 1) -> bool:
         """Whether ``add_rounds(round, count)`` would exceed the budget (``False`` with no budget).
+
+        Args:
+            round: a round spec or a ``DpEvent``, as for :meth:`add_rounds`.
+            count: number of times to compose it, an integer >= 0.
 
         Raises:
             ValueError, TypeError: as :meth:`add_rounds` for an invalid round or count.
@@ -203,12 +218,29 @@ class _LedgerAccountant(abc.ABC):
 
     # ----------------------------------------------------------------- internals
     def _extended(
-        self, round: Round, count: Any, *, ledger: Ledger | None = None, minimum: int = 0
+        self,
+        round: Round | dp_accounting.DpEvent,
+        count: Any,
+        *,
+        ledger: Ledger | None = None,
+        minimum: int = 0,
     ) -> Ledger:
         """Validate ``(round, count)`` and return the ledger with it appended (merged)."""
+        if isinstance(round, dp_accounting.DpEvent):
+            count = require_int("count", count, minimum=minimum)
+            entries = rounds_of_event(round)
+            if len({rnd for rnd, _ in entries}) == 1:
+                entries = [(entries[0][0], count * sum(c for _, c in entries))]
+            else:
+                entries = entries * count
+            extended = self._ledger if ledger is None else ledger
+            for rnd, times in entries:
+                extended = self._extended(rnd, times, ledger=extended)
+            return extended
         if not isinstance(round, PoissonRound | FixedCohortRound):
             raise TypeError(
-                f"round must be a PoissonRound or FixedCohortRound, got {type(round).__name__}"
+                "round must be a PoissonRound, a FixedCohortRound or a dp_accounting DpEvent, "
+                f"got {type(round).__name__}"
             )
         count = require_int("count", count, minimum=minimum)
         self._check_supported(round)
