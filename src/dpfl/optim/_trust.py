@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dpfl._checks import require_positive
+from dpfl._checks import require_non_negative, require_positive
 from dpfl._errors import DPFLError
 
 __all__ = ["NonFiniteGradientError", "trust_ratio", "trust_ratio_groups"]
@@ -151,6 +151,29 @@ def trust_ratio_groups(
     if excluded:
         groups.append({"params": excluded, "trust_ratio": False})
     return groups
+
+
+def check_lr(lr: Any) -> float:
+    """The learning rate as a float: a real number or a one-element floating-point Tensor, >= 0.
+
+    A Tensor ``lr`` (as ``torch.optim`` accepts, e.g. updated in place by a scheduler) is read
+    with ``.item()`` at each step.
+    """
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(
+                "lr as a Tensor must hold exactly one floating-point value, got "
+                f"shape {tuple(lr.shape)} and dtype {lr.dtype}"
+            )
+        lr = lr.item()
+    return require_non_negative("lr", lr)
+
+
+def with_float_lr(group: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``group`` itself, or a copy with a Tensor ``lr`` read as a float (validated)."""
+    if isinstance(group["lr"], Tensor):
+        return {**group, "lr": check_lr(group["lr"])}
+    return group
 
 
 def validate_common(group: Mapping[str, Any]) -> None:

@@ -35,10 +35,12 @@ from dpfl.optim import _kernel, _lamb_fused
 from dpfl.optim._trust import (
     NonFiniteGradientError,
     _LayerwiseOptimizer,
+    check_lr,
     first_non_finite,
     group_by_device_and_dtype,
     trust_ratio,
     validate_common,
+    with_float_lr,
 )
 
 __all__ = ["LAMB", "layerwise_adam"]
@@ -50,7 +52,8 @@ class LAMB(_LayerwiseOptimizer):
     Args:
         params: Parameters or parameter groups (dicts may override any option below, including
             ``trust_ratio=False`` to exclude e.g. biases and LayerNorm from the ratio).
-        lr: Learning rate η (>= 0). Works with ``torch.optim.lr_scheduler``.
+        lr: Learning rate η (>= 0): a float, or a one-element Tensor as ``torch.optim``
+            accepts (read with ``.item()`` at each step). Works with ``torch.optim.lr_scheduler``.
         betas: ``(β1, β2)``, each in [0, 1).
         eps: ξ added to ``√v̂`` (>= 0). Default 1e-6 as in the paper.
         weight_decay: λ, added to the direction before the trust ratio (>= 0).
@@ -90,7 +93,7 @@ class LAMB(_LayerwiseOptimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float,
+        lr: float | Tensor,
         *,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
@@ -141,7 +144,7 @@ class LAMB(_LayerwiseOptimizer):
             self._finite_scope = previous
 
     def _validate_group(self, group: Mapping[str, Any]) -> None:
-        require_non_negative("lr", group["lr"])
+        check_lr(group["lr"])
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
@@ -216,7 +219,8 @@ class LAMB(_LayerwiseOptimizer):
         """
         loss = self._evaluate(closure)
         work = []
-        for index, group in enumerate(self.param_groups):
+        for index, raw_group in enumerate(self.param_groups):
+            group = with_float_lr(raw_group)  # a Tensor lr is read (and checked) once per step
             pairs = self._params_with_grad(group)
             if pairs:
                 params = [p for p, _ in pairs]
@@ -414,7 +418,7 @@ def _lamb_foreach(
 
 def layerwise_adam(
     params: Iterable[Tensor] | Iterable[dict[str, Any]],
-    lr: float,
+    lr: float | Tensor,
     *,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-6,
