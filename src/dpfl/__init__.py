@@ -1,17 +1,26 @@
 """dpfl: differential-privacy federated-learning primitives for PyTorch.
 
-The top level re-exports the primitives most users need; each lives in its own module:
+The top level re-exports the names most programs need; each is documented on the page of the
+module it lives in:
 
-- :mod:`dpfl.clip` — :class:`GlobalClip`, :class:`PerLayerClip`
-- :mod:`dpfl.adaptive_clip` — :class:`AdaptiveClip` (global or per-layer adaptive bounds)
-- :mod:`dpfl.noise` — :class:`GaussianMechanism`
-- :mod:`dpfl.aggregate` — :class:`DPAggregator`
-- :mod:`dpfl.accounting` — :class:`RDPAccountant`, :class:`PLDAccountant`, calibration, extrapolation
-- :mod:`dpfl.optim` — :class:`LAMB`, :class:`LARS`, :func:`layerwise_adam`, :func:`server_step`
-- :mod:`dpfl.simulation` — samplers, local and vectorized training, the round loop, checkpoints
-- :mod:`dpfl.audit` — empirical privacy: canary in/out lower bounds, one-shot canary estimation
+- [`dpfl.clip`][dpfl.clip]: [`GlobalClip`][dpfl.clip.GlobalClip],
+  [`PerLayerClip`][dpfl.clip.PerLayerClip];
+- [`dpfl.adaptive_clip`][dpfl.adaptive_clip]:
+  [`AdaptiveClip`][dpfl.adaptive_clip.AdaptiveClip] (global or per-layer adaptive bounds);
+- [`dpfl.noise`][dpfl.noise]: [`GaussianMechanism`][dpfl.noise.GaussianMechanism];
+- [`dpfl.aggregate`][dpfl.aggregate]: [`DPAggregator`][dpfl.aggregate.DPAggregator];
+- [`dpfl.accounting`][dpfl.accounting]: [`RDPAccountant`][dpfl.accounting.RDPAccountant],
+  [`PLDAccountant`][dpfl.accounting.PLDAccountant], calibration, extrapolation;
+- [`dpfl.optim`][dpfl.optim]: [`LAMB`][dpfl.optim.LAMB], [`LARS`][dpfl.optim.LARS],
+  [`layerwise_adam`][dpfl.optim.layerwise_adam], [`server_step`][dpfl.optim.server_step];
+- [`dpfl.simulation`][dpfl.simulation]: samplers, local and vectorized training, the round
+  loop, checkpoints;
+- [`dpfl.audit`][dpfl.audit]: empirical privacy (canary in/out lower bounds, one-shot canary
+  estimation);
+- every exception dpfl raises derives from [`DPFLError`][dpfl.DPFLError].
 
-Names are imported lazily so that ``import dpfl.accounting`` stays free of torch.
+Names are imported lazily, so ``import dpfl`` and ``import dpfl.accounting`` do not import
+torch. ``dpfl.__version__`` is the version string; ``dpfl --version`` prints it.
 
 References:
     Pelikan et al., "Enabling Differentially Private Federated Learning for Speech Recognition:

@@ -1,4 +1,4 @@
-"""Gaussian noise sampler behind :class:`dpfl.noise.GaussianMechanism`.
+"""Gaussian noise sampler behind [`dpfl.noise.GaussianMechanism`][dpfl.noise.GaussianMechanism].
 
 Three stages, each small enough to check on its own:
 
@@ -8,20 +8,20 @@ Three stages, each small enough to check on its own:
    (both 8 bytes, big-endian; a block is two 64-bit words); on other devices a
    ``torch.Generator`` of the device, seeded per piece with a keyed BLAKE2b hash of
    ``(release, offset)``.
-2. **Transform.** :func:`box_muller_` turns ``p`` radius words (int64) and ``p`` angle words
+2. **Transform.** ``box_muller_`` turns ``p`` radius words (int64) and ``p`` angle words
    (int32 for float32 output, int64 for float64) into ``2p`` standard normals:
    ``u1 = (|float(b1)| + 1/2) · 2^-63`` in ``[2^-64, 1]``, ``θ = 2π · b2 / 2^w``,
    ``r = sqrt(-2 ln u1)``, outputs ``r cos θ`` and ``r sin θ``. Because ``b1`` is read as a float
    (24 or 53 significant bits but its full 64-bit range), ``u1`` reaches ``2^-64`` and the
-   largest attainable ``|draw|`` is ``sqrt(128 ln 2) ≈ 9.419`` (:data:`MAX_ABS_NORMAL`), against
+   largest attainable ``|draw|`` is ``sqrt(128 ln 2) ≈ 9.419`` ([`MAX_ABS_NORMAL`][dpfl.noise.MAX_ABS_NORMAL]), against
    ``sqrt(48 ln 2) ≈ 5.77`` for Box–Muller on 24-bit uniforms (torch's float32 ``normal_``).
    The transform runs in float64 for float64 targets and in float32 otherwise.
-3. **Add.** Each tensor is cut into fixed pieces (:data:`PIECE` elements on the CPU); a piece's
+3. **Add.** Each tensor is cut into fixed pieces (``PIECE`` elements on the CPU); a piece's
    words sit at a fixed offset of the release's stream, so the noise does not depend on how
    pieces are shared among threads. ``target += scale · normals`` from reused per-thread
    scratch buffers: no allocation per tensor or per piece.
 
-Secure mode sums :data:`SECURE_DRAWS` (4) normals from four different Box–Muller pairs per
+Secure mode sums [`SECURE_DRAWS`][dpfl.noise.SECURE_DRAWS] (4) normals from four different Box–Muller pairs per
 coordinate and halves the sum (Holohan & Braghin, arXiv 2107.10138).
 
 References: Box & Muller, Ann. Math. Statist. 29 (1958) 610; Holohan & Braghin,
@@ -51,7 +51,7 @@ __all__ = [
     "max_abs_draw",
 ]
 
-#: Largest attainable ``|draw|`` of :func:`box_muller_`: ``sqrt(-2 ln 2^-64) = sqrt(128 ln 2)``.
+#: Largest attainable ``|draw|`` of ``box_muller_``: ``sqrt(-2 ln 2^-64) = sqrt(128 ln 2)``.
 MAX_ABS_NORMAL = math.sqrt(128.0 * math.log(2.0))
 #: Normals summed per coordinate in secure mode (each from its own Box–Muller pair).
 SECURE_DRAWS = 4
@@ -75,7 +75,7 @@ _CONST: dict[str, Tensor] = {
 
 
 def max_abs_draw(secure: bool) -> float:
-    """Largest attainable ``|noise| / std``: :data:`MAX_ABS_NORMAL` (secure: the sum of four
+    """Largest attainable ``|noise| / std``: [`MAX_ABS_NORMAL`][dpfl.noise.MAX_ABS_NORMAL] (secure: the sum of four
     such draws, halved, i.e. twice as much)."""
     return MAX_ABS_NORMAL * (math.sqrt(SECURE_DRAWS) if secure else 1.0)
 
@@ -114,7 +114,7 @@ def _box_muller(
     radius: Tensor,
     angle: Tensor,
 ) -> None:
-    """:func:`box_muller_` on views made once: ``cos``/``sin`` are ``out[:p]``/``out[p:]``,
+    """``box_muller_`` on views made once: ``cos``/``sin`` are ``out[:p]``/``out[p:]``,
     ``rows`` is ``out.view(2, p)`` (a view costs about as much as a small op)."""
     unit = _CONST["2pi/2^32"] if angle_bits.dtype == torch.int32 else _CONST["2pi/2^64"]
     radius.copy_(radius_bits).abs_()

@@ -2,7 +2,7 @@
 
 Top-level commands are argparse subcommands; each registers itself through an ``add_*`` function
 so more can be added without touching the others: ``dpfl privacy`` (below) and ``dpfl audit``
-(empirical ε from saved canary cosines or in/out trial counts, :mod:`dpfl.audit`).
+(empirical ε from saved canary cosines or in/out trial counts, [`dpfl.audit`][dpfl.audit]).
 ``dpfl privacy`` answers the accounting questions of a DP-FL run::
 
     dpfl privacy epsilon --noise-multiplier 0.6144 --sample-rate 0.002947 --rounds 2034 --delta 1e-9
@@ -114,7 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``dpfl`` command line and return its exit status (0 ok, 2 bad arguments)."""
+    """Run the ``dpfl`` command line and return its exit status (0 ok, 2 bad arguments).
+
+    Args:
+        argv: The arguments after ``dpfl`` (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status; errors are reported on stderr, never as a traceback.
+    """
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

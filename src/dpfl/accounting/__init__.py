@@ -1,7 +1,7 @@
 """Privacy accounting for DP federated learning, built on Google's ``dp_accounting``.
 
-Round specifications (:class:`PoissonRound`, :class:`FixedCohortRound`), ledger accountants
-(:class:`RDPAccountant`, :class:`PLDAccountant`) with an optional :class:`PrivacyBudget`, noise
+Round specifications ([`PoissonRound`][dpfl.accounting.PoissonRound], [`FixedCohortRound`][dpfl.accounting.FixedCohortRound]), ledger accountants
+([`RDPAccountant`][dpfl.accounting.RDPAccountant], [`PLDAccountant`][dpfl.accounting.PLDAccountant]) with an optional [`PrivacyBudget`][dpfl.accounting.PrivacyBudget], noise
 calibration and population extrapolation. This package imports neither torch nor model code.
 
 References:

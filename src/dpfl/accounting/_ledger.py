@@ -108,11 +108,11 @@ class _LedgerAccountant(abc.ABC):
         """Whether ``add_rounds(round, count)`` would exceed the budget (``False`` with no budget).
 
         Args:
-            round: a round spec or a ``DpEvent``, as for :meth:`add_rounds`.
+            round: a round spec or a ``DpEvent``, as for ``add_rounds``.
             count: number of times to compose it, an integer >= 0.
 
         Raises:
-            ValueError, TypeError: as :meth:`add_rounds` for an invalid round or count.
+            ValueError, TypeError: as ``add_rounds`` for an invalid round or count.
         """
         candidate = self._extended(round, count)
         if self._budget is None:
@@ -153,14 +153,14 @@ class _LedgerAccountant(abc.ABC):
         """The ledger as a ``ComposedDpEvent`` of ``SelfComposedDpEvent(round.dp_event(), count)``.
 
         Feed it to any dp_accounting accountant (constructed with the same neighbouring relation)
-        to reproduce or cross-check this accountant's numbers (for a :class:`PLDAccountant`, at the
-        grid :meth:`PLDAccountant.discretization_interval` reports).
+        to reproduce or cross-check this accountant's numbers (for a [`PLDAccountant`][dpfl.accounting.PLDAccountant], at the
+        grid [`PLDAccountant.discretization_interval`][dpfl.accounting.PLDAccountant.discretization_interval] reports).
         """
         return _ledger_event(self._ledger)
 
     # ----------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """Return the privacy history as a JSON-able plain dict (see :meth:`load_state_dict`)."""
+        """Return the privacy history as a JSON-able plain dict (see ``load_state_dict``)."""
         return {
             "format": _FORMAT,
             "accountant": self.kind,
@@ -171,7 +171,7 @@ class _LedgerAccountant(abc.ABC):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Replace the ledger and budget with those of ``state`` (from :meth:`state_dict`).
+        """Replace the ledger and budget with those of ``state`` (from ``state_dict``).
 
         The state is validated in full before anything changes: it must come from the same kind
         of accountant with the same adjacency and backend options, and every round must be valid.

@@ -52,7 +52,14 @@ class PrivacyBudget:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PrivacyBudget:
-        """Rebuild a budget from :meth:`to_dict` output, validating both fields."""
+        """Rebuild a budget from [`to_dict`][dpfl.accounting.PrivacyBudget.to_dict] output.
+
+        Args:
+            data: The dict from ``to_dict()`` (keys ``"epsilon"`` and ``"delta"``), validated.
+
+        Raises:
+            ValueError: if a key is missing or a value is out of range.
+        """
         if not isinstance(data, Mapping) or set(data) != {"epsilon", "delta"}:
             raise ValueError(f"budget must be a dict with keys 'epsilon' and 'delta', got {data!r}")
         return cls(epsilon=data["epsilon"], delta=data["delta"])

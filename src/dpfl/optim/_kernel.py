@@ -5,14 +5,14 @@ eager torch operation computes ``‖m̂/(√v̂+eps) + λθ‖`` without materia
 kernel does one tensor's whole step in one call: a pass that updates the moments and accumulates
 ``Σr²`` and ``Σθ²`` in float64, the trust ratio, and the parameter update pass, which runs while
 the tensor is still in the CPU cache (see
-:mod:`dpfl.optim._lamb_fused`). A second function tests a tensor for NaN/inf in one read pass.
+``_lamb_fused``). A second function tests a tensor for NaN/inf in one read pass.
 
 The C source is about 90 lines, compiled with ``$CC`` (else ``cc``/``gcc``/``clang``) into a
 per-user cache directory (``$DPFL_KERNEL_DIR``, else ``$XDG_CACHE_HOME/dpfl`` or ``~/.cache/dpfl``)
-keyed by a hash of the source, flags and compiler, and loaded with :mod:`ctypes`. It links the
+keyed by a hash of the source, flags and compiler, and loaded with ``ctypes``. It links the
 OpenMP runtime that torch has already loaded (same ``libgomp.so.1`` soname), so it uses torch's
 threads and ``torch.set_num_threads``. Where no compiler is found or the build fails,
-:func:`load` returns None and :func:`unavailable_reason` says why; callers fall back to the
+``load`` returns None and ``unavailable_reason`` says why; callers fall back to the
 ``foreach`` path (or raise for an explicit ``fused=True``).
 """
 
@@ -323,7 +323,7 @@ def load() -> Kernel | None:
 
 
 def unavailable_reason() -> str | None:
-    """Why :func:`load` returns None (compiler missing, build error...), or None if it works."""
+    """Why ``load`` returns None (compiler missing, build error...), or None if it works."""
     result = _load()
     return None if isinstance(result, Kernel) else result
 

@@ -4,16 +4,16 @@
 server, one ratio per parameter tensor h: the step for tensor h is rescaled so that its size is set
 by ``‖θ_h‖`` rather than by the scale of the (noisy, clipped) pseudo-gradient. This module holds:
 
-* :func:`trust_ratio`, the vectorized kernel (ratio taken as 1 when either norm is 0, optionally
+* [`trust_ratio`][dpfl.optim.trust_ratio], the vectorized kernel (ratio taken as 1 when either norm is 0, optionally
   clipped from above),
-* :func:`trust_ratio_groups`, a helper that builds parameter groups excluding some named tensors
+* [`trust_ratio_groups`][dpfl.optim.trust_ratio_groups], a helper that builds parameter groups excluding some named tensors
   (e.g. biases and LayerNorm parameters) from the ratio,
-* ``_LayerwiseOptimizer``, the ``torch.optim.Optimizer`` base class of :class:`~dpfl.optim.LAMB`
-  and :class:`~dpfl.optim.LARS` (group validation, ``exclude_from_trust`` splitting, the choice
+* ``_LayerwiseOptimizer``, the ``torch.optim.Optimizer`` base class of [`LAMB`][dpfl.optim.LAMB]
+  and [`LARS`][dpfl.optim.LARS] (group validation, ``exclude_from_trust`` splitting, the choice
   between the ``torch._foreach_*`` fast path and the per-tensor reference path; LAMB adds a
   fused CPU path),
-* :class:`NonFiniteGradientError` and ``first_non_finite``, the finiteness check that
-  ``step(check_finite=True)`` and :func:`~dpfl.optim.server_step` share.
+* [`NonFiniteGradientError`][dpfl.optim.NonFiniteGradientError] and ``first_non_finite``, the finiteness check that
+  ``step(check_finite=True)`` and [`server_step`][dpfl.optim.server_step] share.
 
 References:
     Pelikan et al., "Enabling Differentially Private Federated Learning for Speech Recognition:
@@ -41,6 +41,12 @@ _FOREACH_DEVICES = ("cpu", "cuda")
 
 class NonFiniteGradientError(ValueError, DPFLError):
     """A gradient holds NaN or ±inf; raised by ``step(check_finite=True)`` before any change.
+
+    A ``ValueError``, raised before any parameter or optimizer state changes.
+
+    Args:
+        message: What is wrong, naming the parameter group and index.
+        param: The parameter tensor whose ``.grad`` is not finite.
 
     Attributes:
         param: The parameter tensor whose ``.grad`` is not finite (callers map it to a name).
@@ -124,7 +130,7 @@ def trust_ratio_groups(
             ``lambda n, p: "norm" in n``.
 
     Returns:
-        Parameter groups for :class:`~dpfl.optim.LAMB` / :class:`~dpfl.optim.LARS`: first the
+        Parameter groups for [`LAMB`][dpfl.optim.LAMB] / [`LARS`][dpfl.optim.LARS]: first the
         included tensors, then the excluded ones with ``"trust_ratio": False``. Empty groups are
         omitted.
 

@@ -62,15 +62,15 @@ class LAMB(_LayerwiseOptimizer):
         exclude_from_trust: Optional predicate ``param -> bool``; matching tensors of every
             trust-ratio group are moved into a sibling group with ``trust_ratio=False``
             (e.g. ``lambda p: p.ndim <= 1``). For name-based rules use
-            :func:`~dpfl.optim.trust_ratio_groups`.
+            [`trust_ratio_groups`][dpfl.optim.trust_ratio_groups].
         maximize: Use ``−g`` as the gradient (as in ``torch.optim.Adam``); default False.
-            :func:`~dpfl.optim.server_step` sets it to pass the update ``Δ = −g`` without copying.
+            [`server_step`][dpfl.optim.server_step] sets it to pass the update ``Δ = −g`` without copying.
         foreach: With ``fused`` not True: None picks the ``torch._foreach_*`` path when all
             tensors are dense and on CPU/CUDA; True/False forces the ``foreach`` path or the
             per-tensor reference path.
         fused: The fused CPU path (one C call per tensor: a moment-and-norm pass, then the
             update while the tensor is still in cache; needs a C compiler once, see
-            :mod:`dpfl.optim._kernel`). None (default) uses it when ``foreach`` is None, every
+            [the kernel's source](https://github.com/dpfl-dev/dpfl/blob/main/src/dpfl/optim/_kernel.py)). None (default) uses it when ``foreach`` is None, every
             tensor of the group is a contiguous float32/float64 CPU tensor and the kernel can be
             built (else as ``foreach`` says, with a warning if the build failed); True requires
             it (``RuntimeError`` naming the reason where it cannot run); False never uses it.
@@ -122,9 +122,9 @@ class LAMB(_LayerwiseOptimizer):
 
     @contextlib.contextmanager
     def checking_finite(self) -> Iterator[None]:
-        """Within the block every :meth:`step` checks finiteness as with ``check_finite=True``.
+        """Within the block every [`step`][dpfl.optim.LAMB.step] checks finiteness as with ``check_finite=True``.
 
-        :func:`~dpfl.optim.server_step` uses it, so a subclass whose ``step(closure)`` calls
+        [`server_step`][dpfl.optim.server_step] uses it, so a subclass whose ``step(closure)`` calls
         ``super().step(closure)`` keeps the check.
 
         Examples:
@@ -134,7 +134,7 @@ class LAMB(_LayerwiseOptimizer):
             >>> with opt.checking_finite():
             ...     opt.step()  # doctest: +IGNORE_EXCEPTION_DETAIL
             Traceback (most recent call last):
-            dpfl.optim._trust.NonFiniteGradientError: ...
+            NonFiniteGradientError: ...
         """
         previous = getattr(self, "_finite_scope", False)
         self._finite_scope = True
@@ -163,6 +163,9 @@ class LAMB(_LayerwiseOptimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validate and register a group; with ``fused=True`` also check that it can run fused.
+
+        Args:
+            param_group: A dict with ``"params"`` and any option of the constructor to override.
 
         Raises:
             ValueError: If an option is out of range (the message names it); no group is added.
@@ -206,8 +209,8 @@ class LAMB(_LayerwiseOptimizer):
 
         Args:
             closure: Optional closure re-evaluating the model and returning the loss.
-            check_finite: Raise :class:`~dpfl.optim.NonFiniteGradientError` if any gradient
-                holds NaN/inf (always on inside :meth:`checking_finite`). Costs one read pass
+            check_finite: Raise [`NonFiniteGradientError`][dpfl.optim.NonFiniteGradientError] if any gradient
+                holds NaN/inf (always on inside [`checking_finite`][dpfl.optim.LAMB.checking_finite]). Costs one read pass
                 over the gradients, before any tensor changes.
 
         Returns:
@@ -429,7 +432,7 @@ def layerwise_adam(
 ) -> LAMB:
     """Layer-wise-normalized Adam: Adam's update rescaled by the per-tensor trust ratio.
 
-    This is a composition, not a new class: it returns :class:`LAMB` with ``weight_decay=0`` and
+    This is a composition, not a new class: it returns [`LAMB`][dpfl.optim.LAMB] with ``weight_decay=0`` and
     ``trust_ratio=True``, i.e. ``θ_h ← θ_h − lr · (‖θ_h‖/‖a_h‖) · a_h`` with Adam's direction
     ``a_h = m̂_h / (√v̂_h + eps)``. Use ``torch.optim.Adam`` as the unnormalized baseline.
 
@@ -440,11 +443,11 @@ def layerwise_adam(
         eps: Added to ``√v̂`` (>= 0).
         trust_clip: Optional upper bound on the trust ratio.
         exclude_from_trust: Optional predicate ``param -> bool`` excluding tensors from the ratio.
-        foreach: Fast-path selection, as in :class:`LAMB`.
-        fused: Fused CPU path selection, as in :class:`LAMB` (None: use it where it can run).
+        foreach: Fast-path selection, as in [`LAMB`][dpfl.optim.LAMB].
+        fused: Fused CPU path selection, as in [`LAMB`][dpfl.optim.LAMB] (None: use it where it can run).
 
     Returns:
-        A configured :class:`LAMB` optimizer.
+        A configured [`LAMB`][dpfl.optim.LAMB] optimizer.
 
     Raises:
         ValueError: If an option is out of range (the message names it).

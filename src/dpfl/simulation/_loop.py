@@ -1,4 +1,4 @@
-"""The state and phases of one :func:`~dpfl.simulation.run_rounds` call (see its docstring)."""
+"""The state and phases of one [`run_rounds`][dpfl.simulation.run_rounds] call (see its docstring)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 
 class _RoundLoop:
-    """State and phases of one :func:`run_rounds` call (validated in the constructor)."""
+    """State and phases of one [`run_rounds`][dpfl.simulation.run_rounds] call (validated in the constructor)."""
 
     def __init__(
         self,

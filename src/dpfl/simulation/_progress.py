@@ -1,8 +1,8 @@
 """Reporting for the round loop: round records, run result, JSON-lines log, progress display.
 
-:class:`RoundRecord` and :class:`RunResult` are public through :mod:`dpfl.simulation.rounds`;
-:class:`RunLog` writes one JSON object per line and repairs the log when a run resumes from a
-checkpoint; :class:`Progress` shows a tqdm bar on terminals and plain lines elsewhere.
+[`RoundRecord`][dpfl.simulation.RoundRecord] and [`RunResult`][dpfl.simulation.RunResult] are public through ``dpfl.simulation.rounds``;
+``RunLog`` writes one JSON object per line and repairs the log when a run resumes from a
+checkpoint; ``Progress`` shows a tqdm bar on terminals and plain lines elsewhere.
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ __all__ = [
 ]
 
 StopReason = Literal["completed", "budget"]
+"""Why [`run_rounds`][dpfl.simulation.run_rounds] stopped (``RunResult.stop_reason``).
+
+``"completed"``: every requested round ran. ``"budget"``: the next round would have taken ε past
+the accountant's budget, so it was not run (nothing was released or charged for it).
+"""
 
 
 #: What the log header, stderr and the docs say when ``Logging(unsafe_metrics=True)``.
@@ -96,7 +101,7 @@ class RoundRecord:
 
 @dataclass(frozen=True)
 class RunResult:
-    """Outcome of :func:`run_rounds`.
+    """Outcome of [`run_rounds`][dpfl.simulation.run_rounds].
 
     Attributes:
         rounds_completed: rounds completed in total, including rounds restored from a checkpoint.
@@ -109,7 +114,7 @@ class RunResult:
         resumed_from: the round index restored from a checkpoint, or ``None`` for a fresh start.
         audit: with ``run_rounds(audit=CanaryAudit(k))``, the one-shot empirical estimate
             (``empirical_epsilon`` at ``delta`` and its details, see
-            :meth:`dpfl.audit.CanaryEstimate.to_dict`) to set beside ``epsilon``; else ``None``.
+            [`dpfl.audit.CanaryEstimate.to_dict`][dpfl.audit.CanaryEstimate.to_dict]) to set beside ``epsilon``; else ``None``.
     """
 
     rounds_completed: int
@@ -263,7 +268,7 @@ class RunLog:
         """Open the log of a run starting after round ``start`` (0: fresh, else a resume).
 
         A fresh run empties the log and writes a ``start`` event with the configuration; a
-        resumed run drops the events after round ``start`` (see :meth:`truncate_after`) and writes
+        resumed run drops the events after round ``start`` (see ``truncate_after``) and writes
         a ``resume`` event. Both say whether unsafe metrics follow, with a warning if they do.
         """
         header: dict[str, Any] = {"world_size": world_size, "unsafe_metrics": unsafe}

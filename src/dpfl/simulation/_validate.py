@@ -1,4 +1,4 @@
-"""Argument checks of :func:`~dpfl.simulation.run_rounds`, all made before any training or I/O."""
+"""Argument checks of [`run_rounds`][dpfl.simulation.run_rounds], all made before any training or I/O."""
 
 from __future__ import annotations
 

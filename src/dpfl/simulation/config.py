@@ -1,13 +1,13 @@
-"""The knobs of :func:`~dpfl.simulation.run_rounds`, grouped by concern into frozen dataclasses.
+"""The knobs of [`run_rounds`][dpfl.simulation.run_rounds], grouped by concern into frozen dataclasses.
 
-* :class:`LocalTraining`: what each sampled user does (local SGD learning rate, steps or epochs,
+* [`LocalTraining`][dpfl.simulation.LocalTraining]: what each sampled user does (local SGD learning rate, steps or epochs,
   per-step gradient clip, vectorized cohorts).
-* :class:`Privacy`: the DP mechanism and its ledger (clipper, noise multiplier, accountant, δ,
+* [`Privacy`][dpfl.simulation.Privacy]: the DP mechanism and its ledger (clipper, noise multiplier, accountant, δ,
   noise seed and mode, what to do with non-finite updates).
-* :class:`Checkpointing`: where and how often the run state is saved, and whether to resume.
-* :class:`Logging`: the JSON-lines log, the progress display, and the opt-in for statistics that
+* [`Checkpointing`][dpfl.simulation.Checkpointing]: where and how often the run state is saved, and whether to resume.
+* [`Logging`][dpfl.simulation.Logging]: the JSON-lines log, the progress display, and the opt-in for statistics that
   are not covered by the DP guarantee.
-* :class:`Evaluation`: a model-evaluation hook and its cadence.
+* [`Evaluation`][dpfl.simulation.Evaluation]: a model-evaluation hook and its cadence.
 
 Each class validates its own fields when it is built (``ValueError``/``TypeError`` naming the
 field), so a bad setting fails before any training starts.
@@ -71,7 +71,7 @@ def _require_methods(name: str, obj: object, methods: tuple[str, ...], what: str
 
 @dataclass(frozen=True)
 class LocalTraining:
-    """Local training of each sampled user (:func:`~dpfl.simulation.train_local`).
+    """Local training of each sampled user ([`train_local`][dpfl.simulation.train_local]).
 
     Attributes:
         lr: Local SGD learning rate (> 0).
@@ -79,7 +79,7 @@ class LocalTraining:
         epochs: Local epochs per user (not with ``vectorized``).
         max_grad_norm: Per-step gradient-norm clip (``None``: off). This bounds the optimisation,
             not the privacy: the user-level bound is the clipper's.
-        vectorized: Train each cohort with :func:`~dpfl.simulation.train_cohort_vectorized`.
+        vectorized: Train each cohort with [`train_cohort_vectorized`][dpfl.simulation.train_cohort_vectorized].
         align: With ``vectorized``: ``align(batches) -> batches``, given the users' batches of
             one local step (one per user, cohort order), returns them with equal structures,
             shapes and dtypes so that they stack (e.g. sequences padded to a common length). It
@@ -132,14 +132,14 @@ class Privacy:
     """The DP mechanism of each round and the ledger it is charged to.
 
     Attributes:
-        clipper: :class:`~dpfl.clip.GlobalClip`, :class:`~dpfl.clip.PerLayerClip` or
-            :class:`~dpfl.adaptive_clip.AdaptiveClip`; its ``sensitivity`` C bounds one user's
+        clipper: [`GlobalClip`][dpfl.clip.GlobalClip], [`PerLayerClip`][dpfl.clip.PerLayerClip] or
+            [`AdaptiveClip`][dpfl.adaptive_clip.AdaptiveClip]; its ``sensitivity`` C bounds one user's
             contribution to the sum (adaptive: the bound of the round, checkpointed).
         noise_multiplier: z; the noise std on the sum is ``z * clipper.sensitivity``. With an
             ``AdaptiveClip`` this is the update's share: each round is charged as one Gaussian
             of ``z_eff⁻² = z⁻² + z_b⁻²`` (``z_b = clipper.count_noise_multiplier``); get ``z``
-            for a target ``z_eff`` from :func:`~dpfl.accounting.split_noise_multiplier`.
-        accountant: :class:`~dpfl.accounting.RDPAccountant` or ``PLDAccountant`` whose adjacency
+            for a target ``z_eff`` from [`split_noise_multiplier`][dpfl.accounting.split_noise_multiplier].
+        accountant: [`RDPAccountant`][dpfl.accounting.RDPAccountant] or ``PLDAccountant`` whose adjacency
             matches the sampler; charged in place. Give it a ``budget`` to stop before a round
             that would exceed it.
         delta: The δ at which ε is reported, in (0, 1).
@@ -147,7 +147,7 @@ class Privacy:
             draws the noise from OS entropy. Anyone who knows the seed can reproduce and subtract
             the noise, and two runs with the same noise seed add identical noise, so their
             releases are *not* independent and their ε do not compose as separate runs.
-        secure_noise: Hardened, unseeded noise (:class:`~dpfl.noise.GaussianMechanism`
+        secure_noise: Hardened, unseeded noise ([`GaussianMechanism`][dpfl.noise.GaussianMechanism]
             ``secure=True``); needs ``noise_seed=None``.
         drop_nonfinite: Drop users whose update is NaN/inf instead of raising.
 
@@ -210,7 +210,7 @@ class Checkpointing:
     The directory holds ``checkpoint.pt``, the journal ``ledger.jsonl`` (one fsync-ed line per
     charged round, written before the round's noise) and ``.lock``: a run holds an exclusive OS
     lock on it for its lifetime (rank 0 under ``torchrun``), so a second writer is refused.
-    See ``docs/operating.md`` for the resume rules.
+    See [Operating a run](https://dpfl-dev.github.io/dpfl/operating/) for the resume rules.
 
     Attributes:
         dir: Directory of ``checkpoint.pt`` (created if needed).

@@ -6,7 +6,7 @@ batches (optimizer state fresh for every user), and sends the model difference. 
 convention is ``Δ = θ_user − θ_server``.
 
 The returned update is *not* clipped to the DP bound: that is the aggregator's job
-(:class:`dpfl.aggregate.DPAggregator`). The per-step gradient clipping here is the paper's local
+([`dpfl.aggregate.DPAggregator`][dpfl.aggregate.DPAggregator]). The per-step gradient clipping here is the paper's local
 optimiser setting, unrelated to the privacy guarantee.
 
 References:
@@ -39,7 +39,12 @@ CLIP_EPS = 1e-6
 
 
 class NonFiniteLossError(ValueError, DPFLError):
-    """A user's local loss or gradient became NaN or infinite.
+    """A user's local loss or gradient became NaN or infinite (a ``ValueError``).
+
+    Args:
+        message: What became non-finite, for which user and at which step.
+        user_id: The user whose training failed, or ``None``.
+        step: The local step (0-based).
 
     Attributes:
         user_id: The user whose training failed (``None`` when the caller did not name it).
@@ -160,7 +165,7 @@ def train_local(
     (parameters, buffers, ``.grad`` and mode are all left as they were).
 
     Randomness inside ``loss_fn`` (e.g. dropout) uses torch's RNG seeded from ``generator`` within
-    an isolated block (:func:`torch.random.fork_rng`), so the caller's global RNG state is left
+    an isolated block (``torch.random.fork_rng``), so the caller's global RNG state is left
     unchanged; one seed is drawn from ``generator`` per call, so consecutive users differ.
 
     Args:

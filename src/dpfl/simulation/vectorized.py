@@ -1,8 +1,8 @@
 """Vectorized local training of a whole cohort at once with ``torch.func``.
 
-:func:`train_cohort_vectorized` is the many-users version of :func:`dpfl.simulation.train_local`:
+[`train_cohort_vectorized`][dpfl.simulation.train_cohort_vectorized] is the many-users version of [`dpfl.simulation.train_local`][dpfl.simulation.train_local]:
 the trainable parameters are stacked along a leading user axis, every local step evaluates all
-users' losses in one :func:`torch.func.vmap` of :func:`torch.func.functional_call`, and one
+users' losses in one ``torch.func.vmap`` of ``torch.func.functional_call``, and one
 backward pass over the sum of the per-user losses gives every user's gradient (the users' losses
 share no parameters, so the gradient of the sum with respect to user ``u``'s slice is user ``u``'s
 own gradient). Per-user gradient clipping and the SGD step are then a handful of batched tensor
@@ -11,11 +11,11 @@ module calls by a few large ones.
 
 Where the cohort cannot be vectorized (users' batches differ in shape at some step, a batch holds
 non-tensor leaves, or an op inside ``loss_fn``/the model has no ``vmap`` support), the function
-warns once (:class:`VectorizationFallbackWarning`) and runs the sequential loop instead, which
+warns once ([`VectorizationFallbackWarning`][dpfl.simulation.VectorizationFallbackWarning]) and runs the sequential loop instead, which
 gives the same results.
 
 The ``loss_fn`` contract under vectorization: ``loss_fn(model, batch)`` receives a
-:class:`FunctionalModel` proxy, not the module. It may only *call* it (``model(inputs)``) and do
+[`FunctionalModel`][dpfl.simulation.FunctionalModel] proxy, not the module. It may only *call* it (``model(inputs)``) and do
 tensor maths on the outputs and the batch; it must not read the module's parameters, submodules
 or attributes (the proxy raises ``AttributeError``), and must return a scalar loss per user.
 
@@ -64,7 +64,7 @@ class VectorizationError(RuntimeError, DPFLError):
 
 
 class VectorizationFallbackWarning(UserWarning):
-    """:func:`train_cohort_vectorized` fell back to the sequential loop (same results, slower)."""
+    """[`train_cohort_vectorized`][dpfl.simulation.train_cohort_vectorized] fell back to the sequential loop (same results, slower)."""
 
 
 class _Unvectorizable(Exception):
@@ -80,9 +80,13 @@ class FunctionalModel:
 
     ``FunctionalModel(module, tensors)(*args, **kwargs)`` runs
     ``torch.func.functional_call(module, tensors, args, kwargs)``. It is what ``loss_fn`` receives
-    under :func:`train_cohort_vectorized`. Reading attributes of the proxy raises
+    under [`train_cohort_vectorized`][dpfl.simulation.train_cohort_vectorized]. Reading attributes of the proxy raises
     ``AttributeError``: a ``loss_fn`` that reads parameters (e.g. an explicit weight penalty over
     ``model.parameters()``) would otherwise silently see the server model instead of the user's.
+
+    Args:
+        module: The module whose ``forward`` is called.
+        tensors: Parameter and buffer name -> tensor, used instead of the module's own.
     """
 
     __slots__ = ("_module", "_tensors")
@@ -249,7 +253,7 @@ def train_cohort_vectorized(
     updated in place (e.g. BatchNorm running statistics): such models fall back to the loop.
 
     Warning:
-        ``loss_fn`` receives a :class:`FunctionalModel` proxy and may only call it; see the module
+        ``loss_fn`` receives a [`FunctionalModel`][dpfl.simulation.FunctionalModel] proxy and may only call it; see the module
         docstring. The updates are not clipped to the DP bound: pass them to the aggregator.
 
     Args:
@@ -266,7 +270,7 @@ def train_cohort_vectorized(
             the fallback path draws one per user (from that user's generator). ``None`` seeds
             from OS entropy.
         user_ids: Names of the users, for error messages (same length as ``cohort_batches``).
-        fallback: If ``False``, raise :class:`VectorizationError` instead of falling back.
+        fallback: If ``False``, raise [`VectorizationError`][dpfl.simulation.VectorizationError] instead of falling back.
         chunk_size: Train at most this many users at once (memory grows with
             ``chunk_size x model size x (parameters + gradients + activations)``); ``None`` trains
             the whole cohort in one vectorized pass. Results do not depend on it (except for
