@@ -54,6 +54,7 @@ class RDPAccountant(_LedgerAccountant):
         ValueError: if ``adjacency`` or ``orders`` is invalid.
 
     Examples:
+        >>> from dpfl.accounting import PoissonRound
         >>> acc = RDPAccountant()
         >>> acc.add_rounds(PoissonRound(noise_multiplier=0.6144, sample_rate=0.002947), 2034)
         >>> round(acc.epsilon(1e-9), 1)

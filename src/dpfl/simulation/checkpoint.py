@@ -140,7 +140,13 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> N
             (nothing is written then).
 
     Examples:
-        >>> save_checkpoint("ckpt/checkpoint.pt", {"round": 3, "model": model.state_dict()})  # doctest: +SKIP
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> path = Path(tempfile.mkdtemp()) / "ckpt" / "checkpoint.pt"
+        >>> model = torch.nn.Linear(2, 1)
+        >>> save_checkpoint(path, {"round": 3, "model": model.state_dict()})
+        >>> load_checkpoint(path)["round"]
+        3
     """
     clash = [k for k in _RESERVED if k in state]
     if clash:

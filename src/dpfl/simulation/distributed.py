@@ -217,9 +217,19 @@ def init_distributed(
         ValueError: If the environment variables are missing or ``timeout_s`` is not positive.
 
     Examples:
-        >>> ctx = init_distributed(backend="gloo", timeout_s=60)   # doctest: +SKIP
-        >>> run_rounds(..., dist=ctx)                               # doctest: +SKIP
-        >>> shutdown_distributed()                                  # doctest: +SKIP
+        In a script started by ``torchrun --nproc-per-node 2 train.py`` (``torchrun`` sets the
+        environment; one process alone cannot show it, so this is not a doctest):
+
+        ```python
+        ctx = init_distributed(backend="gloo", timeout_s=60)
+        try:
+            result = run_rounds(..., dist=ctx)
+        finally:
+            shutdown_distributed()
+        ```
+
+        The [scale tutorial](https://dpfl-dev.github.io/dpfl/tutorials/scale/) has a complete
+        ``train.py``; the test suite runs it with two gloo ranks.
     """
     timeout = require_positive("timeout_s", timeout_s)
     if not tdist.is_available():  # pragma: no cover - torch builds without distributed

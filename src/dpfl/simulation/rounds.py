@@ -159,14 +159,29 @@ def run_rounds(
         divided by the *expected* cohort size.
 
     Examples:
-        >>> result = run_rounds(model, dataset, loss_fn, sampler=sampler,   # doctest: +SKIP
-        ...     server_optimizer=opt, rounds=100,
-        ...     local=LocalTraining(lr=0.1, steps=10),
+        Three rounds on 50 synthetic users (add ``checkpointing=Checkpointing("ckpt",
+        resume=True)`` and ``Logging("run.jsonl")`` for a real run):
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from dpfl import GlobalClip, RDPAccountant
+        >>> from dpfl.simulation import (
+        ...     InMemoryFederatedDataset, LocalTraining, Logging, PoissonSampler, Privacy)
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> dataset = InMemoryFederatedDataset({
+        ...     user: [(torch.randn(8, 4, generator=gen), torch.randint(2, (8,), generator=gen))]
+        ...     for user in range(50)})
+        >>> model = nn.Linear(4, 2)
+        >>> result = run_rounds(
+        ...     model, dataset, lambda m, batch: nn.functional.cross_entropy(m(batch[0]), batch[1]),
+        ...     sampler=PoissonSampler(dataset.user_ids(), sample_rate=0.2, seed=0),
+        ...     server_optimizer=torch.optim.SGD(model.parameters(), lr=1.0), rounds=3,
+        ...     local=LocalTraining(lr=0.1, steps=1),
         ...     privacy=Privacy(GlobalClip(0.1), noise_multiplier=1.0,
         ...                     accountant=RDPAccountant(), delta=1e-6),
-        ...     checkpointing=Checkpointing("ckpt", resume=True),
-        ...     logging=Logging("run.jsonl"))
-        >>> result.stop_reason, result.epsilon                              # doctest: +SKIP
+        ...     logging=Logging(progress=False))
+        >>> result.stop_reason, result.rounds_completed
+        ('completed', 3)
 
     References:
         Pelikan et al., arXiv 2310.00098, algorithm 1 (DP-FedAvg with a server optimizer).
