@@ -4,10 +4,11 @@
   and so do the public methods and properties that dpfl itself defines on public classes.
 * Every public module has an API reference page (``docs/api/<module>.md``) rendered by
   mkdocstrings from those docstrings.
-* Every ```python block of the tutorials and the migration guide runs, in page order, in one
+* Every ```python block of the home page, the tutorials and the migration guide runs, in page order, in one
   namespace per page (inside a temporary directory); every ``$ dpfl ...`` line of a ```console
   block runs through the CLI with exit code 0, and the output lines shown under it must appear in
-  what it prints.
+  what it prints. A block with a ``title="file.py"`` is a file of the page, not a snippet: its
+  own test runs it (``tests/test_docs_torchrun.py`` for the torchrun tutorial's ``train.py``).
 """
 
 from __future__ import annotations
@@ -37,8 +38,12 @@ PUBLIC_MODULES = [
     "dpfl.audit",
     "dpfl.cli",
 ]
-RUNNABLE_PAGES = sorted((DOCS / "tutorials").glob("*.md")) + [DOCS / "migration.md"]
-_FENCE = re.compile(r"^```(\w+)[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
+RUNNABLE_PAGES = [
+    DOCS / "index.md",
+    *sorted((DOCS / "tutorials").glob("*.md")),
+    DOCS / "migration.md",
+]
+_FENCE = re.compile(r"^```(\w+)([^\n]*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
 def _undocumented(module_name: str) -> list[str]:
@@ -90,7 +95,19 @@ def test_every_public_module_has_an_api_page(module_name: str) -> None:
 
 
 def _blocks(page: Path) -> list[tuple[str, str]]:
-    return [(m.group(1), m.group(2)) for m in _FENCE.finditer(page.read_text(encoding="utf-8"))]
+    return [
+        (m.group(1), m.group(3))
+        for m in _FENCE.finditer(page.read_text(encoding="utf-8"))
+        if "title=" not in m.group(2)
+    ]
+
+
+def page_file(page: Path, name: str) -> str:
+    """The text of the block of ``page`` titled ``name`` (```python title="name")."""
+    for m in _FENCE.finditer(page.read_text(encoding="utf-8")):
+        if re.search(rf'title="{re.escape(name)}"', m.group(2)):
+            return m.group(3)
+    raise AssertionError(f"{page.name} has no block titled {name!r}")
 
 
 def _run_console(block: str) -> None:
