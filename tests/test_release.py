@@ -115,3 +115,47 @@ def test_site_loads_no_script_from_a_cdn() -> None:
 def test_site_dir_is_ignored_by_git() -> None:
     lines = (ROOT / ".gitignore").read_text(encoding="utf-8").split()
     assert "site/" in lines or "/site/" in lines
+
+
+def _source_copy(dest: Path) -> Path:
+    """The files a fresh clone has (tracked ones; everything but build output without git)."""
+    import shutil
+
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode == 0 and listed.stdout:
+        for name in listed.stdout.splitlines():
+            if (ROOT / name).is_file():
+                (dest / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / name, dest / name)
+    else:  # an unpacked sdist
+        shutil.copytree(ROOT, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
+            ".venv", "site", "build", "dist", "*.egg-info", "__pycache__", "runs", "cache"))
+    return dest
+
+
+def test_the_sdist_carries_what_its_tests_need(tmp_path: Path) -> None:
+    """Built from a copy of the tree (nothing is written into the checkout), the sdist holds the
+    test suite's conftest files, helper scripts, example tests, the examples and benchmark
+    scripts they run and the docs they read; not the benchmark results."""
+    import tarfile
+
+    pytest.importorskip("build")
+    src = _source_copy(tmp_path / "src")
+    done = subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--skip-dependency-check",
+         "--outdir", str(tmp_path / "dist"), str(src)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (sdist,) = (tmp_path / "dist").glob("*.tar.gz")
+    assert sdist.name == f"dpfl-{dpfl.__version__}.tar.gz"
+    with tarfile.open(sdist) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    needed = {
+        "tests/conftest.py", "tests/_scripts/tiny_fl.py", "tests/examples/conftest.py",
+        "tests/test_docs.py", "examples/asr_librispeech.py", "examples/quickstart.py",
+        "benchmarks/accounting.py", "docs/index.md", "docs/tutorials/scale.md", "mkdocs.yml",
+        "CHANGELOG.md", "src/dpfl/__init__.py", "src/dpfl/py.typed",
+    }
+    assert needed - names == set()
+    assert not [n for n in names if n.startswith("benchmarks/results/") or "__pycache__" in n]
