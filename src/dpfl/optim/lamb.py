@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from dpfl._checks import require_non_negative, require_probability
+from dpfl._checks import require_non_negative, require_probability, warn_at_caller
 from dpfl.optim import _kernel, _lamb_fused
 from dpfl.optim._trust import (
     NonFiniteGradientError,
@@ -329,11 +328,10 @@ _warned: list[str] = []
 def _warn_fallback(problem: str) -> None:
     if problem not in _warned:
         _warned.append(problem)
-        warnings.warn(
+        warn_at_caller(
             f"LAMB: {problem}; using the slower foreach path. Install a C compiler (or set $CC) "
             "for the fused path, or pass fused=False to silence this.",
             RuntimeWarning,
-            stacklevel=4,
         )
 
 

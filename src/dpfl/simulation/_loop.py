@@ -5,7 +5,6 @@ from __future__ import annotations
 import secrets
 import sys
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpfl._checks import require_int
+from dpfl._checks import require_int, warn_at_caller
 from dpfl.adaptive_clip import AdaptiveClip
 from dpfl.aggregate import DPAggregator
 from dpfl.audit.canary import CanaryAudit
@@ -383,7 +382,7 @@ class _RoundLoop:
         if self.unsafe and self.is_main:
             print(f"dpfl: WARNING: {UNSAFE_WARNING}", file=sys.stderr, flush=True)
         for text in self.warnings:
-            warnings.warn(text, RuntimeWarning, stacklevel=3)
+            warn_at_caller(text, RuntimeWarning)
             self.log.write({"event": "warning", "round": start, "message": text})
         bar = Progress(
             self.rounds,

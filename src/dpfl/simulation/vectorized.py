@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
@@ -38,7 +37,7 @@ from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
-from dpfl._checks import require_int, require_positive
+from dpfl._checks import require_int, require_positive, warn_at_caller
 from dpfl._errors import DPFLError
 from dpfl.simulation.local import (
     CLIP_EPS,
@@ -387,10 +386,9 @@ def train_cohort_vectorized(
         if not fallback:
             raise VectorizationError(f"cannot vectorize this cohort: {reason}") from exc
         logger.debug("train_cohort_vectorized falls back to the sequential loop: %s", reason)
-        warnings.warn(
+        warn_at_caller(
             f"train_cohort_vectorized fell back to the sequential loop ({reason.splitlines()[0]})",
             VectorizationFallbackWarning,
-            stacklevel=2,
         )
         for g, state in zip(distinct, saved, strict=True):
             g.set_state(state)
