@@ -146,6 +146,9 @@ def evaluate(record: RoundRecord, eval_fn: Callable[[Any], Any], model: Any) -> 
     return RoundRecord(**{**asdict(record), "timings": timings, "eval": values})
 
 
+_QUIET_S = 30.0  # longest silence of the plain progress lines (output piped to a file or log)
+
+
 class Progress:
     """Show round progress on ``stream`` (stderr by default).
 
@@ -177,6 +180,8 @@ class Progress:
         self._every = every
         self._enabled = enabled is not False
         self._bar: Any = None
+        self._clock: Callable[[], float] = time.monotonic
+        self._last_line = self._clock()
         if self._enabled and _isatty(self._stream):
             try:
                 from tqdm import tqdm
@@ -212,11 +217,16 @@ class Progress:
             self._bar.update(1)
             extra = {"users": num_users} if show else {}
             self._bar.set_postfix(**extra, eps=f"{epsilon:.3g}", refresh=False)
-        elif round_index % self._every == 0 or round_index == self._total:
+        elif (
+            round_index % self._every == 0
+            or round_index == self._total
+            or self._clock() - self._last_line >= _QUIET_S
+        ):
             line = f"dpfl: round {round_index}/{self._total}  epsilon {epsilon:.4g}"
             if show:
                 line += f"  users {num_users}  {time_s:.3f}s/round"
             print(line, file=self._stream, flush=True)
+            self._last_line = self._clock()
 
     def message(self, text: str) -> None:
         """Print a one-off line (e.g. the stop reason) without breaking the bar."""

@@ -242,7 +242,9 @@ class Logging:
         path: JSON-lines log (``None``: no log). A fresh start truncates it; a resume drops the
             lines of rounds after the checkpoint so every round appears once.
         progress: ``None``: a tqdm bar if tqdm is installed and stderr is a terminal, else a plain
-            line every ``every`` rounds; ``False``: silent; ``True``: never silent.
+            line every ``every`` rounds and whenever 30 s have passed since the last one (output
+            piped to a file or a CI log is never silent for long; like a terminal bar, the
+            lines show how fast rounds go); ``False``: silent; ``True``: never silent.
         every: Cadence of the plain progress lines, in rounds.
         unsafe_metrics: Also log, print and return statistics computed from the raw cohort
             (realised and dropped user counts, fraction clipped, mean norm, timings). They are
