@@ -60,7 +60,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         site = Path(tmp) / "dpfl"
         subprocess.run(
-            [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir",
+            [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir",
              str(site)],
             cwd=ROOT, check=True,
         )
