@@ -1,10 +1,11 @@
 """The migration guide cannot rot: every peer-library name it cites exists, with the keyword
 arguments it names, in the peer as installed.
 
-Each peer is checked where it can be imported and skipped (not passed) where it cannot: the
-development install brings Opacus and dp_accounting is a core dependency, so those two run in
-CI; pfl (which pins an older dp-accounting), Flower, TF Privacy and TensorFlow Federated are
-checked wherever they are installed beside dpfl. Every cited name must also appear on the page,
+Each peer is checked where it can be imported and skipped (not passed) where it cannot:
+dp_accounting is a core dependency, so its names are checked on every run; Opacus, pfl, Flower,
+TF Privacy and TensorFlow Federated wherever they are installed beside dpfl (none is in dpfl's
+extras: pfl pins an older dp-accounting, and Opacus installs a top-level ``benchmarks`` package
+that shadows the repository's benchmark scripts). Every cited name must also appear on the page,
 so a row removed from the page is removed here too.
 """
 
