@@ -1,4 +1,5 @@
-"""Norm and scaling kernels with stated error bounds, shared by the clippers in [`dpfl.clip`][dpfl.clip].
+"""Norm and scaling kernels with stated error bounds, shared by the clippers in
+[`dpfl.clip`][dpfl.clip].
 
 The clippers guarantee that a clipped update, measured exactly, never exceeds its bound, for any
 finite input of any length and dtype (float16, bfloat16, float32, float64). That needs norms whose
@@ -70,8 +71,8 @@ Per-layer bounds ``C_h`` are computed from ``C`` with a few roundings (``Σ C_h�
 each clipped layer keeps a slack of at least ``(e + ρ + 4 u64) >= 13 u64`` of ``C_h``, so the whole
 update stays within ``C`` as well.
 
-A computed norm that stays non-finite means the tensor holds inf/NaN: [`NonFiniteUpdateError`][dpfl.clip.NonFiniteUpdateError]
-names it.
+A computed norm that stays non-finite means the tensor holds inf/NaN:
+[`NonFiniteUpdateError`][dpfl.clip.NonFiniteUpdateError] names it.
 
 References: Pelikan et al., arXiv 2310.00098 (clipping bounds user-level sensitivity); Higham,
 *Accuracy and Stability of Numerical Algorithms* (SIAM, 2002), chapters 2-4 (error of summation).

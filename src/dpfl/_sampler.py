@@ -13,16 +13,17 @@ Three stages, each small enough to check on its own:
    ``u1 = (|float(b1)| + 1/2) · 2^-63`` in ``[2^-64, 1]``, ``θ = 2π · b2 / 2^w``,
    ``r = sqrt(-2 ln u1)``, outputs ``r cos θ`` and ``r sin θ``. Because ``b1`` is read as a float
    (24 or 53 significant bits but its full 64-bit range), ``u1`` reaches ``2^-64`` and the
-   largest attainable ``|draw|`` is ``sqrt(128 ln 2) ≈ 9.419`` ([`MAX_ABS_NORMAL`][dpfl.noise.MAX_ABS_NORMAL]), against
-   ``sqrt(48 ln 2) ≈ 5.77`` for Box–Muller on 24-bit uniforms (torch's float32 ``normal_``).
-   The transform runs in float64 for float64 targets and in float32 otherwise.
+   largest attainable ``|draw|`` is ``sqrt(128 ln 2) ≈ 9.419``
+   ([`MAX_ABS_NORMAL`][dpfl.noise.MAX_ABS_NORMAL]), against ``sqrt(48 ln 2) ≈ 5.77`` for Box–Muller
+   on 24-bit uniforms (torch's float32 ``normal_``). The transform runs in float64 for float64
+   targets and in float32 otherwise.
 3. **Add.** Each tensor is cut into fixed pieces (``PIECE`` elements on the CPU); a piece's
    words sit at a fixed offset of the release's stream, so the noise does not depend on how
    pieces are shared among threads. ``target += scale · normals`` from reused per-thread
    scratch buffers: no allocation per tensor or per piece.
 
-Secure mode sums [`SECURE_DRAWS`][dpfl.noise.SECURE_DRAWS] (4) normals from four different Box–Muller pairs per
-coordinate and halves the sum (Holohan & Braghin, arXiv 2107.10138).
+Secure mode sums [`SECURE_DRAWS`][dpfl.noise.SECURE_DRAWS] (4) normals from four different
+Box–Muller pairs per coordinate and halves the sum (Holohan & Braghin, arXiv 2107.10138).
 
 References: Box & Muller, Ann. Math. Statist. 29 (1958) 610; Holohan & Braghin,
 arXiv 2107.10138; NIST SP 800-38A (counter mode).
@@ -75,7 +76,8 @@ _CONST: dict[str, Tensor] = {
 
 
 def max_abs_draw(secure: bool) -> float:
-    """Largest attainable ``|noise| / std``: [`MAX_ABS_NORMAL`][dpfl.noise.MAX_ABS_NORMAL] (secure: the sum of four
+    """Largest attainable ``|noise| / std``: [`MAX_ABS_NORMAL`][dpfl.noise.MAX_ABS_NORMAL] (secure:
+    the sum of four
     such draws, halved, i.e. twice as much)."""
     return MAX_ABS_NORMAL * (math.sqrt(SECURE_DRAWS) if secure else 1.0)
 

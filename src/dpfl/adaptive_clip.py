@@ -1,8 +1,8 @@
 """Adaptive clipping: a clip bound that tracks a quantile of the users' update norms, privately.
 
-[`AdaptiveClip`][dpfl.adaptive_clip.AdaptiveClip] wraps a [`GlobalClip`][dpfl.clip.GlobalClip] (one bound) or a
-[`PerLayerClip`][dpfl.clip.PerLayerClip] (one bound per layer) and moves its bound(s) between rounds by
-geometric updates driven by a *noised* count (Andrew et al., NeurIPS 2021):
+[`AdaptiveClip`][dpfl.adaptive_clip.AdaptiveClip] wraps a [`GlobalClip`][dpfl.clip.GlobalClip] (one
+bound) or a [`PerLayerClip`][dpfl.clip.PerLayerClip] (one bound per layer) and moves its bound(s)
+between rounds by geometric updates driven by a *noised* count (Andrew et al., NeurIPS 2021):
 
 1. Round ``t`` clips with the bounds ``C_h`` fixed before the round. Each user also reports,
    per layer ``h``, the centred bit ``b_h − ½`` with ``b_h = 1[‖Δ_h‖ ≤ C_h]`` (global: one bit,
@@ -21,9 +21,10 @@ would have ``√H``; centring halves it, as in TF Privacy's quantile estimator).
 (``count_noise_multiplier``) is the count's noise std over that sensitivity, so the count is a
 Gaussian mechanism of multiplier ``z_b`` whatever ``H`` is, and with the update sum (multiplier
 ``z``) one round is one Gaussian of multiplier ``z_eff`` with ``z_eff⁻² = z⁻² + z_b⁻²``
-([`dpfl.accounting.effective_noise_multiplier`][dpfl.accounting.effective_noise_multiplier]). The count's *std per layer* grows as
-``√H``: with hundreds of layers each layer's estimate is noisier, so per-layer adaptation needs
-a larger cohort (or ``η`` smaller) than global adaptation for the same ``z_b``.
+([`dpfl.accounting.effective_noise_multiplier`][dpfl.accounting.effective_noise_multiplier]). The
+count's *std per layer* grows as ``√H``: with hundreds of layers each layer's estimate is noisier,
+so per-layer adaptation needs a larger cohort (or ``η`` smaller) than global adaptation for the same
+``z_b``.
 
 Users dropped for non-finite updates (``DPAggregator(drop_nonfinite=True)``) contribute neither
 update nor bits: a user's contribution to both releases is either both or nothing, so the
@@ -63,7 +64,8 @@ class AdaptiveClip:
 
     Use it wherever a clipper goes (``DPAggregator``, ``Privacy``): it clips like the clipper
     of the current bounds and reports each user's centred bits; ``DPAggregator.release`` noises
-    their sum with the count multiplier and calls [`update_`][dpfl.adaptive_clip.AdaptiveClip.update_].
+    their sum with the count multiplier and calls
+    [`update_`][dpfl.adaptive_clip.AdaptiveClip.update_].
 
     Args:
         clipper: The starting point: a [`GlobalClip`][dpfl.clip.GlobalClip] (global adaptive
@@ -281,7 +283,8 @@ class AdaptiveClip:
         to the initial total with ``fix_total``); bounds are kept within [1e-150, 1e150] so that ``Σ C_h²`` stays finite.
 
         Args:
-            noised_sums: One noised sum per layer, in the order of [`bounds`][dpfl.adaptive_clip.AdaptiveClip.bounds].
+            noised_sums: One noised sum per layer, in the order of
+                [`bounds`][dpfl.adaptive_clip.AdaptiveClip.bounds].
             expected_cohort_size: ``S``, the fixed denominator (never the realised count).
 
         Raises:

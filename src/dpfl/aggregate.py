@@ -1,7 +1,7 @@
 """Streaming DP aggregation: clip each user's update, sum, add noise once, divide by a fixed size.
 
-[`DPAggregator`][dpfl.aggregate.DPAggregator] composes a clipper ([`dpfl.clip`][dpfl.clip]) and a Gaussian mechanism
-([`dpfl.noise`][dpfl.noise]) into the server side of one DP-FedAvg round:
+[`DPAggregator`][dpfl.aggregate.DPAggregator] composes a clipper ([`dpfl.clip`][dpfl.clip]) and a
+Gaussian mechanism ([`dpfl.noise`][dpfl.noise]) into the server side of one DP-FedAvg round:
 
 1. ``add(update)`` validates one user's update, clips it and adds it into a running sum
    (O(model) memory, one norm pass plus one fused scaled-add pass per user);
@@ -77,17 +77,17 @@ class DPAggregator:
     With an [`AdaptiveClip`][dpfl.adaptive_clip.AdaptiveClip] the aggregator also sums each user's
     centred bits; ``release`` adds noise of multiplier ``clipper.count_noise_multiplier`` to
     that count from an independent stream of the same mechanism
-    ([`add_side_noise_`][dpfl.noise.GaussianMechanism.add_side_noise_]), noises the update sum with the
-    round's bound as sensitivity, then moves the bounds with the noised count
+    ([`add_side_noise_`][dpfl.noise.GaussianMechanism.add_side_noise_]), noises the update sum with
+    the round's bound as sensitivity, then moves the bounds with the noised count
     ([`update_`][dpfl.adaptive_clip.AdaptiveClip.update_], expected cohort size as denominator).
     Charge such a round with ``count_noise_multiplier`` in its round spec.
 
     Args:
         clipper: A [`GlobalClip`][dpfl.clip.GlobalClip], [`PerLayerClip`][dpfl.clip.PerLayerClip] or
             [`AdaptiveClip`][dpfl.adaptive_clip.AdaptiveClip].
-        mechanism: A [`GaussianMechanism`][dpfl.noise.GaussianMechanism]; its ``sensitivity`` must equal the
-            clipper's (for an ``AdaptiveClip``: its ``initial_bound``; each release then uses
-            the round's bound).
+        mechanism: A [`GaussianMechanism`][dpfl.noise.GaussianMechanism]; its ``sensitivity`` must
+            equal the clipper's (for an ``AdaptiveClip``: its ``initial_bound``; each release then
+            uses the round's bound).
         expected_cohort_size: The fixed denominator ``S >= 1`` (Poisson: ``q·K``; fixed cohort:
             the cohort size).
         accumulate_dtype: ``torch.float32`` (default) or ``torch.float64`` for the running sum

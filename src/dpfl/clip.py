@@ -4,13 +4,16 @@ A model update is a ``dict[str, Tensor]`` (``Δ = θ_user − θ_server``). Clip
 bounds the influence of one user on the sum of updates, which is the sensitivity ``C`` that the
 Gaussian mechanism is calibrated to under add/remove-one-user adjacency.
 
-* [`GlobalClip`][dpfl.clip.GlobalClip] clips the concatenation of all tensors: ``Δ · min(1, C / ‖Δ‖)``.
-* [`PerLayerClip`][dpfl.clip.PerLayerClip] splits Δ into layers ``h`` (one per tensor by default) and clips each to
-  its own bound ``C_h`` with ``Σ_h C_h² = C²``, so the whole update still has norm ``≤ C``.
+* [`GlobalClip`][dpfl.clip.GlobalClip] clips the concatenation of all tensors: ``Δ · min(1, C /
+  ‖Δ‖)``.
+* [`PerLayerClip`][dpfl.clip.PerLayerClip] splits Δ into layers ``h`` (one per tensor by default)
+  and clips each to its own bound ``C_h`` with ``Σ_h C_h² = C²``, so the whole update still has norm
+  ``≤ C``.
 
 Every clipper offers ``clip`` (returns a clipped copy), ``clip_`` (in place) and
 ``clip_and_accumulate_`` (adds the clipped update into an accumulator without materialising the
-clipped copy: one norm pass plus one fused scaled-add pass). All three return [`ClipStats`][dpfl.clip.ClipStats].
+clipped copy: one norm pass plus one fused scaled-add pass). All three return
+[`ClipStats`][dpfl.clip.ClipStats].
 
 Guarantee: for finite inputs of any length, magnitude and dtype (float16, bfloat16, float32,
 float64), the clipped output measured exactly never exceeds the bound, globally and per layer (and
@@ -198,7 +201,8 @@ class _Clipper:
         raise NotImplementedError
 
     def clip(self, update: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], ClipStats]:
-        """Return a clipped copy of ``update`` and its [`ClipStats`][dpfl.clip.ClipStats]; ``update`` is unchanged.
+        """Return a clipped copy of ``update`` and its [`ClipStats`][dpfl.clip.ClipStats];
+        ``update`` is unchanged.
 
         Raises:
             ValueError: if a tensor holds inf/NaN (the message names it) or the layers do not match
@@ -318,7 +322,8 @@ class PerLayerClip(_Clipper):
     * a mapping layer name -> ``C_h``: explicit bounds. They are *validated, not silently
       rescaled*: ``Σ C_h²`` must equal ``bound²`` to relative 1e-9 (the tiny rounding residue is
       then normalised away), and an update must have exactly these layers. Use
-      [`from_layer_bounds`][dpfl.clip.PerLayerClip.from_layer_bounds] to derive ``bound`` from the mapping instead.
+      [`from_layer_bounds`][dpfl.clip.PerLayerClip.from_layer_bounds] to derive ``bound`` from the
+      mapping instead.
 
     By default each layer is min-clipped: ``Δ_h · min(1, C_h / ‖Δ_h‖)``. With ``normalize=True``
     the reference code's behaviour is reproduced: if ``‖Δ‖ ≤ bound`` the update is untouched,

@@ -62,13 +62,13 @@ class GaussianMechanism:
     **Sampler.** Every coordinate (float16, bfloat16, float32 or float64, on any device) gets
     ``std · Z`` with ``Z`` from Box–Muller on 64-bit random words: ``u1 = (|b1| + 1/2)·2^-63``
     reaches ``2^-64``, so the largest attainable ``|Z|`` is ``sqrt(128 ln 2) ≈ 9.419``
-    ([`MAX_ABS_NORMAL`][dpfl.noise.MAX_ABS_NORMAL]; secure mode: ``2 × 9.419``); ``P(|Z| > t)`` matches the Gaussian
-    tail to a relative ``2e-5`` for ``t <= 8`` and ``1e-3`` for ``t <= 8.5`` (the ``2^-63``
-    spacing of ``u1``). (torch's float32 ``normal_``, used before, is Box–Muller on
-    24-bit uniforms and never exceeds 5.77σ: a released coordinate beyond that could only come
-    from the neighbouring dataset, an unaccounted privacy failure.) The transform runs in float64
-    for float64 tensors and in float32 otherwise; noise is generated on the tensor's device,
-    in cache-sized pieces shared by ``num_threads`` threads on the CPU, and added in place.
+    ([`MAX_ABS_NORMAL`][dpfl.noise.MAX_ABS_NORMAL]; secure mode: ``2 × 9.419``); ``P(|Z| > t)``
+    matches the Gaussian tail to a relative ``2e-5`` for ``t <= 8`` and ``1e-3`` for ``t <= 8.5``
+    (the ``2^-63`` spacing of ``u1``). (torch's float32 ``normal_``, used before, is Box–Muller on
+    24-bit uniforms and never exceeds 5.77σ: a released coordinate beyond that could only come from
+    the neighbouring dataset, an unaccounted privacy failure.) The transform runs in float64 for
+    float64 tensors and in float32 otherwise; noise is generated on the tensor's device, in
+    cache-sized pieces shared by ``num_threads`` threads on the CPU, and added in place.
 
     **Randomness.** The mechanism owns a 256-bit key and a release counter; release ``r`` draws
     its words from AES-256 in counter mode keyed by the key, at counter ``(r, position)`` (on
@@ -76,8 +76,10 @@ class GaussianMechanism:
     piece from the key, release and position). With ``seed`` the key is derived from the seed
     (``seed=0`` is a seed like any other), so the noise is reproducible, identical for any
     ``num_threads``; without it the key comes from the OS CSPRNG (``os.urandom``).
-    [`state_dict`][dpfl.noise.GaussianMechanism.state_dict] / [`load_state_dict`][dpfl.noise.GaussianMechanism.load_state_dict] save and restore key and counter so that a
-    resumed run continues with the same noise. Noise never touches the global torch RNG.
+    [`state_dict`][dpfl.noise.GaussianMechanism.state_dict] /
+    [`load_state_dict`][dpfl.noise.GaussianMechanism.load_state_dict] save and restore key and
+    counter so that a resumed run continues with the same noise. Noise never touches the global
+    torch RNG.
 
     **Secure mode** (``secure=True``) defends against an observer of the releases (and of any
     checkpoint) who tries to predict, reproduce or subtract the noise, or to tell two
@@ -88,9 +90,9 @@ class GaussianMechanism:
       host and copied to the device), so earlier releases, seeds and checkpoints say nothing
       about the noise;
     * each coordinate is ``(Z1 + Z2 + Z3 + Z4) / 2`` from four different Box–Muller pairs
-      ([`SECURE_DRAWS`][dpfl.noise.SECURE_DRAWS]): the sum fills in the lattice of representable single samples that
-      floating-point attacks on textbook samplers exploit (Holohan & Braghin, arXiv
-      2107.10138); it costs about four times the sampling of plain mode;
+      ([`SECURE_DRAWS`][dpfl.noise.SECURE_DRAWS]): the sum fills in the lattice of representable
+      single samples that floating-point attacks on textbook samplers exploit (Holohan & Braghin,
+      arXiv 2107.10138); it costs about four times the sampling of plain mode;
     * [`state_dict`][dpfl.noise.GaussianMechanism.state_dict] carries no key.
 
     It does **not** protect the key, the noise or the pre-noise sum while they are in process
@@ -196,7 +198,8 @@ class GaussianMechanism:
         """Add independent noise to every tensor in place (none when ``noise_multiplier == 0``).
 
         Every call is one release: it advances the release counter (even without noise, so that
-        a side stream of the next release, [`add_side_noise_`][dpfl.noise.GaussianMechanism.add_side_noise_], gets fresh words).
+        a side stream of the next release,
+        [`add_side_noise_`][dpfl.noise.GaussianMechanism.add_side_noise_], gets fresh words).
 
         Tensors are noised in the mapping's iteration order (it fixes which stream words each
         coordinate gets); each on its own device.

@@ -1,8 +1,10 @@
 """Privacy accounting for DP federated learning, built on Google's ``dp_accounting``.
 
-Round specifications ([`PoissonRound`][dpfl.accounting.PoissonRound], [`FixedCohortRound`][dpfl.accounting.FixedCohortRound]), ledger accountants
-([`RDPAccountant`][dpfl.accounting.RDPAccountant], [`PLDAccountant`][dpfl.accounting.PLDAccountant]) with an optional [`PrivacyBudget`][dpfl.accounting.PrivacyBudget], noise
-calibration and population extrapolation. This package imports neither torch nor model code.
+Round specifications ([`PoissonRound`][dpfl.accounting.PoissonRound],
+[`FixedCohortRound`][dpfl.accounting.FixedCohortRound]), ledger accountants
+([`RDPAccountant`][dpfl.accounting.RDPAccountant], [`PLDAccountant`][dpfl.accounting.PLDAccountant])
+with an optional [`PrivacyBudget`][dpfl.accounting.PrivacyBudget], noise calibration and population
+extrapolation. This package imports neither torch nor model code.
 
 References:
     Pelikan et al., arXiv 2310.00098, section 2.4.

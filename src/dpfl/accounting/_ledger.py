@@ -153,8 +153,10 @@ class _LedgerAccountant(abc.ABC):
         """The ledger as a ``ComposedDpEvent`` of ``SelfComposedDpEvent(round.dp_event(), count)``.
 
         Feed it to any dp_accounting accountant (constructed with the same neighbouring relation)
-        to reproduce or cross-check this accountant's numbers (for a [`PLDAccountant`][dpfl.accounting.PLDAccountant], at the
-        grid [`PLDAccountant.discretization_interval`][dpfl.accounting.PLDAccountant.discretization_interval] reports).
+        to reproduce or cross-check this accountant's numbers (for a
+        [`PLDAccountant`][dpfl.accounting.PLDAccountant], at the grid
+        [`PLDAccountant.discretization_interval`][dpfl.accounting.PLDAccountant.discretization_interval]
+        reports).
         """
         return _ledger_event(self._ledger)
 

@@ -62,8 +62,8 @@ class PLDAccountant(_LedgerAccountant):
     Each grid's ε is an upper bound, so the smallest one is reported; it is within 3% of
     dp_accounting's default grid (1e-4)
     on any configuration and tighter where that grid is too coarse (small ε).
-    [`discretization_interval`][dpfl.accounting.PLDAccountant.discretization_interval] says which grid was used. An explicit float gives exactly
-    dp_accounting's result at that grid.
+    [`discretization_interval`][dpfl.accounting.PLDAccountant.discretization_interval] says which
+    grid was used. An explicit float gives exactly dp_accounting's result at that grid.
 
     **Cost.** One round's PLD is built once per (round, grid) and ``count`` identical rounds are
     composed by one FFT self-composition, so accounting one round at a time (as ``run_rounds``
@@ -76,12 +76,14 @@ class PLDAccountant(_LedgerAccountant):
     would need more than 2²⁴ grid points is refused up front with a ``ValueError`` (never a
     memory error).
 
-    Only add/remove-one adjacency with [`PoissonRound`][dpfl.accounting.PoissonRound] is supported: dp_accounting's PLD
-    cannot account sampling without replacement, so a [`FixedCohortRound`][dpfl.accounting.FixedCohortRound] raises
-    ``ValueError`` telling you to use [`RDPAccountant`][dpfl.accounting.RDPAccountant] with ``adjacency="replace_one"``.
+    Only add/remove-one adjacency with [`PoissonRound`][dpfl.accounting.PoissonRound] is supported:
+    dp_accounting's PLD cannot account sampling without replacement, so a
+    [`FixedCohortRound`][dpfl.accounting.FixedCohortRound] raises ``ValueError`` telling you to use
+    [`RDPAccountant`][dpfl.accounting.RDPAccountant] with ``adjacency="replace_one"``.
 
     Args:
-        budget: optional [`PrivacyBudget`][dpfl.accounting.PrivacyBudget] enforced by [`add_rounds`][dpfl.accounting.PLDAccountant.add_rounds].
+        budget: optional [`PrivacyBudget`][dpfl.accounting.PrivacyBudget] enforced by
+            [`add_rounds`][dpfl.accounting.PLDAccountant.add_rounds].
         adjacency: must be ``"add_or_remove_one"``.
         value_discretization_interval: PLD grid step, > 0, or ``None`` (default) for the
             automatic grid described above.

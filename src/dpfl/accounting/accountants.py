@@ -44,10 +44,12 @@ class RDPAccountant(_LedgerAccountant):
     arXiv 2004.00010, Prop. 12), the same as ``RdpAccountant.get_epsilon``.
 
     Args:
-        budget: optional [`PrivacyBudget`][dpfl.accounting.PrivacyBudget] enforced by [`add_rounds`][dpfl.accounting.RDPAccountant.add_rounds].
-        adjacency: ``"add_or_remove_one"`` (default; accepts [`PoissonRound`][dpfl.accounting.PoissonRound]) or
-            ``"replace_one"`` (accepts [`FixedCohortRound`][dpfl.accounting.FixedCohortRound]). One accountant, one relation:
-            a round of the other relation raises ``ValueError``.
+        budget: optional [`PrivacyBudget`][dpfl.accounting.PrivacyBudget] enforced by
+            [`add_rounds`][dpfl.accounting.RDPAccountant.add_rounds].
+        adjacency: ``"add_or_remove_one"`` (default; accepts
+            [`PoissonRound`][dpfl.accounting.PoissonRound]) or ``"replace_one"`` (accepts
+            [`FixedCohortRound`][dpfl.accounting.FixedCohortRound]). One accountant, one relation: a
+            round of the other relation raises ``ValueError``.
         orders: RDP orders (all > 1); default dp_accounting's ``DEFAULT_RDP_ORDERS``.
 
     Raises:
@@ -142,7 +144,8 @@ class RDPAccountant(_LedgerAccountant):
             delta: The target δ, in (0, 1).
 
         Returns:
-            The order (one of [`orders`][dpfl.accounting.RDPAccountant.orders]); ``nan`` when ε is infinite or no round was composed.
+            The order (one of [`orders`][dpfl.accounting.RDPAccountant.orders]); ``nan`` when ε is
+            infinite or no round was composed.
 
         Raises:
             ValueError: if ``delta`` is outside (0, 1).

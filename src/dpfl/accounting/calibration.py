@@ -117,8 +117,8 @@ def calibrate_noise_multiplier(
         count_noise_multiplier: ``z_b`` of an adaptive-clipping count released in every round.
             The overall (effective) multiplier ``z_eff`` is calibrated as above and the update's
             share returned: ``z`` with ``z⁻² = z_eff⁻² − z_b⁻²``
-            ([`split_noise_multiplier`][dpfl.accounting.split_noise_multiplier]), rounded up so that the composed
-            round still meets the target.
+            ([`split_noise_multiplier`][dpfl.accounting.split_noise_multiplier]), rounded up so that
+            the composed round still meets the target.
 
     Returns:
         The noise multiplier z (of the update sum, with a count).

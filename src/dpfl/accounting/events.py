@@ -4,19 +4,23 @@ A round is one release of a noised sum of clipped user updates (sensitivity C pe
 N(0, (z·C)²)) over a sampled cohort. How the cohort is sampled decides both the amplification and the
 neighbouring relation under which the guarantee holds:
 
-* [`PoissonRound`][dpfl.accounting.PoissonRound] — every user joins independently with probability ``sample_rate``
-  (dp_accounting's ``PoissonSampledDpEvent``); valid under **add/remove-one-user** adjacency.
-* [`FixedCohortRound`][dpfl.accounting.FixedCohortRound] — exactly ``cohort_size`` users drawn without replacement from a known
-  ``population`` (dp_accounting's ``SampledWithoutReplacementDpEvent``); valid under
-  **replace-one-user** adjacency only, the only relation dp_accounting accounts it under.
+* [`PoissonRound`][dpfl.accounting.PoissonRound] — every user joins independently with probability
+  ``sample_rate`` (dp_accounting's ``PoissonSampledDpEvent``); valid under **add/remove-one-user**
+  adjacency.
+* [`FixedCohortRound`][dpfl.accounting.FixedCohortRound] — exactly ``cohort_size`` users drawn
+  without replacement from a known ``population`` (dp_accounting's
+  ``SampledWithoutReplacementDpEvent``); valid under **replace-one-user** adjacency only, the only
+  relation dp_accounting accounts it under.
 
 Either round may carry a second Gaussian release on the same cohort, the noised count of
-adaptive clipping ([`dpfl.adaptive_clip.AdaptiveClip`][dpfl.adaptive_clip.AdaptiveClip]): ``count_noise_multiplier`` ``z_b``
-is its noise std over its own sensitivity. Two Gaussian queries on one sampled cohort compose
-exactly into one Gaussian of multiplier ``z_eff`` with ``z_eff⁻² = z⁻² + z_b⁻²``
-([`effective_noise_multiplier`][dpfl.accounting.effective_noise_multiplier]); the accountants charge one round of ``z_eff`` and
-[`PoissonRound.dp_event`][dpfl.accounting.PoissonRound.dp_event] states the round as the ``ComposedDpEvent`` of both Gaussians
-inside the sampling event, which dp_accounting's RDP accountant reduces by the same identity.
+adaptive clipping ([`dpfl.adaptive_clip.AdaptiveClip`][dpfl.adaptive_clip.AdaptiveClip]):
+``count_noise_multiplier`` ``z_b`` is its noise std over its own sensitivity. Two Gaussian queries
+on one sampled cohort compose exactly into one Gaussian of multiplier ``z_eff`` with ``z_eff⁻² = z⁻²
++ z_b⁻²`` ([`effective_noise_multiplier`][dpfl.accounting.effective_noise_multiplier]); the
+accountants charge one round of ``z_eff`` and
+[`PoissonRound.dp_event`][dpfl.accounting.PoissonRound.dp_event] states the round as the
+``ComposedDpEvent`` of both Gaussians inside the sampling event, which dp_accounting's RDP
+accountant reduces by the same identity.
 
 References:
     Pelikan et al., "Enabling Differentially Private Federated Learning for Speech Recognition:
@@ -124,14 +128,16 @@ class PoissonRound:
         """Return ``PoissonSampledDpEvent(sample_rate, GaussianDpEvent(z))``.
 
         ``z`` is ``accounted_noise_multiplier``: the noise multiplier, capped at
-        [`NOISE_MULTIPLIER_CAP`][dpfl.accounting.NOISE_MULTIPLIER_CAP] (conservative; dp_accounting overflows on huge values).
-        With a count, the inner event is ``ComposedDpEvent([GaussianDpEvent(z),
-        GaussianDpEvent(z_b)])`` (each capped), the two releases of the round.
+        [`NOISE_MULTIPLIER_CAP`][dpfl.accounting.NOISE_MULTIPLIER_CAP] (conservative; dp_accounting
+        overflows on huge values). With a count, the inner event is
+        ``ComposedDpEvent([GaussianDpEvent(z), GaussianDpEvent(z_b)])`` (each capped), the two
+        releases of the round.
         """
         return dp_accounting.PoissonSampledDpEvent(self.sample_rate, _inner_event(self, 1.0))
 
     def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-able dict that [`round_from_dict`][dpfl.accounting.round_from_dict] turns back into this round.
+        """Return a JSON-able dict that [`round_from_dict`][dpfl.accounting.round_from_dict] turns
+        back into this round.
 
         ``"count_noise_multiplier"`` is present only for a round with a count.
         """
@@ -166,12 +172,13 @@ class FixedCohortRound:
 
     Valid under **replace-one-user** adjacency only (the population size is public). Under that
     relation the sum of updates clipped to C changes by up to ``2C`` when one user's data is
-    replaced, so [`dp_event`][dpfl.accounting.FixedCohortRound.dp_event] gives dp_accounting a Gaussian with noise multiplier ``z / 2``
-    (noise std over the replace-one sensitivity).
+    replaced, so [`dp_event`][dpfl.accounting.FixedCohortRound.dp_event] gives dp_accounting a
+    Gaussian with noise multiplier ``z / 2`` (noise std over the replace-one sensitivity).
 
     Warning:
         The guarantee of this round is a replace-one guarantee; it is not comparable with the
-        add/remove-one ε of [`PoissonRound`][dpfl.accounting.PoissonRound] and cannot be composed with it in one accountant.
+        add/remove-one ε of [`PoissonRound`][dpfl.accounting.PoissonRound] and cannot be composed
+        with it in one accountant.
         PLD accounting of fixed cohorts is not supported by dp_accounting: use ``RDPAccountant``.
 
     Args:
@@ -277,7 +284,8 @@ def accounted_noise_multiplier(round: Round) -> float:
     Capping is conservative (a round with more noise is at least as private as one at the cap)
     and keeps dp_accounting's arithmetic finite: it computes ``z**2``, which overflows beyond
     ~1.3e154, and its privacy-loss grids lose precision long before. With a count, both
-    multipliers are capped and the result is their [`effective_noise_multiplier`][dpfl.accounting.effective_noise_multiplier].
+    multipliers are capped and the result is their
+    [`effective_noise_multiplier`][dpfl.accounting.effective_noise_multiplier].
     """
     return effective_noise_multiplier(*_capped(round))
 
@@ -318,8 +326,8 @@ def split_noise_multiplier(noise_multiplier: float, *, count_noise_multiplier: f
 
     Solves ``z_eff⁻² = z⁻² + z_b⁻²`` for ``z``: ``z = (z_eff⁻² − z_b⁻²)^(-1/2)``. A user who
     calibrated one overall multiplier ``z_eff`` (e.g. with
-    [`calibrate_noise_multiplier`][dpfl.accounting.calibrate_noise_multiplier]) and spends part of it on the count
-    noises the update sum with this ``z`` (larger than ``z_eff``).
+    [`calibrate_noise_multiplier`][dpfl.accounting.calibrate_noise_multiplier]) and spends part of
+    it on the count noises the update sum with this ``z`` (larger than ``z_eff``).
 
     Args:
         noise_multiplier: The overall (effective) multiplier ``z_eff > 0``.

@@ -12,7 +12,8 @@ so ``ε >= log((1 − δ − FNR) / FPR)`` and ``ε >= log((1 − δ − FPR) / 
 trials the rates are replaced by one-sided Clopper–Pearson upper bounds; the resulting ε is a lower
 bound on the mechanism's true ε(δ) holding with the stated confidence.
 
-[`ThresholdAudit`][dpfl.audit.ThresholdAudit] streams scores into counts at a grid of thresholds fixed *before* the
+[`ThresholdAudit`][dpfl.audit.ThresholdAudit] streams scores into counts at a grid of thresholds
+fixed *before* the
 trials (no threshold is picked after seeing the data, so no split is needed): every one of the
 ``2m`` rate bounds of ``m`` thresholds gets ``(1 − confidence) / (2m)`` (Bonferroni), and the bound
 is the best over the grid. A grid that reaches into the far tail of the *out* scores detects a

@@ -4,16 +4,17 @@
 server, one ratio per parameter tensor h: the step for tensor h is rescaled so that its size is set
 by ``‖θ_h‖`` rather than by the scale of the (noisy, clipped) pseudo-gradient. This module holds:
 
-* [`trust_ratio`][dpfl.optim.trust_ratio], the vectorized kernel (ratio taken as 1 when either norm is 0, optionally
-  clipped from above),
-* [`trust_ratio_groups`][dpfl.optim.trust_ratio_groups], a helper that builds parameter groups excluding some named tensors
-  (e.g. biases and LayerNorm parameters) from the ratio,
+* [`trust_ratio`][dpfl.optim.trust_ratio], the vectorized kernel (ratio taken as 1 when either norm
+  is 0, optionally clipped from above),
+* [`trust_ratio_groups`][dpfl.optim.trust_ratio_groups], a helper that builds parameter groups
+  excluding some named tensors (e.g. biases and LayerNorm parameters) from the ratio,
 * ``_LayerwiseOptimizer``, the ``torch.optim.Optimizer`` base class of [`LAMB`][dpfl.optim.LAMB]
   and [`LARS`][dpfl.optim.LARS] (group validation, ``exclude_from_trust`` splitting, the choice
   between the ``torch._foreach_*`` fast path and the per-tensor reference path; LAMB adds a
   fused CPU path),
-* [`NonFiniteGradientError`][dpfl.optim.NonFiniteGradientError] and ``first_non_finite``, the finiteness check that
-  ``step(check_finite=True)`` and [`server_step`][dpfl.optim.server_step] share.
+* [`NonFiniteGradientError`][dpfl.optim.NonFiniteGradientError] and ``first_non_finite``, the
+  finiteness check that ``step(check_finite=True)`` and [`server_step`][dpfl.optim.server_step]
+  share.
 
 References:
     Pelikan et al., "Enabling Differentially Private Federated Learning for Speech Recognition:

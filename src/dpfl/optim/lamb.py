@@ -63,7 +63,8 @@ class LAMB(_LayerwiseOptimizer):
             (e.g. ``lambda p: p.ndim <= 1``). For name-based rules use
             [`trust_ratio_groups`][dpfl.optim.trust_ratio_groups].
         maximize: Use ``−g`` as the gradient (as in ``torch.optim.Adam``); default False.
-            [`server_step`][dpfl.optim.server_step] sets it to pass the update ``Δ = −g`` without copying.
+            [`server_step`][dpfl.optim.server_step] sets it to pass the update ``Δ = −g`` without
+            copying.
         foreach: With ``fused`` not True: None picks the ``torch._foreach_*`` path when all
             tensors are dense and on CPU/CUDA; True/False forces the ``foreach`` path or the
             per-tensor reference path.
@@ -121,7 +122,8 @@ class LAMB(_LayerwiseOptimizer):
 
     @contextlib.contextmanager
     def checking_finite(self) -> Iterator[None]:
-        """Within the block every [`step`][dpfl.optim.LAMB.step] checks finiteness as with ``check_finite=True``.
+        """Within the block every [`step`][dpfl.optim.LAMB.step] checks finiteness as with
+        ``check_finite=True``.
 
         [`server_step`][dpfl.optim.server_step] uses it, so a subclass whose ``step(closure)`` calls
         ``super().step(closure)`` keeps the check.
@@ -208,9 +210,10 @@ class LAMB(_LayerwiseOptimizer):
 
         Args:
             closure: Optional closure re-evaluating the model and returning the loss.
-            check_finite: Raise [`NonFiniteGradientError`][dpfl.optim.NonFiniteGradientError] if any gradient
-                holds NaN/inf (always on inside [`checking_finite`][dpfl.optim.LAMB.checking_finite]). Costs one read pass
-                over the gradients, before any tensor changes.
+            check_finite: Raise [`NonFiniteGradientError`][dpfl.optim.NonFiniteGradientError] if any
+                gradient holds NaN/inf (always on inside
+                [`checking_finite`][dpfl.optim.LAMB.checking_finite]). Costs one read pass over the
+                gradients, before any tensor changes.
 
         Returns:
             The closure's loss, or None.
@@ -430,9 +433,10 @@ def layerwise_adam(
 ) -> LAMB:
     """Layer-wise-normalized Adam: Adam's update rescaled by the per-tensor trust ratio.
 
-    This is a composition, not a new class: it returns [`LAMB`][dpfl.optim.LAMB] with ``weight_decay=0`` and
-    ``trust_ratio=True``, i.e. ``θ_h ← θ_h − lr · (‖θ_h‖/‖a_h‖) · a_h`` with Adam's direction
-    ``a_h = m̂_h / (√v̂_h + eps)``. Use ``torch.optim.Adam`` as the unnormalized baseline.
+    This is a composition, not a new class: it returns [`LAMB`][dpfl.optim.LAMB] with
+    ``weight_decay=0`` and ``trust_ratio=True``, i.e. ``θ_h ← θ_h − lr · (‖θ_h‖/‖a_h‖) · a_h`` with
+    Adam's direction ``a_h = m̂_h / (√v̂_h + eps)``. Use ``torch.optim.Adam`` as the unnormalized
+    baseline.
 
     Args:
         params: Parameters or parameter groups.
@@ -442,7 +446,8 @@ def layerwise_adam(
         trust_clip: Optional upper bound on the trust ratio.
         exclude_from_trust: Optional predicate ``param -> bool`` excluding tensors from the ratio.
         foreach: Fast-path selection, as in [`LAMB`][dpfl.optim.LAMB].
-        fused: Fused CPU path selection, as in [`LAMB`][dpfl.optim.LAMB] (None: use it where it can run).
+        fused: Fused CPU path selection, as in [`LAMB`][dpfl.optim.LAMB] (None: use it where it can
+            run).
 
     Returns:
         A configured [`LAMB`][dpfl.optim.LAMB] optimizer.

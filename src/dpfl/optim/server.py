@@ -1,8 +1,9 @@
 """Apply a released mean model update to the server model as one optimizer step.
 
 dpfl's sign convention for a model update is ``Δ = θ_user − θ_server``, so the server optimizer's
-pseudo-gradient is ``g = −Δ``: with plain SGD at ``lr=1`` one [`server_step`][dpfl.optim.server_step] gives ``θ + Δ``
-(FedAvg); with [`LAMB`][dpfl.optim.LAMB] it is the paper's adaptive, layer-wise-normalized server.
+pseudo-gradient is ``g = −Δ``: with plain SGD at ``lr=1`` one
+[`server_step`][dpfl.optim.server_step] gives ``θ + Δ`` (FedAvg); with [`LAMB`][dpfl.optim.LAMB] it
+is the paper's adaptive, layer-wise-normalized server.
 
 References:
     Pelikan et al., arXiv 2310.00098 (DP-FedAvg with a LAMB server optimizer);

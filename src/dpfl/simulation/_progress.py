@@ -1,8 +1,9 @@
 """Reporting for the round loop: round records, run result, JSON-lines log, progress display.
 
-[`RoundRecord`][dpfl.simulation.RoundRecord] and [`RunResult`][dpfl.simulation.RunResult] are public through ``dpfl.simulation.rounds``;
-``RunLog`` writes one JSON object per line and repairs the log when a run resumes from a
-checkpoint; ``Progress`` shows a tqdm bar on terminals and plain lines elsewhere.
+[`RoundRecord`][dpfl.simulation.RoundRecord] and [`RunResult`][dpfl.simulation.RunResult] are public
+through ``dpfl.simulation.rounds``; ``RunLog`` writes one JSON object per line and repairs the log
+when a run resumes from a checkpoint; ``Progress`` shows a tqdm bar on terminals and plain lines
+elsewhere.
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ class RunResult:
         resumed_from: the round index restored from a checkpoint, or ``None`` for a fresh start.
         audit: with ``run_rounds(audit=CanaryAudit(k))``, the one-shot empirical estimate
             (``empirical_epsilon`` at ``delta`` and its details, see
-            [`dpfl.audit.CanaryEstimate.to_dict`][dpfl.audit.CanaryEstimate.to_dict]) to set beside ``epsilon``; else ``None``.
+            [`dpfl.audit.CanaryEstimate.to_dict`][dpfl.audit.CanaryEstimate.to_dict]) to set beside
+            ``epsilon``; else ``None``.
     """
 
     rounds_completed: int

@@ -18,7 +18,8 @@ instead of silently resuming from garbage:
 * **Compatibility checks**: ``check_model_state`` and ``check_config`` compare the stored
   model keys/shapes/dtypes and run configuration with the current ones.
 
-Every failure raises [`CheckpointError`][dpfl.simulation.CheckpointError], whose message names the file and the problem.
+Every failure raises [`CheckpointError`][dpfl.simulation.CheckpointError], whose message names the
+file and the problem.
 
 References: Pelikan et al., arXiv 2310.00098 (long DP-FL runs: 2,000 rounds must survive restarts
 without double-counting privacy).
@@ -169,7 +170,8 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> N
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load and verify a checkpoint written by [`save_checkpoint`][dpfl.simulation.save_checkpoint] (tensors land on CPU).
+    """Load and verify a checkpoint written by [`save_checkpoint`][dpfl.simulation.save_checkpoint]
+    (tensors land on CPU).
 
     Args:
         path: The checkpoint file.
@@ -302,7 +304,8 @@ def restore_states(
 
     Args:
         path: The checkpoint file (for messages).
-        state: The verified checkpoint content (from [`load_checkpoint`][dpfl.simulation.load_checkpoint]).
+        state: The verified checkpoint content (from
+            [`load_checkpoint`][dpfl.simulation.load_checkpoint]).
         model: The module to restore from ``state["model"]``.
         parts: Objects with ``state_dict``/``load_state_dict`` (sampler, optimizer, ...), by key.
 
@@ -341,8 +344,8 @@ def restore_run(
 
     Args:
         path: The checkpoint file (for messages).
-        state: The content from [`load_checkpoint`][dpfl.simulation.load_checkpoint] (keys ``round``, ``seed``, ``config``,
-            ``model`` and one per part).
+        state: The content from [`load_checkpoint`][dpfl.simulation.load_checkpoint] (keys
+            ``round``, ``seed``, ``config``, ``model`` and one per part).
         config: The current run's configuration; must equal the stored one.
         seed: The seed the current run was given (``None``: accept the stored one).
         model: The model to restore.

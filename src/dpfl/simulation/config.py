@@ -1,12 +1,14 @@
-"""The knobs of [`run_rounds`][dpfl.simulation.run_rounds], grouped by concern into frozen dataclasses.
+"""The knobs of [`run_rounds`][dpfl.simulation.run_rounds], grouped by concern into frozen
+dataclasses.
 
-* [`LocalTraining`][dpfl.simulation.LocalTraining]: what each sampled user does (local SGD learning rate, steps or epochs,
-  per-step gradient clip, vectorized cohorts).
-* [`Privacy`][dpfl.simulation.Privacy]: the DP mechanism and its ledger (clipper, noise multiplier, accountant, δ,
-  noise seed and mode, what to do with non-finite updates).
-* [`Checkpointing`][dpfl.simulation.Checkpointing]: where and how often the run state is saved, and whether to resume.
-* [`Logging`][dpfl.simulation.Logging]: the JSON-lines log, the progress display, and the opt-in for statistics that
-  are not covered by the DP guarantee.
+* [`LocalTraining`][dpfl.simulation.LocalTraining]: what each sampled user does (local SGD learning
+  rate, steps or epochs, per-step gradient clip, vectorized cohorts).
+* [`Privacy`][dpfl.simulation.Privacy]: the DP mechanism and its ledger (clipper, noise multiplier,
+  accountant, δ, noise seed and mode, what to do with non-finite updates).
+* [`Checkpointing`][dpfl.simulation.Checkpointing]: where and how often the run state is saved, and
+  whether to resume.
+* [`Logging`][dpfl.simulation.Logging]: the JSON-lines log, the progress display, and the opt-in for
+  statistics that are not covered by the DP guarantee.
 * [`Evaluation`][dpfl.simulation.Evaluation]: a model-evaluation hook and its cadence.
 
 Each class validates its own fields when it is built (``ValueError``/``TypeError`` naming the
@@ -79,7 +81,8 @@ class LocalTraining:
         epochs: Local epochs per user (not with ``vectorized``).
         max_grad_norm: Per-step gradient-norm clip (``None``: off). This bounds the optimisation,
             not the privacy: the user-level bound is the clipper's.
-        vectorized: Train each cohort with [`train_cohort_vectorized`][dpfl.simulation.train_cohort_vectorized].
+        vectorized: Train each cohort with
+            [`train_cohort_vectorized`][dpfl.simulation.train_cohort_vectorized].
         align: With ``vectorized``: ``align(batches) -> batches``, given the users' batches of
             one local step (one per user, cohort order), returns them with equal structures,
             shapes and dtypes so that they stack (e.g. sequences padded to a common length). It
@@ -133,15 +136,16 @@ class Privacy:
 
     Attributes:
         clipper: [`GlobalClip`][dpfl.clip.GlobalClip], [`PerLayerClip`][dpfl.clip.PerLayerClip] or
-            [`AdaptiveClip`][dpfl.adaptive_clip.AdaptiveClip]; its ``sensitivity`` C bounds one user's
-            contribution to the sum (adaptive: the bound of the round, checkpointed).
+            [`AdaptiveClip`][dpfl.adaptive_clip.AdaptiveClip]; its ``sensitivity`` C bounds one
+            user's contribution to the sum (adaptive: the bound of the round, checkpointed).
         noise_multiplier: z; the noise std on the sum is ``z * clipper.sensitivity``. With an
             ``AdaptiveClip`` this is the update's share: each round is charged as one Gaussian
             of ``z_eff⁻² = z⁻² + z_b⁻²`` (``z_b = clipper.count_noise_multiplier``); get ``z``
-            for a target ``z_eff`` from [`split_noise_multiplier`][dpfl.accounting.split_noise_multiplier].
-        accountant: [`RDPAccountant`][dpfl.accounting.RDPAccountant] or ``PLDAccountant`` whose adjacency
-            matches the sampler; charged in place. Give it a ``budget`` to stop before a round
-            that would exceed it.
+            for a target ``z_eff`` from
+            [`split_noise_multiplier`][dpfl.accounting.split_noise_multiplier].
+        accountant: [`RDPAccountant`][dpfl.accounting.RDPAccountant] or ``PLDAccountant`` whose
+            adjacency matches the sampler; charged in place. Give it a ``budget`` to stop before a
+            round that would exceed it.
         delta: The δ at which ε is reported, in (0, 1).
         noise_seed: Seed of the noise generator, for **simulations only**; ``None`` (the default)
             draws the noise from OS entropy. Anyone who knows the seed can reproduce and subtract

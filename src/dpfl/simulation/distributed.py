@@ -1,10 +1,13 @@
 """Multi-process DP-FedAvg on ``torch.distributed`` (gloo on CPU, NCCL on GPU, ``torchrun``).
 
-Protocol of one round with ``W`` workers (implemented by [`dpfl.simulation.run_rounds`][dpfl.simulation.run_rounds]):
+Protocol of one round with ``W`` workers (implemented by
+[`dpfl.simulation.run_rounds`][dpfl.simulation.run_rounds]):
 
 1. Every rank holds the same sampler (same seed and state) and draws the **same** cohort; rank
-   ``r`` trains the shard ``cohort[r::W]`` ([`dpfl.simulation.sampling.shard`][dpfl.simulation.shard]).
-2. Each rank clips and sums its own users into a [`dpfl.aggregate.DPAggregator`][dpfl.aggregate.DPAggregator].
+   ``r`` trains the shard ``cohort[r::W]``
+   ([`dpfl.simulation.sampling.shard`][dpfl.simulation.shard]).
+2. Each rank clips and sums its own users into a
+   [`dpfl.aggregate.DPAggregator`][dpfl.aggregate.DPAggregator].
 3. ``release(reduce=ctx.all_reduce_sum_)``: one all-reduce (per dtype) of the clipped sums and
    statistics, **before** noise.
 4. Noise is added once to the global sum. With ``Privacy(noise_seed=...)`` (simulations) every
@@ -15,11 +18,12 @@ Protocol of one round with ``W`` workers (implemented by [`dpfl.simulation.run_r
    checkpoint directory's lock; every rank charges its own in-memory accountant identically.
 
 Failure handling: the process group is created with a ``timeout``; every collective is wrapped so
-that a dead or stuck peer (connection closed, timeout) raises [`DistributedError`][dpfl.simulation.DistributedError] naming the
-rank, the operation and the likely cause, instead of hanging. With gloo a killed peer is detected
-at the next collective in milliseconds; a peer that stays alive but stops answering is detected
-after ``timeout_s``. With NCCL, keep ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` at its default so the
-watchdog aborts stuck collectives after the timeout.
+that a dead or stuck peer (connection closed, timeout) raises
+[`DistributedError`][dpfl.simulation.DistributedError] naming the rank, the operation and the likely
+cause, instead of hanging. With gloo a killed peer is detected at the next collective in
+milliseconds; a peer that stays alive but stops answering is detected after ``timeout_s``. With
+NCCL, keep ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` at its default so the watchdog aborts stuck
+collectives after the timeout.
 
 Warning:
     Privacy: seeded noise is reproducible from the noise seed. Anyone who learns it can subtract

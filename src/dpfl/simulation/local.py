@@ -6,8 +6,8 @@ batches (optimizer state fresh for every user), and sends the model difference. 
 convention is ``Δ = θ_user − θ_server``.
 
 The returned update is *not* clipped to the DP bound: that is the aggregator's job
-([`dpfl.aggregate.DPAggregator`][dpfl.aggregate.DPAggregator]). The per-step gradient clipping here is the paper's local
-optimiser setting, unrelated to the privacy guarantee.
+([`dpfl.aggregate.DPAggregator`][dpfl.aggregate.DPAggregator]). The per-step gradient clipping here
+is the paper's local optimiser setting, unrelated to the privacy guarantee.
 
 References:
     Pelikan et al., arXiv 2310.00098, section 2 (local SGD, constant LR, per-step clipping at 1.0,
