@@ -99,8 +99,8 @@ def child_extract(root: Path, cache: Path, workers: int) -> dict[str, Any]:
             "utt_per_s": utts / seconds, "audio_h_per_wall_h": hours * 3600 / seconds,
             "rss_parent_mb": _peak_rss_mb(),
             "rss_worker_mb": _peak_rss_mb(resource.RUSAGE_CHILDREN),
-            "store_mb": sum(f.stat().st_size for s in stores.values()
-                            for f in s.directory.iterdir()) / 2**20}
+            "store_mb": sum(f.stat().st_size for f in  # the splits share one packs folder
+                            next(iter(stores.values())).directory.iterdir()) / 2**20}
 
 
 def child_store_path(root: Path, cache: Path) -> dict[str, Any]:

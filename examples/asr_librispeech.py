@@ -27,19 +27,23 @@ not; ``--noise-seed`` makes the whole table repeatable (simulations only: not pr
 Data: features are extracted once, by ``--workers`` processes, into an on-disk store under
 ``--cache-dir`` (default ``$DPFL_CACHE`` or ``~/.cache/dpfl``, never inside a dataset) and read
 per batch and per user (:mod:`examples.asr.store`), so memory does not grow with the corpus.
-Files that cannot be used (missing or corrupt audio, audio that decodes shorter than its header
-says, a missing transcript) are skipped, counted per split with reasons, printed and recorded in
-``results.json``; ``--strict`` makes any skip an error.
+Only files not cached yet are extracted (one entry per audio file: a touched file is extracted
+again alone). Files that cannot be used (missing or corrupt audio, audio that decodes shorter
+than its header says, a missing transcript) are skipped, counted per split with reasons,
+printed and recorded in ``results.json``; ``--strict`` makes any skip an error, naming the
+files (what the listing finds before any extraction).
 
 Outputs: a run directory, by default a new ``runs/asr/<YYYYmmdd-HHMMSS>/``
 (``runs/asr-quick/...`` with ``--quick``), or ``--output-dir``: ``run.json`` (command line),
 ``seed_model.pt``, per-round JSON-lines logs ``fl_no_noise.jsonl`` / ``fl_dp.jsonl`` /
 ``fl_dp_other_clip.jsonl`` (FL + DP with the other ``--clip`` mode at the same noise, the paper's
 per-layer vs global comparison; ``--no-compare-clip`` skips it), checkpoints ``ckpt_<stage>/``
-(``--resume`` continues the latest run,
-or the one in ``--output-dir``; ``--overwrite`` replaces it), ``results.json`` and
-``results.md`` (the printed table). Usage and data problems end with one line on stderr and
-exit status 2.
+(after every DP round; ``--resume`` continues the latest run, or the one in ``--output-dir``,
+which must hold a run; ``--overwrite`` replaces it), ``results.json`` and ``results.md`` (the
+printed table). The folder is created when training starts, so a run refused before leaves
+nothing behind. Usage and data problems end with one line on stderr and exit status 2, before
+any work where they can be known then (every option at start, the data when it is listed).
+No stage prints or records a time without ``--unsafe-metrics``.
 
 References:
     Pelikan et al., "Enabling Differentially Private Federated Learning for Speech Recognition:
@@ -61,7 +65,6 @@ from examples.asr.cli import PRESETS, UserError, build_parser  # noqa: E402
 if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
     build_parser().parse_args()  # prints the help and exits before torch is imported below
 
-from examples.asr.model import CONFIGS  # noqa: E402
 from examples.asr.pipeline import PAPER_SCALE, run_pipeline  # noqa: E402
 from examples.asr.report import format_table  # noqa: E402
 from examples.asr.splits import load_splits, prepare_data, sample_utterances  # noqa: E402
@@ -72,26 +75,7 @@ __all__ = ["PAPER_SCALE", "PRESETS", "UserError", "build_parser", "format_table"
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse ``argv`` (default ``sys.argv``), run the pipeline and return its results."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.sampling == "fixed" and args.accountant == "pld":
-        parser.error("--sampling fixed needs --accountant rdp (fixed cohorts are accounted under "
-                     "replace-one adjacency, which the PLD accountant does not support)")
-    if args.sampling == "fixed" and args.target_epsilon is not None:
-        parser.error("--target-epsilon calibrates for Poisson sampling; use --sampling poisson "
-                     "or give --noise-multiplier / --sigma-dp with --sampling fixed")
-    model_name = args.model or PRESETS["quick" if args.quick else "default"]["model"]
-    if args.vectorized and (args.specaugment != "none" or CONFIGS[model_name].layerdrop > 0):
-        parser.error("--vectorized needs a model without LayerDrop (not --model paper) and no "
-                     "--specaugment: both branch on data, which torch.func.vmap cannot trace")
-    if args.output_dir is not None and args.output_dir.exists() and not args.output_dir.is_dir():
-        parser.error(f"--output-dir {args.output_dir} is a file, not a folder")
-    if args.canaries == 1 or args.canaries < 0:
-        parser.error(f"--canaries must be 0 (off) or at least 2, got {args.canaries}")
-    for name in ("workers", "threads", "max_eval_utterances"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    args = build_parser().parse_args(argv)
     try:
         return run_pipeline(args)
     except UserError as exc:

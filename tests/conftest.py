@@ -1,10 +1,10 @@
 """Shared pytest configuration: caches under the temporary directory, hypothesis profiles sized
 for a 2-core CI machine.
 
-The test suite writes only under the system's temporary directory: dpfl's caches (``DPFL_CACHE``
-for the ASR corpora and features, ``DPFL_KERNEL_DIR`` for the compiled LAMB kernel), every
-XDG-aware cache, matplotlib's and hypothesis' example database point into one folder there,
-kept between sessions so the kernel is compiled and the corpora are generated once per machine.
+The test suite writes only under the system's temporary directory: dpfl's cache root
+(``DPFL_CACHE``: the ASR corpora and features, the opt-in LAMB kernel), every XDG-aware cache,
+matplotlib's and hypothesis' example database point into one folder there, kept between
+sessions so the kernel is compiled and the corpora are generated once per machine.
 Subprocesses inherit the environment. Tests that need an empty cache use their own ``tmp_path``.
 """
 
@@ -16,7 +16,6 @@ _uid = os.getuid() if hasattr(os, "getuid") else 0
 TEST_CACHE = Path(tempfile.gettempdir()) / f"dpfl-test-cache-{_uid}"
 for _variable, _sub in (
     ("DPFL_CACHE", "dpfl"),
-    ("DPFL_KERNEL_DIR", "kernels"),
     ("XDG_CACHE_HOME", "xdg"),
     ("MPLCONFIGDIR", "matplotlib"),
 ):

@@ -42,7 +42,7 @@ def tensors(draw, dtypes=tuple(DTYPES)):
 
 
 @st.composite
-def updates(draw, dtypes=tuple(DTYPES), min_size=0):
+def updates(draw, dtypes=tuple(DTYPES), min_size=1):  # an empty update is refused (own test)
     n = draw(st.integers(min_size, 5))
     return {f"m{i // 2}.t{i}": draw(tensors(dtypes)) for i in range(n)}
 
@@ -244,11 +244,8 @@ def test_non_finite_values_raise_naming_the_tensor(clipper, update, data):
         assert not acc[k].any()
 
 
-def test_empty_and_zero_updates():
+def test_zero_and_zero_size_updates():
     for clipper in (GlobalClip(1.0), PerLayerClip(1.0), PerLayerClip(1.0, normalize=True)):
-        out, stats = clipper.clip({})
-        expected = {"__all__": 0.0} if isinstance(clipper, GlobalClip) else {}
-        assert out == {} and stats == ClipStats(norm=0.0, layer_norms=expected, clipped=False)
         zeros = {"a": torch.zeros(3), "b": torch.zeros(0)}
         out, stats = clipper.clip(zeros)
         assert not stats.clipped and stats.norm == 0.0
@@ -353,3 +350,13 @@ def test_a_layers_function_has_the_same_repr_in_every_process() -> None:
     assert len(runs[0]) == 5 and " at 0x" not in "".join(runs[0])
     assert len(set(runs[0][:4])) == 4, runs[0]  # different functions, different reprs
     assert "by_module" in runs[0][0] and "<lambda>" in runs[0][1]
+
+
+@pytest.mark.parametrize("clipper", [GlobalClip(1.0), PerLayerClip(1.0)], ids=["global", "per-layer"])
+def test_an_empty_update_is_refused_by_every_entry_point(clipper) -> None:  # type: ignore[no-untyped-def]
+    """Issue 21 p19: ``clip({})`` used to return ``{}`` with norm 0, silently; an empty update is
+    a caller's mistake (no model), refused with a ValueError that names it."""
+    for call in (lambda: clipper.clip({}), lambda: clipper.clip_({}),
+                 lambda: clipper.clip_and_accumulate_({}, {})):  # fmt: skip
+        with pytest.raises(ValueError, match="update is empty"):
+            call()

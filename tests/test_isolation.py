@@ -15,8 +15,7 @@ import pytest
 TMP = Path(tempfile.gettempdir()).resolve()
 
 
-@pytest.mark.parametrize("variable", ["DPFL_CACHE", "DPFL_KERNEL_DIR", "XDG_CACHE_HOME",
-                                      "MPLCONFIGDIR"])
+@pytest.mark.parametrize("variable", ["DPFL_CACHE", "XDG_CACHE_HOME", "MPLCONFIGDIR"])
 def test_every_cache_variable_points_under_the_temporary_directory(variable: str) -> None:
     assert Path(os.environ[variable]).resolve().is_relative_to(TMP)
 
@@ -24,7 +23,7 @@ def test_every_cache_variable_points_under_the_temporary_directory(variable: str
 def test_the_kernel_and_example_caches_resolve_there_in_a_subprocess() -> None:
     code = (
         "from dpfl.optim import _kernel; from examples.asr.corpus import default_cache_dir; "
-        "print(_kernel._cache_dir()); print(default_cache_dir())"
+        "print(_kernel.kernel_dir()); print(default_cache_dir())"
     )
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}

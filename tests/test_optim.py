@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import atexit
 import io
 import math
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
 from dpfl.optim import LAMB, LARS, _kernel, layerwise_adam, trust_ratio, trust_ratio_groups
 
-# The three LAMB paths; "fused" needs a C compiler once (tests/test_optim_fused.py covers the
-# fallback when there is none).
+# The three LAMB paths. "fused" is opt-in and needs a C compiler once; the tests build it into a
+# private temporary cache (never the user's), removed at exit (tests/test_optim_fused.py covers a
+# machine without a compiler, tests/test_kernel_security.py the loader's checks).
+KERNEL_CACHE = Path(tempfile.mkdtemp(prefix="dpfl-test-kernel-"))
+atexit.register(shutil.rmtree, KERNEL_CACHE, True)
+try:
+    _kernel.load(KERNEL_CACHE)
+    NO_KERNEL = None
+except _kernel.KernelError as _err:
+    NO_KERNEL = f"fused kernel unavailable: {_err}"
 FUSED = pytest.param(
-    {"fused": True},
+    {"fused": True, "cache_dir": KERNEL_CACHE},
     id="fused",
-    marks=pytest.mark.skipif(
-        _kernel.load() is None, reason=f"fused kernel unavailable: {_kernel.unavailable_reason()}"
-    ),
+    marks=pytest.mark.skipif(NO_KERNEL is not None, reason=str(NO_KERNEL)),
 )
 LAMB_PATHS = [FUSED, pytest.param({"fused": False, "foreach": True}, id="foreach")]
 LAMB_PATHS.append(pytest.param({"fused": False, "foreach": False}, id="reference"))
@@ -191,8 +201,8 @@ def test_fused_float32_close_to_float64_reference(path):
 )
 def test_mixed_dtypes_in_one_group(cls, path):
     """The fast paths handle float32 and float64 in one group; results match the reference."""
-    if path.get("fused") and _kernel.load() is None:
-        pytest.skip("fused kernel unavailable")
+    if path.get("fused") and NO_KERNEL is not None:
+        pytest.skip(NO_KERNEL)
 
     def run(kwargs):
         gen = torch.Generator().manual_seed(3)
@@ -360,11 +370,9 @@ def test_sparse_gradients_rejected():
 
 @pytest.mark.parametrize("cls", [LAMB, LARS])
 def test_default_picks_fastest_path_on_cpu(cls):
-    """The defaults on dense CPU tensors run the fused kernel (LAMB, where it can be built) or
-    the foreach kernel, bit for bit."""
+    """The defaults on dense CPU tensors run the foreach kernel, bit for bit (never the opt-in
+    fused path)."""
     fastest = {"foreach": True}
-    if cls is LAMB:
-        fastest = {"fused": True} if _kernel.load() is not None else {"foreach": True}
     auto, _ = _run(lambda ps: cls(ps, lr=0.01, weight_decay=0.01), dtype=torch.float32)
     fast, _ = _run(lambda ps: cls(ps, lr=0.01, weight_decay=0.01, **fastest), dtype=torch.float32)
     for x, y in zip(auto, fast, strict=True):

@@ -9,6 +9,7 @@ prints as one line and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import textwrap
 from pathlib import Path
@@ -18,12 +19,12 @@ from typing import Any
 # --help) does not import torch; tests/examples/test_asr_help.py keeps the two in step.
 MODEL_NAMES = ("paper", "small", "tiny")
 
-__all__ = ["PRESETS", "UserError", "build_parser", "fill_presets"]
+__all__ = ["PRESETS", "SEED_TRAINING_OPTIONS", "UserError", "build_parser", "check_args", "fill_presets"]
 
 # Tunables whose default depends on --quick. Everything else has a plain argparse default.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {
-        "model": "small", "seed_steps": 1400, "seed_lr": 5.0, "batch_size": 16,
+        "model": "small", "seed_steps": 6000, "seed_lr": 5.0, "batch_size": 16,
         "rounds": 20, "cohort_size": 10, "local_batch_size": 4, "local_lr": 0.1,
         "server_lr": 0.02, "server_lr_decay": 0.98, "eval_every": 5, "sigma_dp": 1e-3,
     },
@@ -105,7 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strict", action="store_true",
                    help="stop (exit 2) if any file is skipped (missing/corrupt/truncated audio, "
                         "missing transcript) instead of counting and reporting it")
-    g = p.add_argument_group("model and seed training")
+    g = p.add_argument_group(
+        "model and seed training",
+        "On the embedded corpus with --model small (the default), the seed model is the "
+        "checkpoint shipped in examples/asr/checkpoints/ (trained once by `python -m "
+        "examples.asr.seed --recipe small`: 6,000 LARS steps, about 35 min on 2 cores; its "
+        "record is checked against the code before use). Any seed-training option below, "
+        "--train-seed, --quick, another model or real data trains it instead.")
+    g.add_argument("--train-seed", action="store_true",
+                   help="train the seed model here instead of loading the shipped checkpoint")
     g.add_argument("--model", choices=MODEL_NAMES,
                    help=_preset_help("model size (paper = 255.8M parameters)", "model"))
     g.add_argument("--seed-steps", type=int,
@@ -170,9 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "empirical ε (Andrew et al. 2023) beside the proven one; canaries are "
                         "not users and cost no privacy (default: 0, off; K >= 2)")
     g.add_argument("--unsafe-metrics", action="store_true",
-                   help="also record each DP stage's time and the run's wall time; they depend "
-                        "on the realised cohorts and are NOT covered by the DP guarantee "
-                        "(default: off)")
+                   help="also print and record timings (each stage's time, the run's wall "
+                        "time); they depend on the realised cohorts and are NOT covered by the "
+                        "DP guarantee (default: off: no stage prints a time)")
     seeding = g.add_mutually_exclusive_group()
     seeding.add_argument("--noise-seed", type=int, default=None,
                          help="seed the DP noise, to reproduce a table exactly (simulations only: "
@@ -195,7 +204,14 @@ class UserError(Exception):
     """A problem with the command line or the data: printed as one line, exit status 2."""
 
 
+SEED_TRAINING_OPTIONS = ("seed_steps", "seed_lr", "batch_size")
+"""Options that change the seed model: giving any of them trains it instead of loading it."""
+
+
 def fill_presets(args: argparse.Namespace) -> argparse.Namespace:
+    if not hasattr(args, "seed_options_given"):  # before the presets hide what was given
+        args.seed_options_given = [name for name in SEED_TRAINING_OPTIONS
+                                   if getattr(args, name, None) is not None]
     preset = PRESETS["quick" if args.quick else "default"]
     for key, value in preset.items():
         if key == "sigma_dp":
@@ -207,3 +223,89 @@ def fill_presets(args: argparse.Namespace) -> argparse.Namespace:
         args.workers = _cpu_count()
     return args
 
+
+
+_SEED_LIMIT = 2**63  # dpfl's seeds are below 2**63
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Check every option of ``args`` (presets filled in) before any work.
+
+    Raises:
+        UserError: naming the first option that is out of range, with what it accepts.
+    """
+    for name, low in (("rounds", 1), ("cohort_size", 1), ("local_steps", 1), ("batch_size", 1),
+                      ("local_batch_size", 1), ("eval_every", 1), ("seed_steps", 0),
+                      ("seed", 0), ("workers", 1), ("threads", 1), ("max_eval_utterances", 1)):
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise UserError(f"{_flag(name)} must be at least {low}, got {value}")
+    if args.seed >= _SEED_LIMIT:
+        raise UserError(f"--seed must be below 2**63, got {args.seed}")
+    if args.noise_seed is not None and not 0 <= args.noise_seed < _SEED_LIMIT:
+        raise UserError(f"--noise-seed must be an integer in [0, 2**63), got {args.noise_seed}")
+    for name in ("local_lr", "seed_lr", "server_lr", "clip_bound", "target_epsilon"):
+        value = getattr(args, name, None)
+        if value is not None and not 0 < value < math.inf:
+            raise UserError(f"{_flag(name)} must be > 0 and finite, got {value}")
+    for name in ("noise_multiplier", "sigma_dp"):
+        value = getattr(args, name, None)
+        if value is not None and not 0 <= value < math.inf:
+            raise UserError(f"{_flag(name)} must be >= 0 and finite, got {value}")
+    if not 0 < args.server_lr_decay <= 1:
+        raise UserError(f"--server-lr-decay must lie in (0, 1], got {args.server_lr_decay}")
+    if not 0 < args.delta < 1:
+        raise UserError(f"--delta must lie in (0, 1), got {args.delta}")
+    if args.canaries == 1 or args.canaries < 0:
+        raise UserError(f"--canaries must be 0 (off) or at least 2, got {args.canaries}")
+    if args.sampling == "fixed" and args.accountant == "pld":
+        raise UserError("--sampling fixed needs --accountant rdp (fixed cohorts are accounted "
+                        "under replace-one adjacency, which the PLD accountant does not support)")
+    if args.sampling == "fixed" and args.target_epsilon is not None:
+        raise UserError("--target-epsilon calibrates for Poisson sampling; use --sampling "
+                        "poisson or give --noise-multiplier / --sigma-dp with --sampling fixed")
+    from examples.asr.model import CONFIGS  # here, not at import: --help must not load torch
+
+    if args.vectorized and (args.specaugment != "none" or CONFIGS[args.model].layerdrop > 0):
+        raise UserError("--vectorized needs a model without LayerDrop (not --model paper) and no "
+                        "--specaugment: both branch on data, which torch.func.vmap cannot trace")
+    _check_device(args.device)
+    if args.output_dir is not None:
+        _check_folder("--output-dir", args.output_dir)
+    if args.cache_dir is not None:
+        _check_folder("--cache-dir", args.cache_dir)
+    for name in ("librispeech_root", "common_voice_root"):
+        root = getattr(args, name)
+        if root is not None and not root.is_dir():
+            raise UserError(f"{_flag(name)} {root} is not a folder")
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise UserError(f"--device {device!r} is not a torch device ({exc})") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine")
+
+
+def _check_folder(flag: str, path: Path) -> None:
+    """``path`` is a folder this process can write in, or can be created as one."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder")
+    existing = path
+    while not existing.exists():  # the nearest existing ancestor is where it gets created
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file, so the folder cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == path else f"cannot be created in {existing}"
+        raise UserError(f"{flag} {path} {what} (read-only); choose a writable folder")

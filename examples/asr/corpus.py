@@ -7,7 +7,7 @@ channel). The result is written as 16 kHz FLAC with ``<speaker>-<chapter>.trans.
 in the standard LibriSpeech layout, so :func:`examples.asr.data.read_librispeech` reads it.
 
 API:
-    ``CorpusConfig`` (frozen; ``CorpusConfig()`` is the default corpus with 570 speakers,
+    ``CorpusConfig`` (frozen; ``CorpusConfig()`` is the default corpus with 670 speakers,
     ``CorpusConfig.quick()`` a small one for ``--quick`` runs and tests).
     ``ensure_corpus(config=None, *, cache_dir=None, workers=2, progress=False) -> Path``: the corpus root,
     generated on first use and reused afterwards; pass it with a split name to
@@ -95,10 +95,14 @@ class CorpusConfig:
         domain_shift: seed and FL/eval speakers come from different voice/channel domains
             (see the module docstring); ``False`` draws every split from one domain.
         shards: number of fresh-process synthesis shards (part of the output's definition).
+        seed_target_speakers: how many of the ``seed_train_speakers`` are drawn from the
+            federated (target) domain instead of the seed domain (the reference code's 10/90
+            configurations put a slice of target-domain speakers into the seed set). They are
+            distinct speakers from every ``fl-train`` user and ``eval`` speaker.
     """
 
     seed: int = 0
-    seed_train_speakers: int = 100
+    seed_train_speakers: int = 200
     seed_dev_speakers: int = 20
     fl_train_speakers: int = 400
     eval_speakers: int = 50
@@ -107,6 +111,7 @@ class CorpusConfig:
     fl_train_utterances: int = 8
     domain_shift: bool = True
     shards: int = 4
+    seed_target_speakers: int = 24
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -117,9 +122,12 @@ class CorpusConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{f.name} must be an integer, got {type(value).__name__} {value!r}")
-            minimum = 0 if f.name == "seed" else 1
+            minimum = 0 if f.name in ("seed", "seed_target_speakers") else 1
             if value < minimum:
                 raise ValueError(f"{f.name} must be >= {minimum}, got {value}")
+        if self.seed_target_speakers > self.seed_train_speakers:
+            raise ValueError(f"seed_target_speakers ({self.seed_target_speakers}) must be <= "
+                             f"seed_train_speakers ({self.seed_train_speakers})")
 
     @classmethod
     def quick(cls, *, seed: int = 0) -> CorpusConfig:
@@ -127,7 +135,7 @@ class CorpusConfig:
         return cls(
             seed=seed, seed_train_speakers=40, seed_dev_speakers=8, fl_train_speakers=60,
             eval_speakers=16, seed_train_utterances=20, dev_utterances=5, fl_train_utterances=8,
-            shards=2,
+            shards=2, seed_target_speakers=4,
         )
 
     def speakers_per_split(self) -> dict[str, int]:
@@ -196,7 +204,9 @@ def plan_speakers(config: CorpusConfig) -> list[Speaker]:
         target = config.domain_shift and split in ("fl-train", "eval")
         if not config.domain_shift:
             target = rng.random() < 0.5
-        for _ in range(count):
+        for index in range(count):
+            if split == "seed-train" and config.domain_shift:
+                target = index < config.seed_target_speakers
             while True:
                 speaker = _draw_speaker(rng, next_id, split, target)
                 key = (speaker.variant, speaker.rate, speaker.pitch, speaker.pitch_range)
@@ -243,7 +253,7 @@ def ensure_corpus(
     """Return the root of ``config``'s corpus, generating it on first use.
 
     Args:
-        config: what to generate; default ``CorpusConfig()`` (570 speakers, 6,160 utterances).
+        config: what to generate; default ``CorpusConfig()`` (670 speakers, 8,560 utterances).
         cache_dir: parent directory of the corpus; default :func:`default_cache_dir`.
         workers: synthesis processes run at once (does not change the output). They are
             started with the ``spawn`` method, so a script calling this must guard its entry

@@ -33,6 +33,7 @@ References:
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -306,20 +307,40 @@ def read_common_voice(
     index = Path(root) / tsv
     if not index.is_file():
         raise FileNotFoundError(f"Common Voice index {index} does not exist")
-    with index.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        missing = {"client_id", "path", "sentence"} - set(reader.fieldnames or ())
-        if missing:
-            raise DataError(index, f"missing required column(s) {sorted(missing)}")
-        for row in reader:
-            client, clip = (row.get("client_id") or "").strip(), (row.get("path") or "").strip()
-            if not client or not clip:
-                collector.fail(index, f"line {reader.line_num} lacks client_id or path",
-                               "bad index row")
-                continue
-            collector.add(client, Path(root) / "clips" / clip, row.get("sentence") or "",
-                          Path(clip).stem)
+    reader = csv.DictReader(io.StringIO(_read_tsv(index), newline=""), delimiter="\t",
+                            quoting=csv.QUOTE_NONE)
+    missing = {"client_id", "path", "sentence"} - set(reader.fieldnames or ())
+    if missing:
+        raise DataError(index, f"missing required column(s) {sorted(missing)}")
+    for row in reader:
+        client, clip = (row.get("client_id") or "").strip(), (row.get("path") or "").strip()
+        if not client or not clip:
+            collector.fail(index, f"line {reader.line_num} lacks client_id or path",
+                           "bad index row")
+            continue
+        collector.add(client, Path(root) / "clips" / clip, row.get("sentence") or "",
+                      Path(clip).stem)
     return collector.result()
+
+
+def _read_tsv(index: Path) -> str:
+    """The text of a Common Voice index: UTF-8, with or without a byte-order mark.
+
+    Raises:
+        DataError: if the file cannot be read or is not UTF-8 (naming the line and column).
+    """
+    try:
+        raw = index.read_bytes()
+    except OSError as exc:
+        raise DataError(index, f"cannot be read ({exc})") from exc
+    try:
+        return raw.decode("utf-8-sig")  # a leading byte-order mark is not part of a column name
+    except UnicodeDecodeError as exc:
+        start = exc.start + (3 if raw.startswith(b"\xef\xbb\xbf") else 0)
+        line = raw[:start].count(b"\n") + 1
+        column = start - (raw.rfind(b"\n", 0, start) + 1) + 1
+        raise DataError(index, f"line {line}, byte {column} is not UTF-8 (byte "
+                               f"0x{raw[start]:02x}); save the file as UTF-8") from None
 
 
 def load_audio(path: str | os.PathLike[str], *, sample_rate: int = SAMPLE_RATE) -> Tensor:

@@ -6,10 +6,9 @@ API:
     1 over the utterance's frames).
     ``SpecAugmentConfig`` / ``SpecAugment(config)``: ``augment(features, generator) -> Tensor``.
     ``cached_features(utterances, *, cache_dir=None, dtype=torch.float32) -> dict[id, Tensor]``:
-    features of every utterance, computed once and stored in a ``.pt`` file (loaded with
-    ``weights_only=True``) keyed by the files' paths, sizes and modification times. It holds
-    all features in memory: for corpora of more than a few hours use the on-disk store of
-    :mod:`examples.asr.store`, which the command-line example uses.
+    features of every utterance, extracted once per audio file into the on-disk cache of
+    :mod:`examples.asr.store` and loaded into memory. It holds all features in memory: for
+    corpora of more than a few hours read them lazily from the store, as the command line does.
 
 Filterbanks come from ``torchaudio.transforms.MelSpectrogram`` (power spectrum, 400-point FFT,
 Hann window, centred frames, natural log with a 1e-10 floor); it used about 1.6x less CPU than
@@ -24,10 +23,7 @@ References:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -38,7 +34,7 @@ import torchaudio
 from torch import Tensor
 
 from examples.asr.checks import require_int, require_probability
-from examples.asr.data import SAMPLE_RATE, Utterance, load_audio
+from examples.asr.data import SAMPLE_RATE, DataError, Utterance, load_audio
 
 __all__ = [
     "FEATURE_VERSION",
@@ -215,38 +211,22 @@ def _check_unique(utterances: Sequence[Utterance]) -> None:
         seen[u.utterance_id] = Path(u.audio_path)
 
 
-def _cache_key(utterances: Sequence[Utterance]) -> str:
-    digest = hashlib.sha256(FEATURE_VERSION.encode())
-    for u in utterances:
-        stat = Path(u.audio_path).stat()
-        record = [u.utterance_id, str(Path(u.audio_path).resolve()), stat.st_size, stat.st_mtime_ns]
-        digest.update(json.dumps(record).encode())
-    return digest.hexdigest()[:20]
-
-
-def _default_cache_dir() -> Path:
-    from examples.asr.corpus import default_cache_dir
-
-    return default_cache_dir() / "features"
-
-
 def cached_features(
     utterances: Sequence[Utterance],
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, Tensor]:
-    """Features of ``utterances``, computed once and then loaded from a ``.pt`` cache file.
+    """Features of ``utterances``, extracted once per file into the on-disk cache, all in memory.
 
-    The cache file ``features-<key>.pt`` holds float16 features of all utterances (one
-    concatenated tensor plus lengths and ids) and is written atomically; ``<key>`` hashes
-    :data:`FEATURE_VERSION` and every utterance's id, resolved path, size and modification
-    time, so edited audio or a different utterance list gets a new file.
+    The features come from the per-utterance cache of :mod:`examples.asr.store` (one entry per
+    audio file, keyed by its name, size and modification time): only files not cached yet are
+    extracted, so editing one file extracts that file alone. They are stored as float16.
 
     Args:
         utterances: the utterances (distinct ``utterance_id`` values).
-        cache_dir: where to store the file; default ``$DPFL_CACHE/features``
-            (``~/.cache/dpfl/features``), never a directory of the dataset.
+        cache_dir: the cache root (default ``$DPFL_CACHE``, else ``~/.cache/dpfl``), never a
+            directory of the dataset.
         dtype: dtype of the returned tensors (stored as float16 either way).
 
     Returns:
@@ -254,32 +234,15 @@ def cached_features(
 
     Raises:
         ValueError: if ``utterances`` is empty or has duplicate ids.
-        examples.asr.data.DataError: if an audio file cannot be read (names the file).
+        examples.asr.data.DataError: if an audio file cannot be read or is truncated (names the
+            file).
     """
     if not utterances:
         raise ValueError("utterances must not be empty (found 0 utterances)")
     _check_unique(utterances)
-    directory = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
-    path = directory / f"features-{_cache_key(utterances)}.pt"
-    if path.is_file():
-        return _unpack(torch.load(path, weights_only=True), dtype)
-    feats = compute_features(utterances)
-    ids = list(feats)
-    lengths = torch.tensor([feats[i].shape[0] for i in ids], dtype=torch.long)
-    blob = {"version": FEATURE_VERSION, "ids": ids, "lengths": lengths,
-            "features": torch.cat([feats[i] for i in ids]).to(torch.float16)}
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-features-", suffix=".pt", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(blob, handle)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return _unpack(blob, dtype)  # the float16-rounded values, identical to a later cache hit
+    from examples.asr.store import extract_features  # the store builds on this module
 
-
-def _unpack(blob: dict, dtype: torch.dtype) -> dict[str, Tensor]:
-    chunks = torch.split(blob["features"].to(dtype), blob["lengths"].tolist())
-    return dict(zip(blob["ids"], chunks, strict=True))
+    store = extract_features(utterances, cache_dir=cache_dir, workers=1, check_transcripts=False)
+    if store.skipped:
+        raise DataError(store.skipped[0].path, store.skipped[0].reason)
+    return {u.utterance_id: store[u.utterance_id].to(dtype) for u in utterances}

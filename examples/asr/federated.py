@@ -46,6 +46,7 @@ from examples.asr.train import Augment, Batch, BatchTensors, align_batches, batc
 
 __all__ = [
     "FederatedConfig",
+    "checkpoint_every",
     "make_accountant",
     "make_clipper",
     "make_server_optimizer",
@@ -312,6 +313,18 @@ class _TensorBatches:
         return out
 
 
+def checkpoint_every(config: FederatedConfig) -> int:
+    """Checkpoint cadence of a stage: every round with noise, every 10 rounds without.
+
+    A round is charged before its noise is drawn (dpfl's write-ahead journal) and stays charged;
+    a run killed after round ``t`` resumes from its last checkpoint and releases the rounds after
+    it again, charging them again. Checkpointing each DP round keeps that to the one round in
+    flight (none when the kill falls between a checkpoint and the next charge), instead of up to
+    a whole stage. Without noise nothing is charged, so fewer checkpoints cost nothing.
+    """
+    return 1 if config.noise_multiplier > 0 else max(1, min(10, config.rounds))
+
+
 def run_federated(
     model: nn.Module,
     dataset: FederatedDataset,
@@ -338,7 +351,8 @@ def run_federated(
         config: the recipe.
         augment: optional SpecAugment for local training.
         log_path: JSON-lines round log.
-        checkpoint_dir: checkpoint directory (``None``: no checkpoints).
+        checkpoint_dir: checkpoint directory (``None``: no checkpoints), written every round
+            with noise (see :func:`checkpoint_every`).
         resume: continue from ``checkpoint_dir`` if it holds a checkpoint.
         eval_fn: ``model -> metrics`` run every ``eval_every`` rounds (rank 0).
         eval_every: evaluation cadence.
@@ -397,7 +411,7 @@ def run_federated(
         seed=config.seed,
         checkpointing=None
         if checkpoint_dir is None
-        else Checkpointing(checkpoint_dir, every=max(1, min(10, config.rounds)), resume=resume),
+        else Checkpointing(checkpoint_dir, every=checkpoint_every(config), resume=resume),
         logging=Logging(log_path, progress=progress),
         evaluation=None if eval_fn is None else Evaluation(eval_fn, every=eval_every),
         dist=dist,

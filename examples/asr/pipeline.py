@@ -9,13 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as tdist
@@ -23,59 +21,66 @@ import torch.distributed as tdist
 from dpfl.accounting import extrapolate
 from dpfl.audit import CanaryAudit
 from dpfl.simulation import CheckpointError, DistContext, init_distributed, shutdown_distributed
-from examples.asr.cli import UserError, fill_presets
+from examples.asr.cli import UserError, check_args, fill_presets
 from examples.asr.corpus import default_cache_dir
 from examples.asr.features import SpecAugment, SpecAugmentConfig
 from examples.asr.federated import FederatedConfig, resolve_noise, run_federated
 from examples.asr.model import CTCTransformer, get_config
 from examples.asr.report import data_report, format_table, jsonable, summary
+from examples.asr.rundir import claim_run_directory, plan_run_directory
+from examples.asr.seed import check_record, load_shipped, shipped_path
 from examples.asr.splits import load_splits, prepare_data
 from examples.asr.text import CharTokenizer
 from examples.asr.train import Augment, Batch, evaluate, train_central
 
-__all__ = ["PAPER_SCALE", "resolve_output_dir", "run_pipeline"]
+__all__ = ["PAPER_SCALE", "check_cohort", "resolve_output_dir", "run_pipeline"]
 
 PAPER_SCALE = {"cohort_size": 204_800, "population": 69_500_000, "rounds": 2_034, "delta": 1e-9}
 """The paper's extrapolation point (table in design notes 2.4: σ_DP 3e-6 gives ε 7.2, RDP)."""
 
 
-_RUN_FILES = ("seed_model.pt", "results.json", "results.md", "fl_no_noise.jsonl", "fl_dp.jsonl",
-              "fl_dp_other_clip.jsonl", "ckpt_fl_no_noise", "ckpt_fl_dp", "ckpt_fl_dp_other_clip",
-              "run.json")
+_T = TypeVar("_T")
 
 
 def resolve_output_dir(args: argparse.Namespace) -> Path:
-    """The run directory: a new timestamped one by default, or ``--output-dir`` checked for an
-    earlier run (which needs ``--resume`` or ``--overwrite``).
+    """The run directory :func:`examples.asr.rundir.plan_run_directory` chooses (nothing is
+    written; the folder is created when training starts).
 
     Raises:
-        UserError: if the folder holds a run and neither flag is given, or ``--resume`` finds
-            nothing to resume.
+        UserError: as :func:`~examples.asr.rundir.plan_run_directory`.
     """
-    base = Path("runs/asr-quick" if args.quick else "runs/asr")
-    out: Path | None = args.output_dir
-    if out is None:
-        if args.resume:
-            earlier = sorted(p for p in base.glob("*") if p.is_dir() and (p / "run.json").is_file())
-            if not earlier:
-                raise UserError(f"--resume: no earlier run under {base}/; run without --resume "
-                                "first, or give --output-dir")
-            return earlier[-1]
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        out, n = base / stamp, 1
-        while out.exists():
-            n += 1
-            out = base / f"{stamp}-{n}"
-        return out
-    held = [name for name in _RUN_FILES if (out / name).exists()]
-    if held and args.overwrite:
-        for name in held:
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-    elif held and not args.resume:
-        raise UserError(f"{out} already holds a run ({', '.join(held[:3])}); pass --resume to "
-                        "continue it, --overwrite to replace it, or choose another --output-dir")
-    return out
+    return plan_run_directory(args).path
+
+
+def check_cohort(cohort_size: int, population: int, where: str) -> None:
+    """Refuse a cohort larger than the population (Poisson sampling would clamp its rate to 1
+    while σ_DP = z / S is reported for the S that was asked for).
+
+    Raises:
+        UserError: naming ``--cohort-size`` and the population.
+    """
+    if cohort_size > population:
+        raise UserError(
+            f"--cohort-size {cohort_size} is larger than the population: {where} has "
+            f"{population} users; choose --cohort-size {population} or less (σ_DP = z / S is "
+            "only the noise on the mean if S users are expected per round)")
+
+
+def _on_rank0(dist: DistContext | None, fn: Callable[[], _T]) -> _T:
+    """``fn()`` on rank 0, its result (or its UserError) shared with every rank."""
+    if dist is None:
+        return fn()
+    chosen: list[Any] = [None]
+    if dist.rank == 0:
+        try:
+            chosen[0] = fn()
+        except UserError as exc:
+            chosen[0] = exc
+    tdist.broadcast_object_list(chosen, src=0)
+    if isinstance(chosen[0], UserError):
+        raise chosen[0]
+    result: _T = chosen[0]
+    return result
 
 
 def _rank0(dist: DistContext | None) -> bool:
@@ -92,36 +97,76 @@ def _rates(model: torch.nn.Module, batches: Sequence[Batch], tok: CharTokenizer)
     return {"wer": rates.wer, "cer": rates.cer}
 
 
+def shipped_seed_reason(args: argparse.Namespace) -> str | None:
+    """Why this run trains its seed model instead of loading the shipped one (None: it loads it).
+
+    The shipped checkpoint is the ``small`` recipe of :mod:`examples.asr.seed` on the default
+    embedded corpus; any option that would change that model trains it instead.
+    """
+    if getattr(args, "train_seed", False):
+        return "--train-seed"
+    if args.quick:
+        return "--quick (tiny model, quick corpus)"
+    if args.librispeech_root is not None or args.common_voice_root is not None:
+        return "real data"
+    if args.model != "small":
+        return f"--model {args.model}"
+    if args.specaugment != "none":
+        return f"--specaugment {args.specaugment}"
+    given = getattr(args, "seed_options_given", [])
+    if given:
+        return ", ".join("--" + name.replace("_", "-") for name in given)
+    return None
+
+
 def _seed_model(
     args: argparse.Namespace, model: CTCTransformer, batches: Sequence[Batch],
     augment: Augment | None,
     dist: DistContext | None,
-) -> bool:
-    """Train (rank 0) or reload the seed model; returns True if it was reloaded."""
+) -> dict[str, Any]:
+    """Load the shipped seed model or train it (rank 0), or reload it on ``--resume``; returns
+    where it came from (``{"source": "shipped" | "trained" | "reused", ...}``)."""
     path = args.output_dir / "seed_model.pt"
-    key = {"model": model.config.to_dict(), "steps": args.seed_steps, "lr": args.seed_lr,
-           "batch_size": args.batch_size, "seed": args.seed, "data": args.data_source}
-    reused = False
+    reason = shipped_seed_reason(args)
+    if reason is None:
+        record = check_record("small")
+        key: dict[str, Any] = {"shipped": "small", "sha256": record["sha256"]}
+        origin: dict[str, Any] = {"source": "shipped", "checkpoint": str(shipped_path("small")),
+                                  "recipe_steps": record["recipe"]["steps"]}
+    else:
+        key = {"model": model.config.to_dict(), "steps": args.seed_steps, "lr": args.seed_lr,
+               "batch_size": args.batch_size, "seed": args.seed, "data": args.data_source}
+        origin = {"source": "trained", "why": reason, "steps": args.seed_steps}
     if _rank0(dist):
+        reused = False
         if args.resume and path.is_file():
             blob = torch.load(path, weights_only=True, map_location="cpu")
             if blob["key"] == json.loads(json.dumps(key)):
                 model.load_state_dict(blob["state"])
                 reused = True
                 print(f"seed model: reusing {path}", flush=True)
-        if not reused:
+        if not reused and reason is None:
+            shipped, _ = load_shipped("small")
+            model.load_state_dict(shipped.state_dict())
+            print(f"seed model: shipped checkpoint {shipped_path('small').name} (recipe 'small': "
+                  f"{record['recipe']['steps']:,} LARS steps on the embedded corpus; record "
+                  "checked against the code; --train-seed trains one here)", flush=True)
+        elif not reused:
             t0 = time.time()
+            print(f"seed model: training ({reason}): {args.seed_steps:,} LARS steps", flush=True)
             losses = train_central(
                 model, batches, steps=args.seed_steps, lr=args.seed_lr, warmup_steps=args.seed_steps // 10,
                 augment=augment, seed=args.seed, progress=True,
             )
-            print(f"seed model: {args.seed_steps} LARS steps in {time.time() - t0:.0f}s, "
+            took = f" in {time.time() - t0:.0f}s" if args.unsafe_metrics else ""
+            print(f"seed model: {args.seed_steps} LARS steps{took}, "
                   f"final loss {sum(losses[-20:]) / max(1, len(losses[-20:])):.3f}", flush=True)
+        if not reused:
             torch.save({"key": key, "state": model.state_dict()}, path)
     if dist is not None:
         tdist.barrier()
         model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu")["state"])
-    return reused
+    return origin
 
 
 def _vectorized(args: argparse.Namespace, model: CTCTransformer, augment: Augment | None) -> bool:
@@ -134,26 +179,12 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     """Data, seed model, FL without noise, FL with DP, table; returns the results dict."""
     started = time.time()
     args = fill_presets(args)
+    check_args(args)  # every option, before any work
     torch.set_num_threads(args.threads)
     dist = init_distributed(timeout_s=7200.0) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
-    if dist is None:
-        args.output_dir = resolve_output_dir(args)
-    else:  # every rank must write into the folder rank 0 chose
-        chosen: list[Any] = [None]
-        if dist.rank == 0:
-            try:
-                chosen[0] = resolve_output_dir(args)
-            except UserError as exc:
-                chosen[0] = exc
-        tdist.broadcast_object_list(chosen, src=0)
-        if isinstance(chosen[0], UserError):
-            raise chosen[0]
-        args.output_dir = chosen[0]
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    if _rank0(dist):
-        (args.output_dir / "run.json").write_text(json.dumps(
-            {"argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1) + "\n")
-    _say(dist, f"run directory: {args.output_dir}")
+    # every rank writes into the folder rank 0 chose; it is created when training starts
+    plan = _on_rank0(dist, lambda: plan_run_directory(args))
+    args.output_dir = plan.path
     tok = CharTokenizer()
 
     # Data (rank 0 first, so that the corpus and the feature store are built once).
@@ -163,13 +194,21 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     args.progress = _rank0(dist)
     splits = load_splits(args)
     args.data_source = splits.source
+    check_cohort(args.cohort_size, len(splits.fl_users), f"the FL data {splits.names.get('fl')}")
     data = prepare_data(splits, args, tok)
     if dist is not None and dist.rank == 0:
         tdist.barrier()
+    took = f" ({time.time() - t0:.0f}s incl. corpus and features)" if args.unsafe_metrics else ""
     _say(dist, f"data: {splits.source}\n  seed {len(data.seed_batches.store)} utterances, FL "
          f"{len(data.dataset)} users / {data.fl_utterances} utterances, eval "
-         f"{data.eval_utterances} utterances ({time.time() - t0:.0f}s incl. corpus and features)")
+         f"{data.eval_utterances} utterances{took}")
     _say(dist, data_report(data.report))
+    check_cohort(args.cohort_size, len(data.dataset),
+                 f"the FL data {splits.names.get('fl')}, after skipping unusable files,")
+
+    # Training starts: only now does the run claim its folder (a refused run leaves nothing).
+    args.output_dir = _on_rank0(dist, lambda: claim_run_directory(plan))
+    _say(dist, f"run directory: {args.output_dir}")
     seed_batches, ev_batches, dev_batches = data.seed_batches, data.eval_batches, data.dev_batches
     dataset = data.dataset
     augment = None if args.specaugment == "none" else SpecAugment(
@@ -182,13 +221,14 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device) if args.device else (dist.device if dist else torch.device("cpu"))
     model.to(device)
     _say(dist, f"model: {args.model}, {sum(p.numel() for p in model.parameters()):,} parameters")
-    _seed_model(args, model, seed_batches, augment, dist)
+    seed_origin = _seed_model(args, model, seed_batches, augment, dist)
     seed_state = {k: v.clone() for k, v in model.state_dict().items()}
     results: dict[str, Any] = {
         "data": {"source": splits.source, "seed_utterances": data.seed_batches.num_utterances(),
                  "fl_users": len(dataset), "fl_utterances": data.fl_utterances,
                  "eval_utterances": data.eval_utterances, "splits": data.report},
         "model": model.config.to_dict(),
+        "seed_model": seed_origin,
         # what the printed numbers depend on besides the command line (see docs/asr.md,
         # "Determinism"): the float kernels torch picks for this CPU and the thread count
         "environment": {"torch": torch.__version__,
@@ -246,7 +286,7 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
             entry = {**score(model), "epsilon": run.epsilon, "delta": run.delta,
                      "rounds": run.rounds_completed, "stop_reason": run.stop_reason,
                      **cfg.to_dict()}
-            if cfg.noise_multiplier == 0 or args.unsafe_metrics:  # DP stages: cohort-dependent
+            if args.unsafe_metrics:  # every stage's time depends on its realised cohorts
                 entry["time_s"] = round(time.time() - t0, 1)
             if run.audit is not None:
                 entry["audit"] = run.audit
@@ -261,7 +301,7 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, Any]:
             delta=PAPER_SCALE["delta"], accountant=args.accountant)
         results["extrapolated"] = {**PAPER_SCALE, "sigma_dp": sigma_dp, "noise_multiplier":
                                    ext.noise_multiplier, "epsilon": ext.epsilon, "accountant": args.accountant}
-    if args.unsafe_metrics or z == 0:  # with DP stages the wall time depends on their cohorts
+    if args.unsafe_metrics:  # the wall time depends on the stages' realised cohorts
         results["wall_time_s"] = round(time.time() - started, 1)
     if _rank0(dist):
         table = format_table(results)

@@ -28,8 +28,8 @@ from examples.asr.data import (
 from examples.asr.store import StoredBatches, StoredFederatedDataset, extract_splits
 from examples.asr.text import CharTokenizer
 
-__all__ = ["MONITOR_UTTERANCES", "PreparedData", "Splits", "load_splits", "prepare_data",
-           "sample_utterances"]
+__all__ = ["MONITOR_UTTERANCES", "STRICT_NAMED", "PreparedData", "Splits", "load_splits",
+           "prepare_data", "refuse_skips", "sample_utterances"]
 
 MONITOR_UTTERANCES = 100
 """Utterances of the in-run evaluation every ``--eval-every`` rounds (a seeded sample of the
@@ -107,17 +107,41 @@ def load_splits(args: argparse.Namespace) -> Splits:
     if ls is not None:  # the paper: LibriSpeech seed, Common Voice users
         return Splits(f"LibriSpeech {ls} (seed) + Common Voice {cv} (FL)",
                       parts["seed"].utterances(), fl, parts["eval"].utterances(), [], names, skipped)
-    if len(fl) < 2:
+    if len(fl) < 3:
         raise UserError(
             f"Common Voice index {names['fl']} has {len(fl)} user(s) (client_id values); a "
-            "Common-Voice-only run needs at least 2 (a tenth, at least one, trains the seed "
-            "model, the rest are the federated users); add --librispeech-root for the seed model")
+            "Common-Voice-only run needs at least 3 (a tenth, at least one, trains the seed "
+            "model, and the federated users must be at least 2); add --librispeech-root for the "
+            "seed model")
     ids = sorted(fl)  # Common Voice only: a tenth of the users for the seed model
     random.Random(args.seed).shuffle(ids)
     cut = max(1, len(ids) // 10)
     seed = [u for uid in ids[:cut] for u in fl.pop(uid)]
     names["seed"] = f"{names['fl']} ({cut} of {len(ids)} users)"
     return Splits(f"Common Voice {cv}", seed, fl, parts["eval"].utterances(), [], names, skipped)
+
+
+STRICT_NAMED = 10
+"""How many unusable files a ``--strict`` refusal names (then the count of the others)."""
+
+
+def refuse_skips(stage: str, skipped: Sequence[SkippedFile]) -> None:
+    """``--strict``: refuse if anything was skipped, naming the first :data:`STRICT_NAMED` files
+    with what is wrong with each, and the count.
+
+    Raises:
+        UserError: if ``skipped`` is not empty (one line).
+    """
+    if not skipped:
+        return
+    kinds: dict[str, int] = {}
+    for entry in skipped:
+        kinds[entry.kind] = kinds.get(entry.kind, 0) + 1
+    summary = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    named = "; ".join(f"{e.path} ({e.kind})" for e in skipped[:STRICT_NAMED])
+    more = f"; and {len(skipped) - STRICT_NAMED} more" if len(skipped) > STRICT_NAMED else ""
+    raise UserError(f"--strict: {len(skipped)} file(s) unusable at {stage} ({summary}): "
+                    f"{named}{more}; fix the data or run without --strict to skip them")
 
 
 def sample_utterances(utts: Sequence[Utterance], limit: int, seed: int) -> list[Utterance]:
@@ -146,9 +170,11 @@ def prepare_data(splits: Splits, args: argparse.Namespace, tok: CharTokenizer) -
     """Extract features into the on-disk store, drop and report skipped files, build batches.
 
     Raises:
-        UserError: if a split ends up with too little data, or ``--strict`` and a file was
-            skipped.
+        UserError: if a split ends up with too little data, or with ``--strict`` if a file is
+            unusable: those the readers found when listing are refused before any extraction.
     """
+    if args.strict:  # what the listing found unusable, before extracting anything
+        refuse_skips("listing", [e for entries in splits.skipped.values() for e in entries])
     eval_utts = sample_utterances(splits.eval, args.max_eval_utterances, args.seed)
     dev_utts = sample_utterances(splits.seed_dev, args.max_eval_utterances, args.seed)
     fl_utts = [u for utts in splits.fl_users.values() for u in utts]
@@ -174,12 +200,8 @@ def prepare_data(splits: Splits, args: argparse.Namespace, tok: CharTokenizer) -
             "hours": round(store.hours(), 3),
             "skipped": summarize_skips([*read_skips, *store.skipped]),
         }
-    total_skipped = sum(r["skipped"]["count"] for r in report.values())
-    if total_skipped and args.strict:
-        first = next(e for r in report.values() for k in r["skipped"]["by_kind"].values()
-                     for e in k["examples"])
-        raise UserError(f"--strict: {total_skipped} file(s) skipped, e.g. {first}; fix the data "
-                        "or run without --strict to skip them")
+    if args.strict:  # what decoding found unusable (the listing's were refused above)
+        refuse_skips("feature extraction", [e for r in roles for e in stores[r].skipped])
     seed_utts = [u for u in splits.seed if u.utterance_id in stores["seed"]]
     users = {uid: kept for uid, utts in splits.fl_users.items()
              if (kept := [u for u in utts if u.utterance_id in stores["fl"]])}

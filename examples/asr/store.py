@@ -1,9 +1,10 @@
-"""An on-disk feature store: features extracted once, in parallel and resumably, read lazily.
+"""The on-disk feature store: features extracted once per file, in parallel, read lazily.
 
 API:
     ``extract_features(utterances, *, cache_dir=None, workers=None, name="utterances",
-    progress=False) -> FeatureStore``: log-mel features of every utterance, written once into
-    ``<cache_dir>/features/<key>/`` by ``workers`` processes and reused afterwards.
+    progress=False) -> FeatureStore``: log-mel features of every utterance, extracted by
+    ``workers`` processes into the per-utterance cache of :mod:`examples.asr.packs` and reused
+    afterwards (only files not already cached are extracted).
     ``extract_splits({name: utterances}, ...) -> dict[name, FeatureStore]``: the same for several
     splits with one worker pool and one progress bar (what the command line uses).
     ``FeatureStore``: ``store[utterance_id] -> Tensor[frames, 80]`` (float32, read from disk on
@@ -13,32 +14,34 @@ API:
     ``StoredFederatedDataset(store, users, tokenizer, *, batch_size, seed=None)``: a
     :class:`dpfl.simulation.FederatedDataset` whose ``user_data(u)`` reads user ``u`` only.
 
-Memory: nothing here keeps features in RAM. A store is a directory of chunks of
-:data:`CHUNK_SIZE` utterances, each a raw little-endian float16 file (``chunk-NNNNN.f16``, the
-utterances' ``(frames, 80)`` matrices back to back) plus a JSON index (``chunk-NNNNN.json``:
-ids, frame counts, skipped files). Reading an utterance is one ``os.pread`` of its bytes, so
-the resident memory of a run grows with the number of utterances only through their ids and
-frame counts (a few dozen bytes each), not with hours of audio. (Memory-mapping the chunks
-would count every touched page in the process's RSS until unmapped; explicit reads keep the
-page cache, which the kernel can drop, as the only copy.)
+Memory: nothing here keeps features in RAM. A :class:`FeatureStore` is a view of one split over
+the cache's packs (:mod:`examples.asr.packs`: raw little-endian float16 files plus a JSON index
+each); reading an utterance is one ``os.pread`` of its bytes, so the resident memory of a run
+grows with the number of utterances only through their ids and frame counts (a few dozen bytes
+each), not with hours of audio. (Memory-mapping the packs would count every touched page in the
+process's RSS until unmapped; explicit reads keep the page cache, which the kernel can drop, as
+the only copy.)
 
-Key: ``<key>`` hashes :data:`examples.asr.features.FEATURE_VERSION`, :data:`STORE_FORMAT`, the
-chunk size, and every utterance's id, transcript length, resolved path, size and modification
-time, in order; edited audio or another utterance list gives another store. The default
-``cache_dir`` is :func:`examples.asr.corpus.default_cache_dir` (``$DPFL_CACHE`` or
-``~/.cache/dpfl``), never a directory of the dataset (datasets are often read-only).
+Cache: one entry per audio file, keyed by the file's name, size and modification time and the
+feature definition (:func:`examples.asr.packs.entry_key`), under ``<cache_dir>/features/packs``.
+A changed file (``touch``, re-encoded) is one new entry, a moved dataset or a new transcript
+line extracts nothing else again; the entries of changed or removed files are collected when no
+store of the cache is open (:func:`examples.asr.packs.collect`). The default ``cache_dir`` is
+:func:`examples.asr.corpus.default_cache_dir` (``$DPFL_CACHE`` or ``~/.cache/dpfl``), never a
+directory of the dataset (datasets are often read-only).
 
 Extraction is parallel (a ``spawn`` pool; each worker uses one torch thread, so the stored
-bytes do not depend on ``workers``) and resumable: a chunk's index file is renamed into place
-after its data file, so a killed run leaves only whole chunks, and the next run computes the
-missing ones. Each file is validated by decoding it (see :func:`check_audio`): a decoder
-error, a decoded length that disagrees with the header, or audio too short for its transcript
-makes the utterance a counted skip instead of a crash in the middle of a run.
+bytes do not depend on ``workers``) and resumable: a pack's index is renamed into place after
+its data, so a killed run leaves only whole packs, and the next run extracts the rest. Each file
+is validated by decoding it (see :func:`check_audio`): a decoder error or a decoded length that
+disagrees with the header makes the utterance a counted skip (cached as such) instead of a
+crash in the middle of a run; audio too short for its transcript is a skip of the split that
+lists it (checked when the store is opened, so editing a transcript extracts nothing).
 
 Why not lhotse: its ``LilcomChunkyWriter``/``NumpyHdf5Writer`` feature storage would do the
 job, but it brings its own manifests, recording model and feature extractors (and h5py for
 HDF5), for what here is a few hundred lines over ``soundfile`` and ``torchaudio`` that the
-example already uses; the store's format is two plain files per chunk that ``numpy`` reads.
+example already uses; a pack is two plain files that ``numpy`` reads.
 
 References:
     Pelikan et al., "Enabling Differentially Private Federated Learning for Speech Recognition:
@@ -47,11 +50,8 @@ References:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import multiprocessing
 import os
-import uuid
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -63,26 +63,35 @@ import torch
 from torch import Tensor
 
 from examples.asr.data import SAMPLE_RATE, SkippedFile, Utterance
-from examples.asr.features import FEATURE_VERSION, N_MELS, log_mel
+from examples.asr.features import N_MELS, log_mel
+from examples.asr.packs import (
+    CacheLock,
+    Collected,
+    Entry,
+    Index,
+    Record,
+    collect,
+    entry_key,
+    load_index,
+    packs_dir,
+    write_pack,
+)
 from examples.asr.text import CharTokenizer
 from examples.asr.train import Batch, collate
 
 __all__ = [
     "CHUNK_SIZE",
     "MAX_CHARS_PER_SECOND",
-    "STORE_FORMAT",
     "FeatureStore",
     "StoredBatches",
     "StoredFederatedDataset",
     "check_audio",
     "extract_features",
     "extract_splits",
-    "store_key",
 ]
 
-STORE_FORMAT = 1
 CHUNK_SIZE = 64
-"""Utterances per chunk: the unit of work of one worker task and of resumption."""
+"""Files per pack written by one worker task: the unit of work and of resumption."""
 MAX_CHARS_PER_SECOND = 32.0
 """Transcripts longer than this many characters per second of audio are implausible (read
 speech in LibriSpeech averages about 15; the synthetic corpus peaks at 29) and come close to the
@@ -115,50 +124,30 @@ def check_audio(path: str | os.PathLike[str]) -> tuple[np.ndarray | None, int, s
     return data.mean(axis=1), int(rate), None
 
 
-def _features_of(path: str, transcript_chars: int) -> tuple[np.ndarray | None, str | None]:
+def _extract(key: str, path: str) -> Record:
+    """Decode, check and featurize one file (float16 features, or the reason it is unusable)."""
     samples, rate, reason = check_audio(path)
     if samples is None:
-        return None, reason
-    seconds = samples.shape[0] / rate
-    if transcript_chars > MAX_CHARS_PER_SECOND * seconds:
-        return None, (f"audio too short for its transcript: {seconds:.2f} s for "
-                      f"{transcript_chars} characters (truncated?)")
+        return Record(key, path, None, reason=reason)
     wave = torch.from_numpy(np.ascontiguousarray(samples))
     if rate != SAMPLE_RATE:
         import torchaudio.functional
 
         wave = torchaudio.functional.resample(wave, rate, SAMPLE_RATE)
-    return log_mel(wave).to(torch.float16).numpy(), None
+    feats = log_mel(wave).to(torch.float16).numpy()
+    return Record(key, path, feats, seconds=samples.shape[0] / rate)
 
 
-def _extract_chunk(task: tuple[str, int, list[tuple[str, str, int]]]) -> tuple[int, int, int, float]:
-    """Write one chunk (runs in a worker process, or in-process with ``workers=1``)."""
-    directory, index, items = task
+def _extract_pack(task: tuple[str, list[tuple[str, str]]]) -> tuple[str, int]:
+    """Extract ``(key, path)`` items into one pack (in a worker, or in-process with 1 worker)."""
+    directory, items = task
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the stored bytes must not depend on the number of workers
     try:
-        ids: list[str] = []
-        frames: list[int] = []
-        skipped: list[list[str]] = []
-        parts: list[bytes] = []
-        for utt_id, path, chars in items:
-            feats, reason = _features_of(path, chars)
-            if feats is None:
-                skipped.append([utt_id, path, str(reason)])
-                continue
-            ids.append(utt_id)
-            frames.append(int(feats.shape[0]))
-            parts.append(feats.astype("<f2").tobytes())
+        records = [_extract(key, path) for key, path in items]
     finally:
         torch.set_num_threads(threads)
-    base = Path(directory) / f"chunk-{index:05d}"
-    tag = uuid.uuid4().hex[:8]
-    tmp_data, tmp_index = Path(f"{base}.f16.{tag}.tmp"), Path(f"{base}.json.{tag}.tmp")
-    tmp_data.write_bytes(b"".join(parts))
-    os.replace(tmp_data, f"{base}.f16")
-    tmp_index.write_text(json.dumps({"ids": ids, "frames": frames, "skipped": skipped}))
-    os.replace(tmp_index, f"{base}.json")  # last: a chunk with an index is complete
-    return index, len(ids), len(skipped), sum(frames) / 100.0
+    return write_pack(directory, records), len(records)
 
 
 def _worker_init() -> None:
@@ -174,21 +163,6 @@ def _check_unique(utterances: Sequence[Utterance], name: str) -> None:
         seen[u.utterance_id] = Path(u.audio_path)
 
 
-def store_key(utterances: Sequence[Utterance]) -> str:
-    """The store's directory name for ``utterances`` (see the module docstring)."""
-    digest = hashlib.sha256(f"{FEATURE_VERSION}/{STORE_FORMAT}/{CHUNK_SIZE}".encode())
-    for u in utterances:
-        path = Path(u.audio_path)
-        try:
-            stat = path.stat()
-            size, mtime = stat.st_size, stat.st_mtime_ns
-        except OSError:
-            size = mtime = -1
-        record = [u.utterance_id, len(u.transcript), str(path.resolve()), size, mtime]
-        digest.update(json.dumps(record).encode())
-    return digest.hexdigest()[:24]
-
-
 def extract_features(
     utterances: Sequence[Utterance],
     *,
@@ -196,19 +170,22 @@ def extract_features(
     workers: int | None = None,
     name: str = "utterances",
     progress: bool = False,
+    check_transcripts: bool = True,
 ) -> FeatureStore:
-    """Features of ``utterances`` in an on-disk store, computing only what is missing.
+    """Features of ``utterances`` in the on-disk cache, extracting only files not cached yet.
 
     Args:
         utterances: the utterances (distinct ids), e.g. one split as read by
             :func:`examples.asr.data.read_librispeech`; keep a user's utterances together so
-            that reading one user touches few chunks.
-        cache_dir: the cache root; the store is ``<cache_dir>/features/<key>``. Default
+            that reading one user touches few packs.
+        cache_dir: the cache root; the packs are in ``<cache_dir>/features/packs``. Default
             :func:`examples.asr.corpus.default_cache_dir`.
         workers: extraction processes (default: the CPUs this process may use); ``1`` extracts
             in this process.
         name: what the utterances are (a split or directory), used in messages and errors.
         progress: show a progress bar.
+        check_transcripts: count audio too short for its transcript (more than
+            :data:`MAX_CHARS_PER_SECOND`) as a skip.
 
     Returns:
         The :class:`FeatureStore` (files that failed validation are in its ``skipped``).
@@ -218,7 +195,7 @@ def extract_features(
             id and both files) or ``workers`` is not a positive integer.
     """
     return extract_splits({name: utterances}, cache_dir=cache_dir, workers=workers,
-                          progress=progress)[name]
+                          progress=progress, check_transcripts=check_transcripts)[name]
 
 
 def extract_splits(
@@ -227,8 +204,13 @@ def extract_splits(
     cache_dir: str | os.PathLike[str] | None = None,
     workers: int | None = None,
     progress: bool = False,
+    check_transcripts: bool = True,
 ) -> dict[str, FeatureStore]:
     """:func:`extract_features` of several named splits with one worker pool and progress bar.
+
+    Before extracting, the cache's dead entries are collected if no store of it is open (see
+    :func:`examples.asr.packs.collect`); the stores returned hold the cache's shared lock while
+    they live, which keeps other runs' collection away from the packs they read.
 
     Returns:
         ``name -> FeatureStore``, one store per split.
@@ -244,26 +226,52 @@ def extract_splits(
         from examples.asr.corpus import default_cache_dir
 
         cache_dir = default_cache_dir()
-    plans: dict[str, tuple[Path, int]] = {}
-    todo: list[tuple[str, int, list[tuple[str, str, int]]]] = []
-    total = 0
+    keys: dict[str, dict[str, str]] = {}  # split -> utterance id -> key
+    current: dict[str, str] = {}  # resolved path -> key
     for name, utterances in splits.items():
         if not utterances:
             raise ValueError(f"{name}: no utterances to extract features from (found 0)")
         _check_unique(utterances, name)
-        directory = Path(cache_dir) / "features" / store_key(utterances)
-        directory.mkdir(parents=True, exist_ok=True)
-        items = [(u.utterance_id, str(u.audio_path), len(u.transcript)) for u in utterances]
-        chunks = [(str(directory), i // CHUNK_SIZE, items[i : i + CHUNK_SIZE])
-                  for i in range(0, len(items), CHUNK_SIZE)]
-        todo += [t for t in chunks if not (directory / f"chunk-{t[1]:05d}.json").is_file()]
-        plans[name] = (directory, len(chunks))
-        total += len(items)
+        keys[name] = {}
+        for u in utterances:
+            path = str(Path(u.audio_path).resolve())
+            key = current.setdefault(path, entry_key(path))
+            keys[name][u.utterance_id] = key
+    directory = packs_dir(cache_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = CacheLock(directory)
+    if lock.exclusive():  # no store of this cache is open: collect what is dead
+        index = load_index(directory)
+        collected = collect(directory, index, current)
+        if progress and collected.dead_entries:
+            print(_collected_message(collected), flush=True)
+        lock.shared()
+    else:
+        lock.shared()
+        index = load_index(directory)
+    todo = [(key, path) for path, key in current.items() if key not in index.entries]
     if todo:
+        tasks = [(str(directory), todo[i : i + CHUNK_SIZE]) for i in range(0, len(todo), CHUNK_SIZE)]
         label = ", ".join(splits) if len(splits) <= 4 else f"{len(splits)} splits"
-        _run_tasks(todo, total=total, done=total - sum(len(t[2]) for t in todo),
-                   workers=workers, name=label, progress=progress)
-    return {name: FeatureStore(d, expected=n) for name, (d, n) in plans.items()}
+        _run_tasks(tasks, total=len(current), done=len(current) - len(todo), workers=workers,
+                   name=label, progress=progress)
+        index = load_index(directory)
+    stores = {}
+    for name, utterances in splits.items():
+        missing = [u.audio_path for u in utterances if keys[name][u.utterance_id] not in index.entries]
+        if missing:  # a pack vanished in between (deleted by hand): extract again
+            raise FileNotFoundError(
+                f"{name}: {len(missing)} file(s), e.g. {missing[0]}, have no features in "
+                f"{directory} after extraction; run again to extract them")
+        stores[name] = FeatureStore(directory, utterances, keys[name], index, lock=lock,
+                                    check_transcripts=check_transcripts)
+    return stores
+
+
+def _collected_message(c: Collected) -> str:
+    return (f"features: collected {c.dead_entries} entries of changed or removed files "
+            f"({c.freed_bytes / 1e6:.1f} MB; {c.deleted_packs} packs deleted, "
+            f"{c.compacted_packs} compacted)")
 
 
 def _available_cpus() -> int:
@@ -282,60 +290,71 @@ def _run_tasks(tasks: list[Any], *, total: int, done: int, workers: int, name: s
         bar = tqdm(total=total, initial=done, unit="utt", desc=f"features: {name}",
                    dynamic_ncols=True)
         if done:
-            bar.write(f"features: {name}: resuming, {done} of {total} utterances already stored")
+            bar.write(f"features: {name}: {done} of {total} files already in the cache")
     try:
         if workers == 1 or len(tasks) == 1:
-            results: Iterator[tuple[int, int, int, float]] = map(_extract_chunk, tasks)
-            for _, ok, bad, _ in results:
+            results: Iterator[tuple[str, int]] = map(_extract_pack, tasks)
+            for _, count in results:
                 if bar is not None:
-                    bar.update(ok + bad)
+                    bar.update(count)
             return
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(processes=min(workers, len(tasks)), initializer=_worker_init) as pool:
-            for _, ok, bad, _ in pool.imap_unordered(_extract_chunk, tasks, chunksize=1):
+            for _, count in pool.imap_unordered(_extract_pack, tasks, chunksize=1):
                 if bar is not None:
-                    bar.update(ok + bad)
+                    bar.update(count)
     finally:
         if bar is not None:
             bar.close()
 
 
+def _too_short(entry: Entry, transcript_chars: int) -> str | None:
+    if transcript_chars > MAX_CHARS_PER_SECOND * entry.seconds:
+        return (f"audio too short for its transcript: {entry.seconds:.2f} s for "
+                f"{transcript_chars} characters (truncated?)")
+    return None
+
+
 class FeatureStore:
-    """Read access to an extracted store (see the module docstring); holds no features.
+    """Read access to the features of one list of utterances; holds no features.
+
+    Built by :func:`extract_splits` (the arguments are its internals): a view of the cache's
+    packs that maps each usable utterance id to its bytes, and lists the others in ``skipped``.
 
     Args:
-        directory: the store directory written by :func:`extract_features`.
-        expected: number of chunks that must be present (``None``: whatever is there).
-
-    Raises:
-        FileNotFoundError: if chunks are missing (an interrupted extraction: run it again).
+        directory: the packs directory.
+        utterances: the utterances of the view.
+        keys: ``utterance id -> entry key``.
+        index: the packs' index (holding every key).
+        lock: the cache lock this view keeps shared while it lives.
+        check_transcripts: skip audio too short for its transcript.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, expected: int | None = None) -> None:
+    def __init__(self, directory: str | os.PathLike[str], utterances: Sequence[Utterance],
+                 keys: Mapping[str, str], index: Index, *, lock: CacheLock | None = None,
+                 check_transcripts: bool = True) -> None:
         self.directory = Path(directory)
-        indexes = sorted(self.directory.glob("chunk-*.json"))
-        if expected is not None and len(indexes) != expected:
-            raise FileNotFoundError(
-                f"feature store {self.directory} has {len(indexes)} of {expected} chunks; "
-                "rerun the extraction to complete it")
+        self._lock = lock
         self._row: dict[str, int] = {}
-        chunk_of: list[int] = []
+        packs: dict[str, int] = {}
+        pack_of: list[int] = []
         offsets: list[int] = []
         frames: list[int] = []
         skipped: list[SkippedFile] = []
-        for index_file in indexes:
-            chunk = int(index_file.stem.split("-")[1])
-            meta = json.loads(index_file.read_text())
-            offset = 0
-            for utt_id, n in zip(meta["ids"], meta["frames"], strict=True):
-                self._row[utt_id] = len(frames)
-                chunk_of.append(chunk)
-                offsets.append(offset)
-                frames.append(n)
-                offset += n
-            skipped.extend(SkippedFile(Path(p), reason, reason.split(":")[0])
-                           for _, p, reason in meta["skipped"])
-        self._chunk = np.asarray(chunk_of, dtype=np.int32)
+        for u in utterances:
+            entry = index.entries[keys[u.utterance_id]]
+            reason = entry.reason
+            if reason is None and check_transcripts:
+                reason = _too_short(entry, len(u.transcript))
+            if reason is not None:
+                skipped.append(SkippedFile(Path(u.audio_path), reason, reason.split(":")[0]))
+                continue
+            self._row[u.utterance_id] = len(frames)
+            pack_of.append(packs.setdefault(entry.pack, len(packs)))
+            offsets.append(entry.offset)
+            frames.append(entry.frames)
+        self._packs = list(packs)
+        self._pack = np.asarray(pack_of, dtype=np.int32)
         self._offset = np.asarray(offsets, dtype=np.int64)
         self._frames = np.asarray(frames, dtype=np.int64)
         self.skipped: tuple[SkippedFile, ...] = tuple(skipped)
@@ -363,34 +382,35 @@ class FeatureStore:
         try:
             return self._row[utterance_id]
         except KeyError:
-            raise KeyError(f"utterance {utterance_id!r} is not in feature store "
-                           f"{self.directory} (skipped or never extracted)") from None
+            raise KeyError(f"utterance {utterance_id!r} is not in this feature store "
+                           f"({self.directory}; skipped or never extracted)") from None
 
     def __getitem__(self, utterance_id: str) -> Tensor:
         """The ``(frames, 80)`` float32 features of ``utterance_id``, read from disk."""
         row = self._lookup(utterance_id)
         frames = int(self._frames[row])
-        fd = self._fd(int(self._chunk[row]))
+        fd = self._fd(int(self._pack[row]))
         nbytes = frames * N_MELS * 2
         raw = os.pread(fd, nbytes, int(self._offset[row]) * N_MELS * 2)
         if len(raw) != nbytes:
-            raise OSError(f"feature store {self.directory} is damaged (short read); delete it")
+            raise OSError(f"feature cache {self.directory} is damaged (short read in pack "
+                          f"{self._packs[int(self._pack[row])]}); delete the pack")
         array = np.frombuffer(raw, dtype="<f2").reshape(frames, N_MELS)
         return torch.from_numpy(array.astype(np.float32))
 
-    def _fd(self, chunk: int) -> int:
-        fd = self._files.get(chunk)
+    def _fd(self, pack: int) -> int:
+        fd = self._files.get(pack)
         if fd is not None:
-            self._files.move_to_end(chunk)
+            self._files.move_to_end(pack)
             return fd
-        fd = os.open(self.directory / f"chunk-{chunk:05d}.f16", os.O_RDONLY)
-        self._files[chunk] = fd
+        fd = os.open(self.directory / f"{self._packs[pack]}.f16", os.O_RDONLY)
+        self._files[pack] = fd
         if len(self._files) > _OPEN_FILES:
             os.close(self._files.popitem(last=False)[1])
         return fd
 
     def close(self) -> None:
-        """Close the open chunk files (reopened on the next read)."""
+        """Close the open pack files (reopened on the next read)."""
         while self._files:
             os.close(self._files.popitem()[1])
 
@@ -401,7 +421,7 @@ class FeatureStore:
             pass
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_files": OrderedDict()}
+        return {**self.__dict__, "_files": OrderedDict(), "_lock": None}
 
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.directory)!r}, utterances={len(self)})"

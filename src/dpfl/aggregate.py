@@ -20,10 +20,10 @@ import torch
 from torch import Tensor
 
 from dpfl._checks import require_positive
+from dpfl._finite import divide_
 from dpfl.adaptive_clip import COUNT_STREAM, AdaptiveClip
 from dpfl.clip import ClipStats, GlobalClip, NonFiniteUpdateError, PerLayerClip
 from dpfl.noise import GaussianMechanism
-from dpfl.optim import _kernel
 
 __all__ = ["DPAggregator", "ReleaseStats"]
 
@@ -37,11 +37,12 @@ class ReleaseStats:
         num_dropped: Users dropped for non-finite values (``drop_nonfinite=True``).
         fraction_clipped: Fraction of ``num_users`` whose update was scaled down (0 if none).
         mean_norm: Mean pre-clip global norm over ``num_users`` (0 if none).
-        mean_finite: Whether every coordinate of the released (noised) mean is finite, found
-            while dividing by the fixed denominator (no extra pass); ``None`` where that pass
-            could not check (no compiled kernel, other dtypes or devices). A property of the DP
-            output itself, unlike the fields above; ``run_rounds`` uses it to skip
-            ``server_step``'s own finiteness pass.
+        mean_finite: Whether every coordinate of the released (noised) mean is finite, tested
+            by [`DPAggregator.release`][dpfl.aggregate.DPAggregator.release] right after the
+            division by the fixed denominator (one read pass, plain torch, any dtype and device);
+            ``None`` only for statistics not made by a release. A property of the DP output itself,
+            unlike the fields above; ``run_rounds`` uses it to skip ``server_step``'s own finiteness
+            pass.
 
     Warning:
         These statistics are computed from raw user updates and are **not** differentially
@@ -53,22 +54,6 @@ class ReleaseStats:
     fraction_clipped: float
     mean_norm: float
     mean_finite: bool | None = None
-
-
-def _divide_(sums: Mapping[str, Tensor], denominator: float) -> bool | None:
-    """Divide every tensor by ``denominator`` in place; whether all quotients are finite when
-    the compiled kernel could check it in the same pass, else ``None``."""
-    kernel = _kernel.load()
-    finite, checked = True, kernel is not None
-    with torch.no_grad():
-        for t in sums.values():
-            if (kernel is not None and t.dtype in _kernel.SUPPORTED_DTYPES and t.device.type == "cpu"
-                    and t.is_contiguous()):
-                finite &= kernel.div_finite_(t, denominator)  # the division happens either way
-            else:
-                t.div_(denominator)
-                checked = False
-    return finite if checked else None
 
 
 class DPAggregator:
@@ -308,7 +293,7 @@ class DPAggregator:
             self.clipper.update_(count_t.tolist(), expected_cohort_size=self.expected_cohort_size)
         else:
             self.mechanism.add_noise_(sums)
-        finite = _divide_(sums, self.expected_cohort_size)
+        finite = divide_(list(sums.values()), self.expected_cohort_size)
         n = round(num_users)
         stats = ReleaseStats(
             num_users=n,

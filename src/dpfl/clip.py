@@ -88,6 +88,11 @@ class ClipStats:
 def _validate_update(update: Mapping[str, Tensor]) -> tuple[list[str], list[Tensor]]:
     if not isinstance(update, Mapping):
         raise TypeError(f"update must be a mapping str -> Tensor, got {type(update).__name__}")
+    if not update:
+        raise ValueError(
+            "update is empty (no tensors): clipping it would release nothing with norm 0; pass "
+            "the user's model update {name: tensor}, or drop the user"
+        )
     names = list(update)
     tensors = list(update.values())
     for name, t in zip(names, tensors, strict=True):
@@ -205,8 +210,8 @@ class _Clipper:
         ``update`` is unchanged.
 
         Raises:
-            ValueError: if a tensor holds inf/NaN (the message names it) or the layers do not match
-                an explicit per-layer allocation.
+            ValueError: if ``update`` is empty, a tensor holds inf/NaN (the message names it)
+                or the layers do not match an explicit per-layer allocation.
             TypeError: if ``update`` is not a mapping from str to dense floating-point tensors.
         """
         names, tensors = _validate_update(update)

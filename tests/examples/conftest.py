@@ -124,3 +124,22 @@ def common_voice_root(tmp_path: Path) -> Path:
     (root / "validated.tsv").write_text((root / "train.tsv").read_text(encoding="utf-8"),
                                         encoding="utf-8")
     return root
+
+
+@pytest.fixture(scope="session")
+def quick_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder holding the ``--quick`` synthetic corpus (espeak-ng speech in LibriSpeech
+    layout, 1,400 FLAC files), generated once per session; pass it as ``--cache-dir``."""
+    from examples.asr.corpus import CorpusConfig, ensure_corpus
+
+    cache = tmp_path_factory.mktemp("quick-cache")
+    ensure_corpus(CorpusConfig.quick(seed=0), cache_dir=cache, workers=2)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def quick_corpus(quick_cache: Path) -> Path:
+    """The root of the ``--quick`` synthetic corpus in :func:`quick_cache` (do not modify it)."""
+    from examples.asr.corpus import CorpusConfig, corpus_dir
+
+    return corpus_dir(CorpusConfig.quick(seed=0), quick_cache)

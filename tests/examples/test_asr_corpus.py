@@ -41,6 +41,7 @@ TINY = CorpusConfig(
     dev_utterances=1,
     fl_train_utterances=2,
     shards=2,
+    seed_target_speakers=1,
 )
 _ALPHABET = set(" '-" + string.ascii_lowercase)
 
@@ -119,6 +120,7 @@ def test_incomplete_corpus_is_never_reused(tmp_path: Path) -> None:
         dev_utterances=1,
         fl_train_utterances=1,
         shards=1,
+        seed_target_speakers=0,
     )
     half = corpus_dir(config, tmp_path)
     (half / "seed-train").mkdir(parents=True)  # what an interrupted run might leave
@@ -144,9 +146,17 @@ def test_plan_speakers_default_population_and_domain_shift() -> None:
     assert len({sp.speaker_id for sp in speakers}) == len(speakers)
     voices = {(sp.variant, sp.rate, sp.pitch, sp.pitch_range) for sp in speakers}
     assert len(voices) == len(speakers)  # every speaker sounds different
-    seed_variants = {sp.variant for sp in speakers if sp.split.startswith("seed")}
     target_variants = {sp.variant for sp in speakers if sp.split in ("fl-train", "eval")}
+    # seed-train: the first seed_target_speakers come from the target domain (the reference
+    # code's 10/90 slice), the rest and every seed-dev speaker from the seed domain
+    seed_train = [sp for sp in speakers if sp.split == "seed-train"]
+    slice_ = seed_train[: config.seed_target_speakers]
+    assert config.seed_target_speakers == 24
+    assert all(sp.variant in target_variants and sp.snr_db > 0 for sp in slice_)
+    seed_variants = {sp.variant for sp in speakers
+                     if sp.split == "seed-dev" or sp in seed_train[config.seed_target_speakers:]}
     assert not seed_variants & target_variants
+    assert all(sp.snr_db == 0 for sp in speakers if sp.variant in seed_variants)
     assert all(sp.snr_db > 0 for sp in speakers if sp.split in ("fl-train", "eval"))
     assert plan_speakers(CorpusConfig(seed=1)) != speakers
     assert CorpusConfig(seed=1).fingerprint() != config.fingerprint()
@@ -158,6 +168,8 @@ def test_config_and_argument_validation(tmp_path: Path) -> None:
         CorpusConfig(fl_train_speakers=0)
     with pytest.raises(TypeError, match="seed"):
         CorpusConfig(seed=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="seed_target_speakers"):
+        CorpusConfig(seed_train_speakers=10, seed_target_speakers=11)
     with pytest.raises(ValueError, match="workers"):
         ensure_corpus(TINY, cache_dir=tmp_path, workers=0)
     assert not list(tmp_path.iterdir())

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from examples.asr.data import Utterance, load_audio
+from examples.asr.data import DataError, Utterance, load_audio
 from examples.asr.features import (
     HOP_LENGTH,
     N_MELS,
@@ -159,7 +159,8 @@ def test_cached_features_compute_once_then_load(tmp_path: Path) -> None:
     utts = _utterances(tmp_path / "audio", 3)
     cache = tmp_path / "cache"
     first = cached_features(utts, cache_dir=cache)
-    files = list(cache.glob("features-*.pt"))
+    packs = cache / "features" / "packs"
+    files = sorted(packs.glob("*.f16"))
     assert len(files) == 1 and list(first) == ["u0", "u1", "u2"]
     stamp = files[0].stat().st_mtime_ns
     second = cached_features(utts, cache_dir=cache)
@@ -168,13 +169,14 @@ def test_cached_features_compute_once_then_load(tmp_path: Path) -> None:
         assert torch.equal(second[key], feats)
         reference = log_mel(load_audio(utts[int(key[1:])].audio_path))
         assert (feats - reference).abs().max() < 5e-3 * (1 + reference.abs().max())  # float16
-    stored = torch.load(files[0], weights_only=True)
-    assert stored["features"].dtype == torch.float16
-    # editing an audio file invalidates the cache key
+    assert files[0].stat().st_size == sum(f.shape[0] for f in first.values()) * N_MELS * 2
+    # editing an audio file extracts that file again, and only that file
     soundfile.write(utts[1].audio_path, _speechlike(4000, 9).numpy(), 16000, format="FLAC")
     third = cached_features(utts, cache_dir=cache)
-    assert len(list(cache.glob("features-*.pt"))) == 2
     assert third["u1"].shape[0] == 1 + 4000 // HOP_LENGTH
+    assert torch.equal(third["u0"], first["u0"]) and files[0].stat().st_mtime_ns == stamp
+    new = set(packs.glob("*.f16")) - set(files)
+    assert len(new) == 1 and next(iter(new)).stat().st_size == third["u1"].numel() * 2
 
 
 def test_cached_features_default_location_is_the_user_cache_not_the_dataset(
@@ -184,8 +186,16 @@ def test_cached_features_default_location_is_the_user_cache_not_the_dataset(
     monkeypatch.setenv("DPFL_CACHE", str(tmp_path / "cache"))
     feats = cached_features(utts, dtype=torch.float16)
     assert feats["u0"].dtype == torch.float16
-    assert not list((tmp_path / "corpus").rglob("*.pt"))  # datasets are often read-only
-    assert len(list((tmp_path / "cache" / "features").glob("features-*.pt"))) == 1
+    assert sorted(p.name for p in (tmp_path / "corpus").rglob("*")) == [
+        "split", "u0.flac", "u1.flac"]  # datasets are often read-only: nothing written there
+    assert len(list((tmp_path / "cache" / "features" / "packs").glob("*.json"))) == 1
+
+
+def test_cached_features_names_an_unreadable_file(tmp_path: Path) -> None:
+    utts = _utterances(tmp_path / "audio", 2)
+    utts[1].audio_path.write_bytes(b"not audio")
+    with pytest.raises(DataError, match="u1.flac"):
+        cached_features(utts, cache_dir=tmp_path / "cache")
 
 
 def test_cached_features_rejects_duplicates_and_empty(tmp_path: Path) -> None:

@@ -52,3 +52,19 @@ def test_runners_claim_cells_and_take_over_a_dead_runners_claim(tmp_path: Path) 
     (tmp_path / "cells" / "ghi.json").write_text("{}")  # finished by another runner since the plan
     assert not _claim_unfinished(tmp_path, "ghi")
     assert not (tmp_path / "cells" / ".claim-ghi").exists()  # and its claim is not left behind
+
+
+def test_study_script_runs_beside_another_top_level_benchmarks_package(tmp_path: Path) -> None:
+    """An installed distribution may ship its own top-level ``benchmarks`` package (opacus 1.6
+    does); the study script must still import the repository's ``benchmarks._asr_study``."""
+    foreign = tmp_path / "site" / "benchmarks"
+    foreign.mkdir(parents=True)
+    (foreign / "__init__.py").write_text("FOREIGN = True\n")
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    proc = subprocess.run(
+        [sys.executable, str(repo / "benchmarks" / "asr_privacy_utility.py"), "plan", "--quick",
+         "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ModuleNotFoundError" not in proc.stderr and "todo " in proc.stdout

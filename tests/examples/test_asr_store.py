@@ -3,8 +3,11 @@ location, and the lazy federated dataset, on real encoded FLAC/MP3 files (see co
 
 from __future__ import annotations
 
+import gc
 import os
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,7 +16,6 @@ from examples.asr import store as store_module
 from examples.asr.data import Utterance, load_audio, read_common_voice, read_librispeech
 from examples.asr.features import cached_features, log_mel
 from examples.asr.store import (
-    FeatureStore,
     StoredBatches,
     StoredFederatedDataset,
     extract_features,
@@ -84,20 +86,19 @@ def test_audio_too_short_for_its_transcript_is_skipped(librispeech_root: Path,
 def test_extraction_resumes_after_interruption(librispeech_root: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_module, "CHUNK_SIZE", 2)
-    utts = read_librispeech(librispeech_root, "train-clean-100").utterances()  # 6: 3 chunks
+    utts = read_librispeech(librispeech_root, "train-clean-100").utterances()  # 6: 3 packs
     store = extract_features(utts, cache_dir=tmp_path, workers=1)
-    chunks = sorted(store.directory.glob("chunk-*.f16"))
-    assert len(chunks) == 3
-    stamps = {p.name: p.stat().st_mtime_ns for p in chunks}
-    middle = chunks[1].read_bytes()
-    chunks[1].with_suffix(".json").unlink()  # killed after the data file, before the index
-    with pytest.raises(FileNotFoundError, match="2 of 3 chunks"):
-        FeatureStore(store.directory, expected=3)
+    packs = sorted(store.directory.glob("*.f16"))
+    assert len(packs) == 3
+    stamps = {p.name: p.stat().st_mtime_ns for p in packs}
+    middle = packs[1].read_bytes()
+    packs[1].with_suffix(".json").unlink()  # killed after the data file, before the index
+    del store
     again = extract_features(utts, cache_dir=tmp_path, workers=1)
-    assert again.directory == store.directory and len(again) == 6
-    assert chunks[0].stat().st_mtime_ns == stamps[chunks[0].name]  # not recomputed
-    assert chunks[2].stat().st_mtime_ns == stamps[chunks[2].name]
-    assert chunks[1].read_bytes() == middle
+    assert again.directory == packs[0].parent and len(again) == 6
+    assert packs[0].stat().st_mtime_ns == stamps[packs[0].name]  # not recomputed
+    assert packs[2].stat().st_mtime_ns == stamps[packs[2].name]
+    assert packs[1].read_bytes() == middle
 
 
 @pytest.mark.slow
@@ -110,8 +111,11 @@ def test_worker_count_does_not_change_the_stored_bytes(librispeech_root: Path,
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]))
     two = extract_features(utts, cache_dir=tmp_path / "two", workers=2)
-    for a in sorted(one.directory.glob("chunk-*")):
-        assert a.read_bytes() == (two.directory / a.name).read_bytes()
+    names = sorted(p.name for p in one.directory.iterdir() if p.suffix in (".f16", ".json"))
+    assert len(names) == 6
+    assert names == sorted(p.name for p in two.directory.iterdir() if p.suffix in (".f16", ".json"))
+    for name in names:
+        assert (one.directory / name).read_bytes() == (two.directory / name).read_bytes()
 
 
 def test_default_cache_is_outside_the_dataset(librispeech_root: Path, tmp_path: Path,
@@ -122,8 +126,8 @@ def test_default_cache_is_outside_the_dataset(librispeech_root: Path, tmp_path: 
     store = extract_features(utts, workers=1)
     cached_features(utts)
     assert _files(librispeech_root) == before  # nothing written into the dataset
-    assert store.directory.parent == tmp_path / "home-cache" / "features"
-    assert len(list((tmp_path / "home-cache" / "features").glob("features-*.pt"))) == 1
+    assert store.directory == tmp_path / "home-cache" / "features" / "packs"
+    assert len(list(store.directory.glob("*.json"))) == 1  # cached_features shares the entries
 
 
 def test_errors_name_the_split_the_id_and_both_files(librispeech_root: Path,
@@ -175,3 +179,102 @@ def test_in_run_monitoring_scores_a_seeded_sample_of_the_eval_set(
     assert texts[0] == texts[1] and len(texts[0]) == 3
     assert set(texts[0]) <= {t for b in data.eval_batches for t in b.texts}
     assert data.eval_batches.num_utterances() == 4  # the final table still scores all
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+def test_one_changed_file_is_the_only_one_extracted_again(
+        quick_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 21.8: touching one file, adding one transcript line or moving the dataset extracts
+    only what changed (the cache grows by one utterance, not by a split), and the entry of a
+    changed file is collected once no store is open. Real FLAC files of the --quick corpus."""
+    split = tmp_path / "data" / "fl-train"
+    shutil.copytree(quick_corpus / "fl-train", split)  # copy2: modification times kept
+    decoded: list[str] = []
+    real_check = store_module.check_audio
+
+    def counting(path: str | os.PathLike[str]) -> Any:
+        decoded.append(Path(path).name)
+        return real_check(path)
+
+    monkeypatch.setattr(store_module, "check_audio", counting)
+    cache = tmp_path / "cache"
+
+    def extract(root: Path) -> tuple[Any, list[str]]:
+        decoded.clear()
+        gc.collect()  # no store of the cache left open: collection may run
+        utts = read_librispeech(root, verify_audio=False).utterances()
+        return extract_features(utts, cache_dir=cache, workers=1, name="fl-train"), list(decoded)
+
+    store, first = extract(split)
+    assert len(first) == len(store) == 480
+    full = _size(cache)
+    target = sorted(split.rglob("*.flac"))[100]
+    utt = target.stem
+    features = store[utt]
+    one_utterance = features.numel() * 2
+    del store
+
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))  # touch
+    store, again = extract(split)
+    assert again == [target.name]  # only the touched file, not its split
+    assert torch.equal(store[utt], features) and len(store) == 480
+    assert _size(cache) - full < one_utterance + 4096  # one utterance more, not a split
+    del store
+
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))
+    store, again = extract(split)
+    assert again == [target.name]
+    assert _size(cache) - full < one_utterance + 4096  # the previous copy was collected
+    del store
+
+    chapter = target.parent  # one new utterance and its transcript line
+    trans = next(chapter.glob("*.trans.txt"))
+    shutil.copy(target, chapter / f"{utt}9.flac")
+    trans.write_text(trans.read_text() + f"{utt}9 A NEW LINE\n")
+    store, again = extract(split)
+    assert again == [f"{utt}9.flac"] and len(store) == 481
+    del store
+
+    moved = tmp_path / "elsewhere"
+    shutil.move(tmp_path / "data", moved)
+    store, again = extract(moved / "fl-train")
+    assert again == [] and len(store) == 481  # a moved dataset reuses its features
+    assert torch.equal(store[utt], features)
+
+
+def test_mostly_dead_packs_are_compacted_and_open_stores_are_never_collected(
+        librispeech_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 21.8: a pack whose files mostly changed is rewritten with its live entries (no
+    re-extraction), a removed file's entry is dropped, and nothing is collected while a store
+    of the cache is open (it may be reading those packs)."""
+    monkeypatch.setattr(store_module, "CHUNK_SIZE", 4)
+    split = librispeech_root / "train-clean-100"
+    utts = read_librispeech(split).utterances()  # 6 files: packs of 4 and 2
+    store = extract_features(utts, cache_dir=tmp_path, workers=1)
+    packs = store.directory
+    before = {p.name for p in packs.glob("*.json")}
+    for u in utts[:3]:  # 3 of the first pack's 4 files change
+        os.utime(u.audio_path, ns=(0, u.audio_path.stat().st_mtime_ns + 10**9))
+    held = extract_features(utts, cache_dir=tmp_path, workers=1)  # `store` is still open
+    assert before <= {p.name for p in packs.glob("*.json")}  # nothing collected
+    live = {u.utterance_id: held[u.utterance_id] for u in utts}
+    del store, held
+    gc.collect()
+    again = extract_features(utts, cache_dir=tmp_path, workers=1)
+    remaining = {p.name for p in packs.glob("*.json")}
+    assert len(before & remaining) == 1  # the first pack was rewritten, the second kept
+    assert all(torch.equal(again[u.utterance_id], live[u.utterance_id]) for u in utts)
+    assert _size(packs) == sum(f.numel() * 2 for f in live.values()) + sum(
+        p.stat().st_size for p in packs.glob("*.json")) + (packs / ".lock").stat().st_size
+    del again
+    gc.collect()
+    utts[5].audio_path.unlink()  # a removed file: its entry goes at the next listing
+    rest = read_librispeech(split, on_error="skip").utterances()
+    store = extract_features(rest, cache_dir=tmp_path, workers=1)
+    assert len(store) == 5
+    assert _size(packs) == sum(store[u.utterance_id].numel() * 2 for u in rest) + sum(
+        p.stat().st_size for p in packs.glob("*.json")) + (packs / ".lock").stat().st_size

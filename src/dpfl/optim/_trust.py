@@ -12,9 +12,9 @@ by ``‖θ_h‖`` rather than by the scale of the (noisy, clipped) pseudo-gradie
   and [`LARS`][dpfl.optim.LARS] (group validation, ``exclude_from_trust`` splitting, the choice
   between the ``torch._foreach_*`` fast path and the per-tensor reference path; LAMB adds a
   fused CPU path),
-* [`NonFiniteGradientError`][dpfl.optim.NonFiniteGradientError] and ``first_non_finite``, the
-  finiteness check that ``step(check_finite=True)`` and [`server_step`][dpfl.optim.server_step]
-  share.
+* [`NonFiniteGradientError`][dpfl.optim.NonFiniteGradientError], raised by
+  ``step(check_finite=True)`` and [`server_step`][dpfl.optim.server_step], whose finiteness
+  check is ``first_non_finite`` (re-exported here).
 
 References:
     Pelikan et al., "Enabling Differentially Private Federated Learning for Speech Recognition:
@@ -25,7 +25,6 @@ References:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -34,8 +33,15 @@ from torch import Tensor
 
 from dpfl._checks import require_non_negative, require_positive
 from dpfl._errors import DPFLError
+from dpfl._finite import first_non_finite, group_by_device_and_dtype
 
-__all__ = ["NonFiniteGradientError", "trust_ratio", "trust_ratio_groups"]
+__all__ = [
+    "NonFiniteGradientError",
+    "first_non_finite",
+    "group_by_device_and_dtype",
+    "trust_ratio",
+    "trust_ratio_groups",
+]
 
 _FOREACH_DEVICES = ("cpu", "cuda")
 
@@ -56,26 +62,6 @@ class NonFiniteGradientError(ValueError, DPFLError):
     def __init__(self, message: str, param: Tensor) -> None:
         super().__init__(message)
         self.param = param
-
-
-def first_non_finite(tensors: list[Tensor]) -> int | None:
-    """Index of the first tensor holding NaN/inf, else None (one read pass through norms).
-
-    A norm can overflow for huge finite entries, so a non-finite norm is confirmed with an exact
-    ``isfinite`` test of that tensor before it is reported.
-    """
-    bad: list[int] = []
-    for idx in group_by_device_and_dtype(tensors):
-        bucket = [tensors[i] for i in idx]
-        if not bucket[0].is_floating_point() and not bucket[0].is_complex():
-            continue
-        norms = torch.stack(torch._foreach_norm(bucket)).float()
-        if bool(torch.isfinite(norms).all()):
-            continue
-        for i, norm in zip(idx, norms.tolist(), strict=True):
-            if not math.isfinite(norm) and not bool(torch.isfinite(tensors[i]).all()):
-                bad.append(i)
-    return min(bad) if bad else None
 
 
 def trust_ratio(
@@ -274,11 +260,3 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         return all(
             t.device.type in _FOREACH_DEVICES and t.layout == torch.strided for t in params + grads
         )
-
-
-def group_by_device_and_dtype(tensors: list[Tensor]) -> list[list[int]]:
-    """Indices of ``tensors`` grouped by ``(device, dtype)``, in first-seen order."""
-    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        buckets.setdefault((t.device, t.dtype), []).append(i)
-    return list(buckets.values())

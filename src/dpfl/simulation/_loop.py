@@ -30,7 +30,7 @@ from dpfl.simulation._progress import (
 )
 from dpfl.simulation._shard import ShardTrainer
 from dpfl.simulation._shard import derive_seed as _derive_seed
-from dpfl.simulation._validate import check_arguments
+from dpfl.simulation._validate import check_arguments, check_noise_representable
 from dpfl.simulation.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -43,6 +43,7 @@ from dpfl.simulation.journal import (
     JOURNAL_FILE,
     LedgerJournal,
     charge_journal,
+    check_charges,
     sweep_temporaries,
     verify_ledger,
 )
@@ -179,6 +180,13 @@ class _RoundLoop:
                 )
             if self.ckpt_path.exists():
                 state = load_checkpoint(self.ckpt_path)
+                if self.audit is None and state.get("audit") is not None:
+                    raise CheckpointError(
+                        f"{self.ckpt_path}: the checkpoint belongs to an audited run "
+                        "(run_rounds(audit=CanaryAudit(...))) and this run has no audit=; resume "
+                        "with the same audit= so that its canaries and estimate continue (the "
+                        "audit is never dropped silently), or use a fresh checkpoint directory"
+                    )
         seed = self.user_seed
         if seed is None:
             stored = None if state is None else state.get("seed")
@@ -226,6 +234,8 @@ class _RoundLoop:
                     "the optimizer state)"
                 )
         if charges[charged:]:
+            assert self.journal is not None
+            check_charges(self.journal.path, charges[charged:], self.config["round_spec"])
             charge_journal(self.accountant, charges[charged:])
         if self.dist is not None:
             shapes = {k: list(v.shape) for k, v in self.model.state_dict().items()}
@@ -256,6 +266,8 @@ class _RoundLoop:
         used: dict[str, Any] = {}
         audit_saved = None if self.audit is None else self.audit.state_dict()
         try:
+            if self.adaptive:  # this round's bound may have grown: its noise must still fit
+                check_noise_representable(self.z, self.clipper.sensitivity, secure=self.secure)
             cohort = list(self.sampler.sample())
             timings["sample"] = time.perf_counter() - start
             agg = DPAggregator(
@@ -370,10 +382,12 @@ class _RoundLoop:
     def _run(self) -> RunResult:
         start = self._setup()
         logged = self.log.last_round()
-        if start > 0 and logged is not None and logged < start:
+        has_log = self.log.path is not None and self.log.path.is_file()
+        if start > 0 and has_log and (logged or 0) < start:
+            held = "no round" if logged is None else f"rounds only up to {logged}"
             raise CheckpointError(
                 f"{self.ckpt_path}: the checkpoint is at round {start} but the log "
-                f"{self.log.path} records rounds only up to {logged}; every round is logged "
+                f"{self.log.path} records {held}; every round is logged "
                 "before its checkpoint, so the log was truncated or replaced, or the round index "
                 "moved; restore the run's own log or give another Logging.path"
             )

@@ -28,9 +28,11 @@ without double-counting privacy).
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import math
 import os
+import shutil
 import struct
 import tempfile
 from collections.abc import Mapping
@@ -127,6 +129,26 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def write_failure_hint(exc: BaseException, directory: Path) -> str:
+    """The likely cause of a failed write into ``directory``, for an error message.
+
+    A full disk shows up as ``ENOSPC``/``EDQUOT`` from the OS, but torch's writer reports it as
+    ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``; the free space of the
+    device, read after the failure, tells the two causes apart.
+    """
+    code = getattr(exc, "errno", None)
+    try:
+        free: int | None = shutil.disk_usage(directory).free
+    except OSError:
+        free = None
+    where = f"{free:,} bytes free in {directory}" if free is not None else f"in {directory}"
+    if code in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < 16 * 2**20):
+        return f"the disk is most likely full (no space left on device: {where}); free some space"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"the directory is not writable ({where}); fix its permissions or use another"
+    return f"check free space ({where}) and that the directory is writable"
+
+
 def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically, with a format tag, version and integrity digest.
 
@@ -139,6 +161,8 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> N
         ValueError: If ``state`` uses a reserved key.
         TypeError: If ``state`` holds a value that ``torch.load(weights_only=True)`` cannot load
             (nothing is written then).
+        CheckpointError: If the write fails (a full disk, a read-only directory); the message
+            names the file and the likely cause, and the previous checkpoint is left as it was.
 
     Examples:
         >>> import tempfile
@@ -155,16 +179,27 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> N
     payload = {**state, "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION}
     payload["digest"] = state_digest(payload)
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp_name = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+    except BaseException as exc:
+        # torch reports a full disk as a RuntimeError; the hint reads the free space while the
+        # partial temporary still holds it
+        hint = write_failure_hint(exc, target.parent) if isinstance(exc, OSError | RuntimeError) else ""
+        if tmp_name is not None:
+            Path(tmp_name).unlink(missing_ok=True)
+        if hint:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(
+                f"{target}: writing the checkpoint failed ({first}); {hint}; the previous "
+                "checkpoint, if any, is unchanged"
+            ) from exc
         raise
     _fsync_dir(target.parent)
 

@@ -40,6 +40,7 @@ __all__ = [
     "Charge",
     "LedgerJournal",
     "charge_journal",
+    "check_charges",
     "sweep_temporaries",
     "verify_ledger",
 ]
@@ -164,6 +165,33 @@ def verify_ledger(path: Path, state: Mapping[str, Any], journal_count: int) -> i
             "journal charges; every round is charged at least once"
         )
     return charges
+
+
+def check_charges(path: Path, charges: list[Charge], spec: Mapping[str, Any]) -> None:
+    """Raise unless every charge in ``charges`` is of the run's round ``spec``.
+
+    The journal's charges beyond a checkpoint are added to the ledger as recorded; one whose spec
+    differs from the run's (e.g. noise multiplier 50 in a run at 1) would be charged as something
+    the run never released, so it is refused, naming the charge and the fields that differ.
+
+    Raises:
+        CheckpointError: Naming the first differing charge, its round and every differing field.
+    """
+    for charge in charges:
+        if charge.spec != dict(spec):
+            keys = list(spec) + [k for k in charge.spec if k not in spec]
+            diffs = [
+                f"{k}: journal {charge.spec.get(k, '<absent>')!r}, this run "
+                f"{spec.get(k, '<absent>')!r}"
+                for k in keys
+                if charge.spec.get(k, "<absent>") != spec.get(k, "<absent>")
+            ]
+            raise CheckpointError(
+                f"{path}: charge {charge.charge} (round {charge.round}) is not of this run's round "
+                f"spec ({'; '.join(diffs)}); the journal was edited or belongs to another run, "
+                "so the releases since the checkpoint cannot be accounted; resume with the run's "
+                "own journal and settings"
+            )
 
 
 def charge_journal(accountant: Any, charges: list[Charge]) -> None:

@@ -130,6 +130,17 @@ def check_loss(loss: object, user_id: Hashable | None, step: int) -> Tensor:
     return loss.reshape(())
 
 
+def _writable(grad: Tensor) -> Tensor:
+    """``grad``, or a dense copy where elements share memory (the in-place clip needs that).
+
+    Autograd may return a gradient as an expanded view (e.g. of ``c * p.sum()``): a stride 0 in a
+    dimension of size > 1, one memory location for many elements, which in-place ops refuse.
+    """
+    if any(st == 0 and n > 1 for st, n in zip(grad.stride(), grad.shape, strict=True)):
+        return grad.contiguous()
+    return grad
+
+
 def _check_scratch(model: nn.Module, scratch: nn.Module) -> None:
     if scratch is model:
         raise ValueError("scratch must be a separate module (e.g. copy.deepcopy(model)), not model")
@@ -233,9 +244,12 @@ def train_local(
     with isolated_rng(seed, (p.device for p in params)), torch.enable_grad():
         for step, batch in enumerate(_batch_schedule(data, steps, epochs, user_id)):
             loss = check_loss(loss_fn(work, batch), user_id, step)
-            grads = list(
-                torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
-            )
+            grads = [
+                _writable(g)
+                for g in torch.autograd.grad(
+                    loss, params, allow_unused=True, materialize_grads=True
+                )
+            ]
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
             if not bool(torch.isfinite(loss.detach()) & torch.isfinite(norm)):
                 what = "loss" if not torch.isfinite(loss.detach()) else "gradient norm"
