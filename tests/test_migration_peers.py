@@ -5,7 +5,7 @@ Each peer is checked where it can be imported and skipped (not passed) where it 
 dp_accounting is a core dependency, so its names are checked on every run; Opacus, pfl, Flower,
 TF Privacy and TensorFlow Federated wherever they are installed beside dpfl (none is in dpfl's
 extras: pfl pins an older dp-accounting, and Opacus installs a top-level ``benchmarks`` package
-that shadows the repository's benchmark scripts). Every cited name must also appear on the page,
+of its own). Every cited name must also appear on the page,
 so a row removed from the page is removed here too.
 """
 
