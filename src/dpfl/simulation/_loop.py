@@ -1,11 +1,10 @@
-"""The state and phases of one :func:`~dpfl.simulation.run_rounds` call (see its docstring)."""
+"""The state and phases of one [`run_rounds`][dpfl.simulation.run_rounds] call (see its docstring)."""
 
 from __future__ import annotations
 
 import secrets
 import sys
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpfl._checks import require_int
+from dpfl._checks import require_int, warn_at_caller
 from dpfl.adaptive_clip import AdaptiveClip
 from dpfl.aggregate import DPAggregator
 from dpfl.audit.canary import CanaryAudit
@@ -61,7 +60,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 
 class _RoundLoop:
-    """State and phases of one :func:`run_rounds` call (validated in the constructor)."""
+    """State and phases of one [`run_rounds`][dpfl.simulation.run_rounds] call (validated in the constructor)."""
 
     def __init__(
         self,
@@ -409,7 +408,7 @@ class _RoundLoop:
         if self.unsafe and self.is_main:
             print(f"dpfl: WARNING: {UNSAFE_WARNING}", file=sys.stderr, flush=True)
         for text in self.warnings:
-            warnings.warn(text, RuntimeWarning, stacklevel=3)
+            warn_at_caller(text, RuntimeWarning)
             self.log.write({"event": "warning", "round": start, "message": text})
         if self.noise_seed is not None and self.fresh and self.is_main:
             # (the log's config records "noise_seeded"; the warning is for the caller)

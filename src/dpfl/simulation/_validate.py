@@ -1,4 +1,4 @@
-"""Argument checks of :func:`~dpfl.simulation.run_rounds`, all made before any training or I/O."""
+"""Argument checks of [`run_rounds`][dpfl.simulation.run_rounds], all made before any training or I/O."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def _check_optimizer_manages(model: nn.Module, optimizer: torch.optim.Optimizer)
 def check_noise_representable(noise_multiplier: float, bound: float, *, secure: bool) -> None:
     """Raise unless noise of std ``noise_multiplier * bound`` fits the float32 sums of a round.
 
-    The round loop sums in float32; a draw of up to :func:`~dpfl._sampler.max_abs_draw` std
+    The round loop sums in float32; a draw of up to ``max_abs_draw`` std
     beyond float32's largest value would release inf. Checked before any round is charged (and,
     with adaptive clipping, before each round, whose bound may have grown).
     """
