@@ -413,7 +413,7 @@ class _RoundLoop:
         if self.noise_seed is not None and self.fresh and self.is_main:
             # (the log's config records "noise_seeded"; the warning is for the caller)
             message = _seeded_noise_message(self.noise_seed)
-            warnings.warn(message, SeededNoiseWarning, stacklevel=4)  # at run_rounds' caller
+            warn_at_caller(message, SeededNoiseWarning)
         bar = Progress(
             self.rounds,
             start,
