@@ -135,16 +135,22 @@ def _piece_cases(dtype: torch.dtype, secure: bool) -> dict[str, Callable[[], obj
     out: dict[str, Callable[[], object]] = {}
     out["AES keystream"] = lambda: stream.fill(scratch, work, words, cpu)
     stream.fill(scratch, work, words, cpu)
-    r, a, ints, angles = work.radius, work.angle, work.radius_words, work.angle_words
+    r, a, angles = work.radius, work.angle, work.angle_words
+    ints, fine = work.radius_words, work.fine_words
+    work.radial_words.bitwise_and_(S.LOW63)
     unit = S._CONST["2pi/2^32"] if dtype == torch.float32 else S._CONST["2pi/2^64"]
-    u = torch.add(S._CONST["2^-64"], ints.to(dtype).abs(), alpha=2.0**-63)
+    k, j = ints.to(dtype), fine.to(dtype)
+    x = k + j * 2.0**-63
+    u = torch.add(S._CONST["2^-126"], x, alpha=2.0**-63)
     log_u, theta = u.log(), angles.to(dtype) * unit
     minus2 = log_u * -2
     radius = minus2.sqrt()
     ops: dict[str, Callable[[], object]] = {
+        "clear sign bits (radius + fine words)": lambda: work.radial_words.bitwise_and_(S.LOW63),
         "words to floats (radius)": lambda: r.copy_(ints),
-        "abs": lambda: torch.abs(u, out=r),
-        "+ 2^-64 (scaled)": lambda: torch.add(S._CONST["2^-64"], u, alpha=2.0**-63, out=r),
+        "words to floats (fine)": lambda: a.copy_(fine),
+        "+ 2^-63 fine": lambda: torch.add(k, j, alpha=2.0**-63, out=r),
+        "to u1 (2^-126 + 2^-63 x)": lambda: torch.add(S._CONST["2^-126"], x, alpha=2.0**-63, out=r),
         "log": lambda: torch.log(u, out=r),
         "× -2": lambda: torch.mul(log_u, S._CONST["-2"], out=r),
         "sqrt": lambda: torch.sqrt(minus2, out=r),
@@ -157,7 +163,7 @@ def _piece_cases(dtype: torch.dtype, secure: bool) -> dict[str, Callable[[], obj
     for name, fn in ops.items():
         out[f"transform: {name}"] = fn
     out["transform (all ops, one call)"] = lambda: S._box_muller(
-        ints, angles, work.cos, work.sin, work.rows, r, a
+        ints, fine, angles, work.cos, work.sin, work.rows, r, a
     )
     out["transform + adds"] = lambda: S._noise_piece(piece, work, 1e-3, secure)
     out["whole piece (keystream + transform + adds)"] = lambda: (

@@ -3,11 +3,14 @@
 Compares, side by side in one run (interleaved repeats, medians of per-repeat ratios):
 
 * ``torch.optim.Adam(fused=True)``, the baseline, and ``torch.optim.Adam(foreach=True)``,
-* ``LAMB`` on its fused CPU path, its ``torch._foreach_*`` path and its per-tensor reference path,
+* ``LAMB`` on its opt-in fused CPU path (``fused=True``), its ``torch._foreach_*`` path (the
+  default) and its per-tensor reference path,
 * ``server_step`` with fused and with foreach LAMB (validation, update as gradient, finiteness
-  check, step, grad restore), and the procedure ``server_step`` followed before (a separate
+  check, step, grad restore), also without the finiteness check as ``run_rounds`` calls it after a
+  release that certified its mean, and the procedure ``server_step`` followed before (a separate
   finiteness pass and a ``−Δ`` copy, then a foreach LAMB step),
-* the finiteness pass alone (the fused kernel's read pass over the update),
+* the finiteness pass alone (the fused kernel's, and the default torch one of ``dpfl._finite``),
+* the release's division by the cohort size, alone and with its finiteness test (the default),
 
 plus the one-off build time of the fused kernel (in a fresh cache directory), and writes
 ``benchmarks/results/optim.md`` and ``benchmarks/results/optim.png``. The optimizers share one set
@@ -29,6 +32,7 @@ import argparse
 import datetime
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -37,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from dpfl._finite import divide_
+from dpfl._finite import first_non_finite as torch_first_non_finite
 from dpfl.optim import LAMB, _kernel, server_step
 from dpfl.optim._lamb_fused import first_non_finite
 from dpfl.optim.server import _check_finite
@@ -93,23 +99,15 @@ def _timed(fn: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def _kernel_build_seconds() -> tuple[float, str]:
-    """Time building the fused kernel from scratch in a fresh cache dir (then use the real one)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        saved = os.environ.get("DPFL_KERNEL_DIR")
-        os.environ["DPFL_KERNEL_DIR"] = tmp
-        _kernel.reset()
-        start = time.perf_counter()
-        ok = _kernel.load() is not None
-        seconds = time.perf_counter() - start
-        reason = _kernel.unavailable_reason() or ""
-        if saved is None:
-            del os.environ["DPFL_KERNEL_DIR"]
-        else:
-            os.environ["DPFL_KERNEL_DIR"] = saved
-        _kernel.reset()
-        _kernel.load()  # cached one, loaded outside the temporary directory
-    return seconds, ("built" if ok else f"unavailable: {reason}")
+def _kernel_build_seconds(cache: Path) -> tuple[float, str]:
+    """Time building the opt-in fused kernel from scratch in the fresh cache root ``cache``."""
+    _kernel.reset()
+    start = time.perf_counter()
+    try:
+        _kernel.load(cache)
+    except _kernel.KernelError as err:
+        return time.perf_counter() - start, f"unavailable: {err}"
+    return time.perf_counter() - start, "built"
 
 
 def _check_fused(kernel: _kernel.Kernel, tensors: list[torch.Tensor]) -> None:
@@ -118,16 +116,21 @@ def _check_fused(kernel: _kernel.Kernel, tensors: list[torch.Tensor]) -> None:
 
 
 CERTIFIED = "server_step(LAMB fused), release-certified mean (run_rounds)"
+CERTIFIED_FE = "server_step(LAMB foreach), release-certified mean (run_rounds default)"
 DIV_TORCH = "release division (torch div_)"
-DIV_KERNEL = "release division + finiteness check (fused kernel)"
+DIV_CHECKED = "release division + finiteness check (DPAggregator.release, torch)"
 
 
-def _divide_checked(kernel: _kernel.Kernel, tensors: list[torch.Tensor]) -> None:
-    """``DPAggregator.release``'s division by the cohort size, proving the mean finite in the
-    same pass (divisor 1 here, so repeated calls keep the values)."""
-    for t in tensors:
-        if not kernel.div_finite_(t, 1.0):
-            raise AssertionError("benchmark update is not finite")
+def _check_torch(tensors: list[torch.Tensor]) -> None:
+    """The default finiteness pass (``server_step``, ``LAMB.step(check_finite=True)``)."""
+    assert torch_first_non_finite(tensors) is None
+
+
+def _divide_checked(tensors: list[torch.Tensor]) -> None:
+    """``DPAggregator.release``'s division by the cohort size and its finiteness test of the
+    quotients (divisor 1 here, so repeated calls keep the values)."""
+    if not divide_(tensors, 1.0):
+        raise AssertionError("benchmark update is not finite")
 
 
 def _plot(path: Path, paired: dict[str, float], title: str) -> None:
@@ -172,7 +175,15 @@ def main() -> None:
     if not 0 < args.scale <= 1:
         parser.error("--scale must lie in (0, 1]")
 
-    build_s, build_status = _kernel_build_seconds()
+    cache = Path(tempfile.mkdtemp(prefix="dpfl-bench-kernel-"))  # never the user's cache
+    try:
+        build_s, build_status = _kernel_build_seconds(cache)
+        _run(args, build_s, build_status, cache)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, build_s: float, build_status: str, cache: Path) -> None:
     num_blocks = max(1, round(36 * args.scale))
     shapes = paper_param_shapes(num_blocks)
     gen = torch.Generator().manual_seed(0)
@@ -185,8 +196,8 @@ def main() -> None:
     print(f"{len(params)} tensors, {numel:,} parameters, {torch.get_num_threads()} threads")
     print(f"fused kernel build: {build_s:.2f} s ({build_status})")
 
-    fused_ok = _kernel.load() is not None
-    lamb_fused = LAMB(params, lr=0.002, fused=True) if fused_ok else None
+    fused_ok = build_status == "built"
+    lamb_fused = LAMB(params, lr=0.002, fused=True, cache_dir=cache) if fused_ok else None
     lamb_fe = LAMB(params, lr=0.002, foreach=True, fused=False)
     lamb_ref = LAMB(params, lr=0.002, foreach=False, fused=False)
     adam_fused = torch.optim.Adam(params, lr=0.002, eps=1e-6, fused=True)
@@ -252,13 +263,14 @@ def main() -> None:
         methods["server_step(LAMB fused)"] = server(lamb_fused)
         methods[CERTIFIED] = server_certified(lamb_fused)
     methods["server_step(LAMB foreach)"] = server(lamb_fe)
+    methods[CERTIFIED_FE] = server_certified(lamb_fe)
     methods["server_step as before (copy + check), LAMB foreach"] = server_as_before
     if fused_ok:
-        kernel = _kernel.load()
-        assert kernel is not None
+        kernel = _kernel.load(cache)
         methods["finiteness check alone (fused kernel)"] = lambda: _check_fused(kernel, grads)
-        methods[DIV_TORCH] = divide_torch
-        methods[DIV_KERNEL] = lambda: _divide_checked(kernel, quotients)
+    methods["finiteness check alone (torch, dpfl._finite)"] = lambda: _check_torch(grads)
+    methods[DIV_TORCH] = divide_torch
+    methods[DIV_CHECKED] = lambda: _divide_checked(quotients)
     if args.fused_only:
         keep = (BASE, "LAMB fused", "server_step(LAMB fused)", "finiteness check alone", "release division")
         methods = {k: f for k, f in methods.items() if k.startswith(keep)}
@@ -302,7 +314,8 @@ def main() -> None:
         ("server_step(LAMB fused)", "LAMB fused"),
         (CERTIFIED, "LAMB fused"),
         ("server_step(LAMB foreach)", "LAMB foreach"),
-        (DIV_KERNEL, DIV_TORCH),
+        (CERTIFIED_FE, "LAMB foreach"),
+        (DIV_CHECKED, DIV_TORCH),
         ("server_step as before (copy + check), LAMB foreach", "LAMB foreach"),
     ]
     over_rows = "\n".join(

@@ -360,7 +360,7 @@ def test_cli_bound_from_counts():
     )
     assert result["fpr_upper"] == pytest.approx(-math.log(0.025) / 100_000, rel=0.01)
     assert "with confidence 0.95" in text
-    with pytest.raises(ValueError, match="false_positives"):
+    with pytest.raises(ValueError, match="argument --false-positives"):
         _cli(
             [
                 "audit",

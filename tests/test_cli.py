@@ -374,3 +374,66 @@ def test_every_subcommand_and_option_is_documented(
         if action.default not in (None, False) and not action.required:
             shown = parser._get_formatter()._expand_help(action)
             assert f"default: {action.default}" in shown, (name, action.option_strings, shown)
+
+
+# --------------------------------------------------------------------------- dpfl audit errors
+_COUNTS = ["--false-positives", "0", "--trials-out", "3", "--false-negatives", "0",
+           "--trials-in", "3", "--delta", "1e-5"]  # fmt: skip
+
+
+def _with(args: list[str], option: str, value: str) -> list[str]:
+    if option not in args:
+        return [*args, option, value]
+    out = list(args)
+    out[out.index(option) + 1] = value
+    return out
+
+
+@pytest.mark.parametrize(
+    ("cosines", "argv_extra", "option"),
+    [
+        ({"final": {"canary": ["abc", 0.1], "unseen": [0.1, 0.2]}}, [], "--cosines"),
+        ({"final": {"canary": [0.5, 0.1], "unseen": [0.1, True]}}, [], "--cosines"),
+        ({"final": {"canary": [0.5], "unseen": [0.1, 0.2]}}, [], "--cosines"),
+        ({"final": {"canary": 3, "unseen": [0.1, 0.2]}}, [], "--cosines"),
+        ({"final": {"canary": [0.5, 0.1], "unseen": [0.1, 0.2]},
+          "all_iterates": {"canary": [0.1, None], "unseen": [0.1, 0.2]}}, [], "--cosines"),
+        ({}, [], "--cosines"),
+        ({"final": {"canary": [0.5, 0.1], "unseen": [0.1, 0.2]}}, ["--delta", "2"], "--delta"),
+    ],
+    ids=["text", "bool", "one-value", "not-a-list", "null-in-all-iterates", "no-final", "delta"],
+)
+def test_audit_estimate_errors_name_the_option_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path, cosines, argv_extra, option  # type: ignore[no-untyped-def]
+) -> None:
+    """Issue 21 p19: every bad input of ``dpfl audit estimate`` is exit 2 with one error line
+    that names the option (not ``could not convert string to float: 'abc'``)."""
+    path = tmp_path / "cosines.json"
+    path.write_text(json.dumps(cosines))
+    argv = ["audit", "estimate", "--cosines", str(path), "--delta", "1e-5"]
+    code, out, err = _run_main(capsys, *(argv if not argv_extra else [*argv[:4], *argv_extra]))
+    assert code == 2 and out == ""
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and f"error: argument {option}: " in errors[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "named"),
+    [
+        ("--false-positives", "5", "--false-positives"),  # more than --trials-out
+        ("--false-negatives", "4", "--false-negatives"),  # more than --trials-in
+        ("--trials-out", "0", "--trials-out"),
+        ("--trials-in", "0", "--trials-in"),
+        ("--false-positives", "-1", "--false-positives"),
+        ("--confidence", "1.5", "--confidence"),
+        ("--delta", "0", "--delta"),
+    ],
+)
+def test_audit_bound_errors_name_the_option_in_one_line(
+    capsys: pytest.CaptureFixture[str], option: str, value: str, named: str
+) -> None:
+    code, out, err = _run_main(capsys, "audit", "bound", *_with(_COUNTS, option, value))
+    assert code == 2 and out == ""
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and f"error: argument {named}: " in errors[0], err

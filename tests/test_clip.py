@@ -42,7 +42,7 @@ def tensors(draw, dtypes=tuple(DTYPES)):
 
 
 @st.composite
-def updates(draw, dtypes=tuple(DTYPES), min_size=0):
+def updates(draw, dtypes=tuple(DTYPES), min_size=1):  # an empty update is refused (own test)
     n = draw(st.integers(min_size, 5))
     return {f"m{i // 2}.t{i}": draw(tensors(dtypes)) for i in range(n)}
 
@@ -146,6 +146,38 @@ def test_update_within_layer_bounds_is_unchanged(update, factor, normalize):
         assert torch.equal(out[k], update[k])
 
 
+@given(st.floats(1e-2, 1e4), st.sampled_from(["uniform", "dim"]), updates(min_size=1))
+def test_normalize_mode_bounds_the_total_and_each_layer_only_when_rescaled(
+    bound, allocation, update
+):
+    """What ``normalize=True`` guarantees, exactly (docs/privacy.md, "sensitivity"): the total
+    is <= C always, which is the sensitivity the noise is calibrated to; an update whose total
+    exceeds C is rescaled and then every layer is <= C_h; any other update is returned unchanged,
+    so its layers are bounded by the total (<= C), not by C_h."""
+    clipper = PerLayerClip(bound, allocation=allocation, normalize=True)
+    out, stats = clipper.clip(update)
+    assert norm64(out.values()) <= bound
+    layer_bounds = clipper.layer_bounds(update)
+    norms = layer_norms64(out)
+    if stats.clipped:
+        assert all(n <= layer_bounds[h] for h, n in norms.items()), norms
+    else:
+        assert all(torch.equal(out[k], update[k]) for k in update)
+        assert all(n <= bound for n in norms.values())
+
+
+def test_normalize_mode_leaves_a_layer_far_above_its_own_bound():
+    """The witness: 100 layers (C_h = C/10), all of an update within C in one layer: returned
+    as it is, 9 C_h in that layer. (docs/privacy.md once said every layer stays <= C_h "also
+    with normalize=True"; the audit of issue 21 measured layers up to 754 C_h.)"""
+    clipper = PerLayerClip(1.0, allocation="uniform", normalize=True)
+    update = {f"t{i}": torch.zeros(4) for i in range(100)}
+    update["t0"] = torch.full((4,), 0.45)  # norm 0.9 <= C = 1
+    out, stats = clipper.clip(update)
+    assert not stats.clipped and torch.equal(out["t0"], update["t0"])
+    assert norm64([out["t0"]]) == pytest.approx(9 * clipper.layer_bounds(update)["t0"])
+
+
 @given(
     bounds,
     st.sampled_from(["uniform", "dim"]),
@@ -244,11 +276,8 @@ def test_non_finite_values_raise_naming_the_tensor(clipper, update, data):
         assert not acc[k].any()
 
 
-def test_empty_and_zero_updates():
+def test_zero_and_zero_size_updates():
     for clipper in (GlobalClip(1.0), PerLayerClip(1.0), PerLayerClip(1.0, normalize=True)):
-        out, stats = clipper.clip({})
-        expected = {"__all__": 0.0} if isinstance(clipper, GlobalClip) else {}
-        assert out == {} and stats == ClipStats(norm=0.0, layer_norms=expected, clipped=False)
         zeros = {"a": torch.zeros(3), "b": torch.zeros(0)}
         out, stats = clipper.clip(zeros)
         assert not stats.clipped and stats.norm == 0.0
@@ -353,3 +382,13 @@ def test_a_layers_function_has_the_same_repr_in_every_process() -> None:
     assert len(runs[0]) == 5 and " at 0x" not in "".join(runs[0])
     assert len(set(runs[0][:4])) == 4, runs[0]  # different functions, different reprs
     assert "by_module" in runs[0][0] and "<lambda>" in runs[0][1]
+
+
+@pytest.mark.parametrize("clipper", [GlobalClip(1.0), PerLayerClip(1.0)], ids=["global", "per-layer"])
+def test_an_empty_update_is_refused_by_every_entry_point(clipper) -> None:  # type: ignore[no-untyped-def]
+    """Issue 21 p19: ``clip({})`` used to return ``{}`` with norm 0, silently; an empty update is
+    a caller's mistake (no model), refused with a ValueError that names it."""
+    for call in (lambda: clipper.clip({}), lambda: clipper.clip_({}),
+                 lambda: clipper.clip_and_accumulate_({}, {})):  # fmt: skip
+        with pytest.raises(ValueError, match="update is empty"):
+            call()

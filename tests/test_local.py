@@ -215,3 +215,31 @@ def test_single_tensor_instead_of_batches_is_rejected() -> None:
     model = nn.Linear(5, 1).double()
     with pytest.raises(TypeError, match="iterable of batches"):
         train_local(model, torch.zeros(4, 5), lambda m, b: m(b).sum(), lr=0.1, steps=1)
+
+
+def _linear_loss(model, batch) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """``c · Σ w + ‖b‖²``: autograd returns the weight's gradient as an expanded, stride-0 tensor."""
+    return 3.0 * model.weight.sum() + (model.bias**2).sum()
+
+
+@pytest.mark.parametrize("clip", [None, 0.1, 1.0])
+def test_expanded_stride_zero_gradients_are_clipped_like_torch(clip: float | None) -> None:
+    """Issue 21 p6: a gradient that autograd hands back as an expanded view (stride 0, one memory
+    location for every element) is clipped and applied like ``clip_grad_norm_`` + SGD, instead of
+    crashing the in-place clip; the server model is untouched."""
+    model = nn.Linear(4, 3).double()
+    grad = torch.autograd.grad(_linear_loss(model, None), [model.weight])[0]
+    assert 0 in grad.stride()  # the case under test: an overlapping gradient
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    got = train_local(model, [None], _linear_loss, lr=0.2, steps=3, max_grad_norm=clip)
+    work = copy.deepcopy(model)
+    opt = torch.optim.SGD(work.parameters(), lr=0.2)
+    for _ in range(3):
+        opt.zero_grad()
+        _linear_loss(work, None).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(work.parameters(), clip)
+        opt.step()
+    want = {n: p.detach() - before[n] for n, p in work.named_parameters()}
+    assert_updates_close(got, want)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

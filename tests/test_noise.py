@@ -181,10 +181,10 @@ def test_noise_is_the_documented_sampler_on_the_state_key():
     key, release = raw[16:48], int.from_bytes(raw[48:], "little")
     assert release == 1
     noised = mech.add_noise({"a": torch.zeros(40), "b": torch.zeros(6, dtype=torch.float64)})
-    # 40 float32 coordinates: 20 pairs, 20 int64 radius + 20 int32 angle words = 30 words;
-    # then 6 float64 coordinates: 4 pairs (a multiple of 4), 4 + 4 int64 words.
-    z_a = reference_normals(reference_words(key, 1, 0, 30), 20, float64=False)
-    z_b = reference_normals(reference_words(key, 1, 30, 8), 4, float64=True)
+    # 40 float32 coordinates: 20 pairs, 20 int64 radius + 20 int64 fine + 20 int32 angle words
+    # = 50 words; then 6 float64 coordinates: 4 pairs (a multiple of 4), 3 × 4 int64 words.
+    z_a = reference_normals(reference_words(key, 1, 0, 50), 20, float64=False)
+    z_b = reference_normals(reference_words(key, 1, 50, 12), 4, float64=True)
     torch.testing.assert_close(
         noised["a"].double(), 2.0 * torch.from_numpy(z_a[:40]), rtol=2e-5, atol=2e-5
     )
@@ -264,3 +264,45 @@ def test_secure_mode_rekeys_every_release_and_saves_no_key():
 def test_num_threads_is_validated():
     with pytest.raises(ValueError, match="num_threads"):
         GaussianMechanism(1.0, 1.0, num_threads=0)
+
+
+# ----------------------------------------------------------------- the ceiling in δ (issue 21)
+def test_a_release_with_the_user_never_lands_where_none_without_can():
+    """The audit probe of issue 21 at z = 0.2, q = 1, T = 1, with the printed δ = 1e-9.
+
+    Without the user, no coordinate of a release exceeds ``σ · MAX_ABS_NORMAL`` (the sampler's
+    hard bound, ``tests/test_sampler.py``). With the user (shift C), the fraction of releases
+    beyond it is therefore a lower bound on the true δ at every ε; its Clopper–Pearson lower
+    bound (confidence 1 − ALPHA) must not exceed the printed δ. Before the fix (one 64-bit word
+    per radius, ceiling 9.419σ) about 83 of 2^24 such releases landed beyond it: δ ≥ 3e-6 for a
+    printed ε of 43 at δ = 1e-9. With the 13.216σ ceiling the chance is ~1e-16 per release.
+    """
+    from dpfl.accounting import PoissonRound, RDPAccountant
+    from dpfl.noise import MAX_ABS_NORMAL
+
+    z, sensitivity, delta, n = 0.2, 1.0, 1e-9, 1 << 24
+    accountant = RDPAccountant()
+    accountant.add_rounds(PoissonRound(z, 1.0))
+    assert math.isfinite(accountant.epsilon(delta))  # the printed (ε, δ)
+    mech = GaussianMechanism(z, sensitivity, seed=21)
+    with_user = mech.add_noise({"canary": torch.full((n,), sensitivity)})["canary"].double()
+    beyond = int((with_user > mech.std * MAX_ABS_NORMAL).sum())
+    lower = float(sps.beta.ppf(ALPHA, beyond, n - beyond + 1)) if beyond else 0.0
+    assert lower <= delta, f"{beyond} of {n} releases beyond the ceiling: delta >= {lower:.3g}"
+
+
+def test_advance_to_skips_releases_and_never_reuses_one():
+    """The round loop keys each release on its journal charge (advance_to); an index already
+    drawn cannot come back, since the same noise twice leaks the difference of two releases."""
+    a, b = GaussianMechanism(1.0, 1.0, seed=3), GaussianMechanism(1.0, 1.0, seed=3)
+    b.advance_to(2)
+    assert b.release_index == 2
+    skipped = b.add_noise({"w": torch.zeros(8)})["w"]
+    drawn = [a.add_noise({"w": torch.zeros(8)})["w"] for _ in range(3)]
+    assert torch.equal(skipped, drawn[2]) and not torch.equal(skipped, drawn[0])
+    b.advance_to(3)  # the next index: a no-op
+    with pytest.raises(ValueError, match="never reused"):
+        b.advance_to(2)
+    with pytest.raises(ValueError, match="< 2\\*\\*64"):
+        b.advance_to(2**64)
+    assert b.release_index == 3

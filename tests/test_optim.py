@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import atexit
 import io
 import math
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
 from dpfl.optim import LAMB, LARS, _kernel, layerwise_adam, trust_ratio, trust_ratio_groups
 
-# The three LAMB paths; "fused" needs a C compiler once (tests/test_optim_fused.py covers the
-# fallback when there is none).
+# The three LAMB paths. "fused" is opt-in and needs a C compiler once; the tests build it into a
+# private temporary cache (never the user's), removed at exit (tests/test_optim_fused.py covers a
+# machine without a compiler, tests/test_kernel_security.py the loader's checks).
+KERNEL_CACHE = Path(tempfile.mkdtemp(prefix="dpfl-test-kernel-"))
+atexit.register(shutil.rmtree, KERNEL_CACHE, True)
+try:
+    _kernel.load(KERNEL_CACHE)
+    NO_KERNEL = None
+except _kernel.KernelError as _err:
+    NO_KERNEL = f"fused kernel unavailable: {_err}"
 FUSED = pytest.param(
-    {"fused": True},
+    {"fused": True, "cache_dir": KERNEL_CACHE},
     id="fused",
-    marks=pytest.mark.skipif(
-        _kernel.load() is None, reason=f"fused kernel unavailable: {_kernel.unavailable_reason()}"
-    ),
+    marks=pytest.mark.skipif(NO_KERNEL is not None, reason=str(NO_KERNEL)),
 )
 LAMB_PATHS = [FUSED, pytest.param({"fused": False, "foreach": True}, id="foreach")]
 LAMB_PATHS.append(pytest.param({"fused": False, "foreach": False}, id="reference"))
@@ -191,8 +201,8 @@ def test_fused_float32_close_to_float64_reference(path):
 )
 def test_mixed_dtypes_in_one_group(cls, path):
     """The fast paths handle float32 and float64 in one group; results match the reference."""
-    if path.get("fused") and _kernel.load() is None:
-        pytest.skip("fused kernel unavailable")
+    if path.get("fused") and NO_KERNEL is not None:
+        pytest.skip(NO_KERNEL)
 
     def run(kwargs):
         gen = torch.Generator().manual_seed(3)
@@ -360,12 +370,55 @@ def test_sparse_gradients_rejected():
 
 @pytest.mark.parametrize("cls", [LAMB, LARS])
 def test_default_picks_fastest_path_on_cpu(cls):
-    """The defaults on dense CPU tensors run the fused kernel (LAMB, where it can be built) or
-    the foreach kernel, bit for bit."""
+    """The defaults on dense CPU tensors run the foreach kernel, bit for bit (never the opt-in
+    fused path)."""
     fastest = {"foreach": True}
-    if cls is LAMB:
-        fastest = {"fused": True} if _kernel.load() is not None else {"foreach": True}
     auto, _ = _run(lambda ps: cls(ps, lr=0.01, weight_decay=0.01), dtype=torch.float32)
     fast, _ = _run(lambda ps: cls(ps, lr=0.01, weight_decay=0.01, **fastest), dtype=torch.float32)
     for x, y in zip(auto, fast, strict=True):
         assert torch.equal(x, y)
+
+
+# A Tensor learning rate, as torch.optim accepts (a scheduler updates it in place): every path
+# steps exactly as with the same float, also while a scheduler changes it.
+def _same_with_tensor_lr(make):
+    with_float, _ = _run(lambda ps: make(ps, 0.05), gamma=0.9, dtype=torch.float32)
+    lr = torch.tensor(0.05, dtype=torch.float64)  # float64: the scheduler computes as with floats
+    with_tensor, lrs = _run(lambda ps: make(ps, lr), gamma=0.9, dtype=torch.float32)
+    assert all(isinstance(lr, torch.Tensor) for lr in lrs)  # the scheduler kept it a Tensor
+    for a, b in zip(with_float, with_tensor, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", LAMB_PATHS)
+def test_lamb_tensor_lr_steps_as_the_float(path):
+    _same_with_tensor_lr(lambda ps, lr: LAMB(ps, lr=lr, weight_decay=0.01, **path))
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_lars_tensor_lr_steps_as_the_float(foreach):
+    _same_with_tensor_lr(lambda ps, lr: LARS(ps, lr=lr, momentum=0.9, foreach=foreach))
+
+
+def test_layerwise_adam_tensor_lr_steps_as_the_float():
+    _same_with_tensor_lr(lambda ps, lr: layerwise_adam(ps, lr=lr))
+
+
+@pytest.mark.parametrize("cls", [LAMB, LARS])
+@pytest.mark.parametrize(
+    "bad", [torch.tensor([0.1, 0.2]), torch.tensor(-0.1), torch.tensor(float("nan")), torch.tensor(1)]
+)
+def test_bad_tensor_lr_is_refused_naming_lr(cls, bad):
+    with pytest.raises((ValueError, TypeError), match="lr"):
+        cls([torch.zeros(2, requires_grad=True)], lr=bad)
+
+
+def test_a_tensor_lr_made_negative_later_is_refused_before_any_change():
+    p = torch.ones(3, requires_grad=True)
+    lr = torch.tensor(0.1)
+    opt = LAMB([p], lr=lr, fused=False)
+    p.grad = torch.ones(3)
+    lr.fill_(-1.0)
+    with pytest.raises(ValueError, match="lr"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(3)) and not opt.state

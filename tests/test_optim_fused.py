@@ -1,10 +1,12 @@
-"""LAMB's fused path: agreement across paths, maximize, check_finite, fallback without a compiler."""
+"""LAMB's opt-in fused path: agreement across paths, maximize, check_finite, a machine without a
+compiler, and the OpenMP/serial builds kept apart."""
 
 from __future__ import annotations
 
 import copy
 import io
 import os
+import warnings
 
 import pytest
 import torch
@@ -14,15 +16,21 @@ from dpfl.optim import (
     NonFiniteGradientError,
     _kernel,
     _lamb_fused,
-    lamb,
     layerwise_adam,
     trust_ratio,
 )
-from tests.test_optim import LAMB_PATHS, _grad_sequence, _initial_params, _ref_lamb, _run
-
-needs_kernel = pytest.mark.skipif(
-    _kernel.load() is None, reason=f"fused kernel unavailable: {_kernel.unavailable_reason()}"
+from tests.test_optim import (
+    KERNEL_CACHE,
+    LAMB_PATHS,
+    NO_KERNEL,
+    _grad_sequence,
+    _initial_params,
+    _ref_lamb,
+    _run,
 )
+
+needs_kernel = pytest.mark.skipif(NO_KERNEL is not None, reason=str(NO_KERNEL))
+FUSED = {"fused": True, "cache_dir": KERNEL_CACHE}
 KW = dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=0.02, trust_clip=5.0)
 
 
@@ -34,9 +42,9 @@ def _set_grads(params, grads):
 @pytest.mark.parametrize(
     ("first", "second"),
     [
-        ({"fused": True}, {"fused": False, "foreach": True}),
-        ({"fused": False, "foreach": True}, {"fused": True}),
-        ({"fused": True}, {"fused": False, "foreach": False}),
+        (FUSED, {"fused": False, "foreach": True}),
+        ({"fused": False, "foreach": True}, FUSED),
+        (FUSED, {"fused": False, "foreach": False}),
     ],
     ids=["fused->foreach", "foreach->fused", "fused->reference"],
 )
@@ -64,7 +72,7 @@ def test_state_dict_round_trip_across_paths(first, second):
     sched2.load_state_dict(saved["sched"])
     assert opt2.param_groups[0]["fused"] == first.get("fused")  # groups come from the save...
     for group in opt2.param_groups:  # ...so choose the path for the rest of the run here
-        group.update(second)
+        group.update({k: v for k, v in second.items() if k != "cache_dir"})
     for gs in grads[5:]:
         lrs.append(opt2.param_groups[0]["lr"])
         _set_grads(params2, gs)
@@ -158,7 +166,7 @@ def test_fused_handles_empty_and_single_element_tensors():
             opt.step()
         return [p.detach() for p in ps]
 
-    for x, y in zip(run({"fused": True}), run({"fused": False, "foreach": False}), strict=True):
+    for x, y in zip(run(FUSED), run({"fused": False, "foreach": False}), strict=True):
         torch.testing.assert_close(x, y)
 
 
@@ -173,9 +181,9 @@ def test_fused_handles_empty_and_single_element_tensors():
 @needs_kernel
 def test_fused_true_raises_where_unsupported(make, match):
     with pytest.raises(RuntimeError, match=match):
-        LAMB(make(), lr=0.1, fused=True)
+        LAMB(make(), lr=0.1, **FUSED)
     params = make()
-    opt = LAMB(params, lr=0.1)  # fused=None: falls back to foreach, no error
+    opt = LAMB(params, lr=0.1)  # fused=None: the foreach path, no error
     params[0].grad = torch.ones_like(params[0])
     opt.step()
     assert not torch.equal(params[0].detach(), torch.zeros_like(params[0]))
@@ -195,20 +203,20 @@ def test_fused_option_validation():
 def no_compiler(tmp_path, monkeypatch):
     """A process where the kernel cannot be built: $CC names a missing compiler, empty cache."""
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    monkeypatch.setenv("DPFL_KERNEL_DIR", str(tmp_path / "kernels"))
-    monkeypatch.setattr(lamb, "_warned", [])
+    monkeypatch.setenv("DPFL_CACHE", str(tmp_path / "cache"))
     _kernel.reset()
     yield
     monkeypatch.undo()
     _kernel.reset()
 
 
-def test_without_compiler_fused_true_raises_and_default_falls_back(no_compiler):
-    assert _kernel.load() is None
-    assert "no-such-cc" in _kernel.unavailable_reason()
-    with pytest.raises(RuntimeError, match="could not be built.*no-such-cc"):
+def test_without_compiler_fused_true_raises_and_the_default_never_needs_one(no_compiler):
+    with pytest.raises(_kernel.KernelError, match="no-such-cc"):
+        _kernel.load()
+    with pytest.raises(RuntimeError, match="fused kernel.*no-such-cc"):
         LAMB([torch.zeros(2, requires_grad=True)], lr=0.1, fused=True)
-    with pytest.warns(RuntimeWarning, match="foreach path"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: the default is not a fallback
         auto, _ = _run(lambda ps: LAMB(ps, lr=0.01, weight_decay=0.01), dtype=torch.float32)
     fast, _ = _run(
         lambda ps: LAMB(ps, lr=0.01, weight_decay=0.01, foreach=True), dtype=torch.float32
@@ -218,23 +226,15 @@ def test_without_compiler_fused_true_raises_and_default_falls_back(no_compiler):
 
 
 @needs_kernel
-def test_kernel_builds_into_a_private_cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("DPFL_KERNEL_DIR", str(tmp_path / "k"))
-    _kernel.reset()
-    try:
-        kernel = _kernel.load()
-        assert kernel is not None and kernel.path.parent == tmp_path / "k"
-        assert (tmp_path / "k").stat().st_mode & 0o077 == 0
-        shared = tmp_path / "shared"
-        shared.mkdir()
-        os.chmod(shared, 0o777)
-        monkeypatch.setenv("DPFL_KERNEL_DIR", str(shared))
-        _kernel.reset()
-        assert _kernel.load() is None
-        assert "writable by other users" in _kernel.unavailable_reason()
-    finally:
-        monkeypatch.undo()
-        _kernel.reset()
+def test_kernel_builds_into_a_private_cache_dir(tmp_path):
+    kernel = _kernel.load(tmp_path / "k")
+    assert kernel.path.parent == tmp_path / "k" / "kernels"
+    assert (tmp_path / "k" / "kernels").stat().st_mode & 0o077 == 0
+    shared = tmp_path / "shared"
+    (shared / "kernels").mkdir(parents=True)
+    os.chmod(shared / "kernels", 0o777)
+    with pytest.raises(_kernel.KernelError, match="writable by other users"):
+        _kernel.load(shared)
 
 
 @needs_kernel
@@ -242,7 +242,7 @@ def test_fused_guards_the_kernel_against_bad_state():
     """The C kernel reads raw memory: a wrong-shaped state raises, a strided one is made dense."""
     p = torch.randn(4, 3).requires_grad_()
     q = p.detach().clone().requires_grad_()
-    opt = LAMB([p], lr=0.1, fused=True)
+    opt = LAMB([p], lr=0.1, **FUSED)
     ref = LAMB([q], lr=0.1, fused=False, foreach=False)
     for o, t in ((opt, p), (ref, q)):
         t.grad = torch.ones(4, 3)
@@ -285,7 +285,7 @@ def test_fused_matches_reference_on_tensors_split_across_threads(num_threads, ma
             opt.step()
         return ps, opt
 
-    got, opt = run({"fused": True})
+    got, opt = run(FUSED)
     want, ref = run({"fused": False, "foreach": False})
     for p, q in zip(got, want, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
@@ -310,7 +310,7 @@ def test_fused_kernel_ratio_is_trust_ratio_of_its_sums(num_threads, clip):
     exp_avg_sqs = [torch.zeros(n, dtype=torch.float64) for _ in range(4)]
     group = {"betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0, "lr": 0.1,
              "trust_ratio": True, "trust_clip": clip, "maximize": False}  # fmt: skip
-    out = _lamb_fused.step(_kernel.load(), params, grads, exp_avgs, exp_avg_sqs, [1] * 4, group)
+    out = _lamb_fused.step(_kernel.load(KERNEL_CACHE), params, grads, exp_avgs, exp_avg_sqs, [1] * 4, group)
     for i in range(4):
         m, v = 0.1 * grads[i], 0.001 * grads[i] ** 2
         r = (m / 0.1) / ((v / 0.001).sqrt() + 1e-6)
@@ -324,7 +324,7 @@ def test_fused_kernel_ratio_is_trust_ratio_of_its_sums(num_threads, clip):
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_finiteness_pass_finds_every_position(num_threads, dtype):
-    kernel = _kernel.load()
+    kernel = _kernel.load(KERNEL_CACHE)
     n = 3 * 65536 + 5
     for where in (0, n // 2 + 1, n - 1):
         for bad in (float("nan"), float("inf"), -float("inf")):
@@ -336,26 +336,35 @@ def test_fused_finiteness_pass_finds_every_position(num_threads, dtype):
 
 
 @needs_kernel
-def test_kernel_builds_and_agrees_without_openmp(tmp_path, monkeypatch, num_threads):
-    """A compiler without OpenMP (e.g. Apple clang) still builds a working, single-threaded kernel."""
+def test_kernel_builds_without_openmp_and_never_caches_that_as_the_threaded_one(
+    tmp_path, monkeypatch, num_threads
+):
+    """A compiler without OpenMP (e.g. Apple clang) still builds a working, single-threaded
+    kernel; that serial build is its own cache entry, so once OpenMP works (same compiler path,
+    next process) the threaded kernel is built and used instead of the serial one."""
     real = _kernel._compiler()
-    wrapper = tmp_path / "cc-no-openmp"
+    refuse = tmp_path / "refuse-openmp"
+    refuse.touch()
+    wrapper = tmp_path / "cc"
     wrapper.write_text(
         "#!/bin/sh\n"
-        'for a in "$@"; do [ "$a" = -fopenmp ] && { echo "unsupported: -fopenmp" >&2; exit 1; }; done\n'
+        f'if [ -e "{refuse}" ]; then for a in "$@"; do\n'
+        '  [ "$a" = -fopenmp ] && { echo "unsupported: -fopenmp" >&2; exit 1; }\n'
+        "done; fi\n"
         f'exec "{real}" "$@"\n'
     )
     wrapper.chmod(0o755)
     monkeypatch.setenv("CC", str(wrapper))
-    monkeypatch.setenv("DPFL_KERNEL_DIR", str(tmp_path / "kernels"))
+    cache = tmp_path / "cache"
     _kernel.reset()
     try:
-        assert _kernel.load() is not None, _kernel.unavailable_reason()
+        kernel = _kernel.load(cache)
+        assert not kernel.openmp and "_serial." in kernel.path.name
         gen = torch.Generator().manual_seed(2)
         init = torch.randn(100_003, generator=gen, dtype=torch.float64)
         grads = [torch.randn(100_003, generator=gen, dtype=torch.float64) for _ in range(3)]
         results = []
-        for path in ({"fused": True}, {"fused": False, "foreach": False}):
+        for path in ({"fused": True, "cache_dir": cache}, {"fused": False, "foreach": False}):
             p = init.clone().requires_grad_()
             opt = LAMB([p], lr=0.05, **KW, **path)
             for g in grads:
@@ -363,6 +372,10 @@ def test_kernel_builds_and_agrees_without_openmp(tmp_path, monkeypatch, num_thre
                 opt.step()
             results.append(p.detach())
         torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
+        refuse.unlink()  # OpenMP works now: a new process must not settle for the serial build
+        _kernel.reset()
+        threaded = _kernel.load(cache)
+        assert threaded.openmp and "_openmp." in threaded.path.name
     finally:
         monkeypatch.undo()
         _kernel.reset()
@@ -373,7 +386,7 @@ def test_kernel_builds_and_agrees_without_openmp(tmp_path, monkeypatch, num_thre
 def test_fused_finiteness_pass_finds_every_read_stream_boundary(num_threads, dtype):
     """Each thread reads its part as four streams of whole 64-element blocks plus a remainder:
     a NaN/inf next to any stream or part boundary, or in the remainder, is found."""
-    kernel = _kernel.load()
+    kernel = _kernel.load(KERNEL_CACHE)
     for n in (65536 + 1, 4 * 65536 + 300, 1000):
         threads = num_threads if n >= 65536 else 1  # as the kernel splits the tensor
         per = -(-n // threads)

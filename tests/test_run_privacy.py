@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -16,14 +17,16 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from scipy import stats as sps
 
 from dpfl.accounting import REPLACE_ONE, PLDAccountant, PrivacyBudget, RDPAccountant
 from dpfl.clip import GlobalClip, PerLayerClip
-from dpfl.simulation import FixedCohortSampler, PoissonSampler
+from dpfl.simulation import FixedCohortSampler, PoissonSampler, SeededNoiseWarning
 from dpfl.simulation.checkpoint import CheckpointError, load_checkpoint
 from tests._scripts.tiny_fl import ORDERS, make_dataset, run
 
@@ -135,6 +138,66 @@ def test_crash_before_the_first_checkpoint_is_charged(tmp_path: Path) -> None:
         run(tmp_path, rounds=4, checkpoint_every=3)  # a fresh run would drop the 2 charges
     _model, accountant, result = run(tmp_path, rounds=4, checkpoint_every=3, resume=True)
     assert result.resumed_from is None and accountant.rounds == 6
+
+
+def _released(out: Path) -> list[torch.Tensor]:
+    """The parameters of every release observed in ``out`` (``releases.jsonl``), in order."""
+    lines = (out / "releases.jsonl").read_text().splitlines()
+    return [torch.tensor(json.loads(line)["params"], dtype=torch.float64) for line in lines]
+
+
+def test_a_seeded_round_released_twice_draws_fresh_noise(tmp_path: Path) -> None:
+    """Seeded noise; SIGKILL after round 1 is released and before its checkpoint; the users'
+    data changes; the resumed run releases round 1 again, charged again (charge 2).
+
+    Guarantee: two releases never share noise (each release's noise is keyed on its journal
+    charge, not its round), so the difference of the two releases is the users' noiseless
+    difference *plus* the difference of two independent noises. Server SGD at lr 1 makes a
+    release ``θ0 + (sum + noise) / S``; noiseless runs (z = 0) give the noiseless releases.
+    Before the fix the residual was 0 to float rounding (both releases drew release 0's noise);
+    now it has std ``√2 · z C / S`` (0.118 here), checked on its 58 coordinates (χ² bounds
+    with false-alarm rate below 1e-8).
+    """
+    out = tmp_path / "run"
+    sgd = {"optimizer_cls": torch.optim.SGD, "server_lr": 1.0}
+    proc = start(out, 2, "seeded", "--kill-at", "1", "--server-sgd", "--record-releases")
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, output
+    run(out, rounds=1, resume=True, data_seed=1, record_releases=True, **sgd)
+    first, again = _released(out)
+    journal = (out / "ckpt" / "ledger.jsonl").read_text().splitlines()
+    charges = [json.loads(x)["charge"] for x in journal]
+    assert charges == [1, 2]  # round 1, released twice, charged twice
+    noiseless = [
+        run(tmp_path / f"z0-{d}", rounds=1, noise_multiplier=0.0, data_seed=d,
+            record_releases=True, **sgd)
+        and _released(tmp_path / f"z0-{d}")[0]
+        for d in (0, 1)
+    ]
+    data_difference = noiseless[1] - noiseless[0]
+    assert data_difference.abs().max() > 1e-3  # the data did change between the releases
+    residual = (again - first) - data_difference  # = (noise_2 - noise_1) / S
+    z, bound, cohort = 1.0, 0.5, 6.0  # tiny_fl: GlobalClip(0.5), 12 users at rate 0.5
+    std = math.sqrt(2.0) * z * bound / cohort
+    n = residual.numel()
+    chi2 = float((residual**2).sum()) / std**2
+    assert sps.chi2.ppf(1e-8, n) < chi2 < sps.chi2.ppf(1 - 1e-8, n), (chi2, n)
+
+
+def test_every_seeded_run_warns_that_one_seed_twice_leaks_the_difference(tmp_path: Path) -> None:
+    """Two runs with one noise_seed add identical noise while the ledger charges them as
+    independent: every fresh seeded run warns (SeededNoiseWarning, naming the seed; its log
+    header records ``noise_seeded``); a resumed run and an unseeded one do not."""
+    for name in ("a", "b"):
+        with pytest.warns(SeededNoiseWarning, match=r"noise_seed=4321: seeded noise is for "
+                          r"simulations only.*two runs with one noise_seed.*difference"):
+            run(tmp_path / name, rounds=1)
+    start = json.loads((tmp_path / "a" / "log.jsonl").read_text().splitlines()[0])
+    assert start["event"] == "start" and start["config"]["noise_seeded"] is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SeededNoiseWarning)
+        run(tmp_path / "a", rounds=2, resume=True)
+        run(tmp_path / "c", rounds=1, noise_seed=None)
 
 
 def test_resume_with_a_budget_over_a_checkpoint_without_one_is_refused(tmp_path: Path) -> None:

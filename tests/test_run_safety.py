@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpfl.simulation import PoissonSampler
+from dpfl.simulation import PoissonSampler, SeededNoiseWarning
 from dpfl.simulation.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tests._scripts.tiny_fl import make_dataset, run
 
@@ -98,6 +98,7 @@ def test_resume_reports_a_changed_server_learning_rate(tmp_path: Path) -> None:
         run(tmp_path, rounds=2, resume=True, server_lr=0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a scheduler's decayed rate is not a change
+        warnings.simplefilter("ignore", SeededNoiseWarning)  # tiny_fl seeds its noise
         run(tmp_path / "s", rounds=2, scheduler=True)
         run(tmp_path / "s", rounds=3, resume=True, scheduler=True)
     events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -169,3 +170,102 @@ def test_a_log_that_stops_before_the_checkpoint_round_is_refused(tmp_path: Path)
 def test_a_checkpoint_path_that_is_a_directory_is_named_as_such(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="is a directory"):
         load_checkpoint(tmp_path)
+
+
+def _journal_lines(out: Path) -> int:
+    journal = out / "ckpt" / "ledger.jsonl"
+    return len(journal.read_text().splitlines()) if journal.exists() else 0
+
+
+def test_an_optimizer_over_another_models_parameters_fails_before_any_charge(
+    tmp_path: Path,
+) -> None:
+    """Issue 21 p16: the mismatch is found before training, so no round is charged for it."""
+    from dpfl.optim import LAMB
+    from tests._scripts.tiny_fl import make_model
+
+    other = make_model(seed=1)
+
+    class ForeignLAMB(LAMB):
+        def __init__(self, params, lr):  # type: ignore[no-untyped-def]
+            super().__init__(other.parameters(), lr=lr)  # the wrong model's parameters
+
+    with pytest.raises(ValueError, match=r"server_optimizer does not manage .*'0\.weight'"):
+        run(tmp_path, rounds=2, optimizer_cls=ForeignLAMB)
+    assert _journal_lines(tmp_path) == 0 and not (tmp_path / "log.jsonl").exists()
+
+
+def test_noise_beyond_float32s_range_fails_before_any_charge(tmp_path: Path) -> None:
+    """Issue 21 p16: std 5e37 × the largest draw overflows the float32 sums: refused up front."""
+    with pytest.raises(ValueError, match=r"noise std 5e\+37 .* float32"):
+        run(tmp_path, rounds=2, noise_multiplier=1e38)
+    assert _journal_lines(tmp_path) == 0 and not (tmp_path / "log.jsonl").exists()
+
+
+def test_an_adaptive_bound_grown_beyond_float32_is_refused_before_its_round_is_charged(
+    tmp_path: Path,
+) -> None:
+    """With a huge count noise the first round moves the bound to its cap (1e150); the second
+    round's noise cannot be represented, and is refused before it is charged."""
+    from dpfl.adaptive_clip import AdaptiveClip
+    from dpfl.clip import GlobalClip
+
+    clipper = AdaptiveClip(GlobalClip(0.5), count_noise_multiplier=1e6)
+    with pytest.raises(ValueError, match=r"noise std 1e\+150 .* float32"):
+        run(tmp_path, rounds=3, clipper=clipper, noise_seed=3)
+    assert clipper.bound == 1e150
+    assert _journal_lines(tmp_path) == 1  # round 1 only: round 2 was never charged
+
+
+def test_a_log_without_any_round_line_is_refused_on_resume(tmp_path: Path) -> None:
+    """Issue 21 p17a: a log emptied of its round lines (checkpoint at round 3) is refused like a
+    truncated one; a log that does not exist yet (another Logging.path) is still accepted."""
+    import json
+
+    run(tmp_path, rounds=3)
+    log = tmp_path / "log.jsonl"
+    kept = [line for line in log.read_text().splitlines() if json.loads(line)["event"] != "round"]
+    log.write_text("\n".join(kept) + "\n")
+    with pytest.raises(CheckpointError, match="round 3 but the log .* records no round"):
+        run(tmp_path, rounds=4, resume=True)
+    log.write_text("")
+    with pytest.raises(CheckpointError, match="records no round"):
+        run(tmp_path, rounds=4, resume=True)
+    result = run(tmp_path, rounds=4, resume=True, log_path=tmp_path / "new-log.jsonl")[2]
+    assert result.resumed_from == 3
+
+
+def test_a_journal_charge_of_another_spec_is_refused_naming_the_difference(
+    tmp_path: Path,
+) -> None:
+    """Issue 21 p17b: a charge beyond the checkpoint at z = 50 in a z = 1 run would be charged
+    as z = 50 (far less than a z = 1 release costs); it is refused, naming the field."""
+    import json
+
+    run(tmp_path, rounds=2)
+    journal = tmp_path / "ckpt" / "ledger.jsonl"
+    lines = journal.read_text().splitlines()
+    last = json.loads(lines[-1])
+    forged = {"charge": last["charge"] + 1, "round": 3,
+              "spec": {**last["spec"], "noise_multiplier": 50.0}}  # fmt: skip
+    journal.write_text("\n".join([*lines, json.dumps(forged)]) + "\n")
+    with pytest.raises(
+        CheckpointError, match=r"charge 3 \(round 3\).*noise_multiplier: journal 50\.0, this run 1\.0"
+    ):
+        run(tmp_path, rounds=4, resume=True)
+    forged["spec"]["noise_multiplier"] = 1.0  # the run's own spec: charged, and the run goes on
+    journal.write_text("\n".join([*lines, json.dumps(forged)]) + "\n")
+    _, accountant, result = run(tmp_path, rounds=4, resume=True)
+    assert result.rounds_completed == 4 and accountant.rounds == 5  # 4 rounds + the extra charge
+
+
+def test_resuming_an_audited_run_without_its_audit_is_refused(tmp_path: Path) -> None:
+    """Issue 21 p17c: the checkpoint holds a canary audit; resuming without audit= would drop it
+    silently, so it is refused, naming the audit."""
+    from dpfl.audit import CanaryAudit
+
+    run(tmp_path, rounds=2, audit=CanaryAudit(5, seed=1))
+    with pytest.raises(CheckpointError, match=r"audited run .*audit="):
+        run(tmp_path, rounds=3, resume=True)
+    result = run(tmp_path, rounds=3, resume=True, audit=CanaryAudit(5, seed=1))[2]
+    assert result.rounds_completed == 3 and result.audit is not None

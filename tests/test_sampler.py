@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from scipy import stats as sps
 
 from dpfl import _sampler as sampler
-from dpfl._sampler import MAX_ABS_NORMAL, PIECE, add_gaussian_, box_muller_
+from dpfl._sampler import LOW63, MAX_ABS_NORMAL, PIECE, U1_MIN, add_gaussian_, box_muller_
 
 ALPHA = 1e-6
 KEY = bytes(range(32))
@@ -23,12 +23,13 @@ KEY = bytes(range(32))
 ANGLE_DTYPE = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 
-def transform(radius_words, angle_words, dtype):
-    r = torch.as_tensor(radius_words, dtype=torch.int64)
+def transform(radius_words, angle_words, dtype, fine_words=None):
+    r = torch.as_tensor(radius_words, dtype=torch.int64).clone()
     a = torch.as_tensor(angle_words, dtype=ANGLE_DTYPE[dtype])
+    f = torch.zeros_like(r) if fine_words is None else torch.as_tensor(fine_words).clone()
     p = r.numel()
     out = torch.empty(2 * p, dtype=dtype)
-    box_muller_(r, a, out, torch.empty(p, dtype=dtype), torch.empty(p, dtype=dtype))
+    box_muller_(r, f, a, out, torch.empty(p, dtype=dtype), torch.empty(p, dtype=dtype))
     return out
 
 
@@ -43,55 +44,81 @@ def extreme_words(bits: int) -> list[int]:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_transform_bound_holds_for_every_extreme_bit_pattern(dtype):
-    """The largest |draw| over all extreme words is sqrt(128 ln 2) >= 8, never inf or NaN."""
-    assert MAX_ABS_NORMAL == pytest.approx(math.sqrt(128 * math.log(2)))
-    assert MAX_ABS_NORMAL > 9.41 > 8 > math.sqrt(48 * math.log(2))  # float32 normal_'s 5.77
-    radius = extreme_words(64)
-    angle = extreme_words(32 if dtype == torch.float32 else 64)
-    r = torch.tensor(radius).repeat_interleave(len(angle))
-    a = torch.tensor(angle).repeat(len(radius))
+    """Every pair of extreme radius and fine words (and extreme angles) gives a finite draw
+    within sqrt(252 ln 2) = 13.216 (u1 >= 2^-126), the bound the accountants charge for; the
+    bound is attained at b1 = b3 = 0 (and at their sign-bit twins)."""
+    from dpfl.accounting import NOISE_CEILING
+
+    assert MAX_ABS_NORMAL == math.sqrt(-2 * math.log(U1_MIN)) == pytest.approx(13.2164, abs=1e-4)
+    assert MAX_ABS_NORMAL == NOISE_CEILING  # one number for the sampler and the accountants
+    assert MAX_ABS_NORMAL > 12 > math.sqrt(128 * math.log(2)) > math.sqrt(48 * math.log(2))
+    words = extreme_words(64)
+    angles = extreme_words(32 if dtype == torch.float32 else 64)
+    r = torch.tensor(words).repeat_interleave(len(words))
+    f = torch.tensor(words).repeat(len(words))
+    a = torch.tensor(angles).repeat(-(-r.numel() // len(angles)))[: r.numel()]
     pad = (-r.numel()) % 4
-    r, a = torch.cat([r, r[:pad]]), torch.cat([a, a[:pad]])
-    out = transform(r, a, dtype)
-    assert torch.isfinite(out).all()
+    r, f, a = torch.cat([r, r[:pad]]), torch.cat([f, f[:pad]]), torch.cat([a, a[:pad]])
     eps = torch.finfo(dtype).eps
-    assert out.abs().max().item() <= MAX_ABS_NORMAL * (1 + 4 * eps)
-    top = transform([0] * 4, [0] * 4, dtype)  # b1 = 0 (u1 = 2^-64), θ = 0
-    assert top[0].item() == pytest.approx(MAX_ABS_NORMAL, rel=4 * eps)
-    assert top[4].item() == 0.0  # sin 0
+    for angle in (a, torch.zeros_like(a)):
+        out = transform(r, angle, dtype, f)
+        assert torch.isfinite(out).all()
+        assert out.abs().max().item() <= MAX_ABS_NORMAL * (1 + 4 * eps)
+    for b1, b3 in ((0, 0), (-(2**63), 0), (0, -(2**63)), (-(2**63), -(2**63))):
+        top = transform([b1] * 4, [0] * 4, dtype, [b3] * 4)  # u1 = 2^-126, θ = 0
+        assert top[0].item() == pytest.approx(MAX_ABS_NORMAL, rel=4 * eps)
+        assert top[4].item() == 0.0  # sin 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_radius_falls_monotonically_from_the_smallest_words(dtype):
-    """r(|b1|) is non-increasing, so the bound above is the supremum over all 2^64 words."""
+    """r is non-increasing in u1 = 2^-126 (2^63 k + j + 1) (k, j: the words' low 63 bits), so
+    the bound above is the supremum over all 2^192 radius and fine words."""
     small = list(range(0, 4096))
-    powers = sorted({2**k + d for k in range(12, 63) for d in (-1, 0, 1)} | {2**63 - 1})
-    words = small + powers
-    words += words[: (-len(words)) % 4]
-    words = sorted(words)
-    r = transform(words, [0] * len(words), dtype)[: len(words)]
-    negated = transform([-w - 1 for w in words], [0] * len(words), dtype)[: len(words)]
+    powers = sorted({2**e + d for e in range(12, 63) for d in (-1, 0, 1)} | {2**63 - 1})
+    ks = [0] * len(small + powers) + small[1:] + powers  # k = 0 with growing j, then growing k
+    js = small + powers + [2**62] * (len(small) - 1 + len(powers))
+    pad = (-len(ks)) % 4
+    ks, js = ks + [2**63 - 1] * pad, js + [2**63 - 1] * pad
+    n = len(ks)
+    r = transform(ks, [0] * n, dtype, js)[:n]
     assert (r[1:] <= r[:-1]).all()
-    assert torch.isfinite(negated).all() and negated.max().item() <= r[0].item()
+    # A set sign bit changes nothing: b and b | 2^63 give the same draw.
+    flipped = transform([k - 2**63 for k in ks], [0] * n, dtype, [j - 2**63 for j in js])[:n]
+    assert torch.equal(flipped, r)
     assert r[-1].item() == pytest.approx(0.0, abs=1e-3)  # u1 -> 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_tail_beyond_eight_sigma_is_gaussian(dtype):
-    """Radius words conditioned on |b1| < 2^16 (u1 < 2^-47: r > 8.07) give r² - r0² ~ χ²(2).
+@pytest.mark.parametrize(("k_max", "j_max"), [(2**16, None), (0, None), (0, 2**20)])
+def test_tail_beyond_the_old_ceiling_is_gaussian(dtype, k_max, j_max):
+    """Radius words with k <= k_max and fine words with j <= j_max (all 63 bits: None) give
+    u1 uniform below u0 = 2^-126 (2^63 k_max + j_max + 1) and r² - r0² ~ χ²(2), r0² = -2 ln u0:
+    the radius is Rayleigh in its tail from 8.07σ (k_max = 2^16), beyond the old 9.42σ ceiling
+    (k = 0, where 64-bit words had a single value) and from 12.1σ (j < 2^20) to the new one.
 
-    Feeding the transform the rare words directly samples its tail at 8-9.4σ, where a truncated
-    sampler would have no mass. Kolmogorov–Smirnov test, false-alarm rate ALPHA.
+    Feeding the transform the rare words directly samples the tail that a truncated sampler
+    would not have. Kolmogorov–Smirnov test, false-alarm rate ALPHA.
     """
     n = 100_000
-    gen = torch.Generator().manual_seed(5)
-    words = torch.randint(-(2**16) + 1, 2**16, (n,), generator=gen)
-    r = transform(words, torch.zeros(n, dtype=torch.int64), dtype)[:n].double()
-    r0_sq = -2 * math.log(2.0**-47)
-    assert math.sqrt(r0_sq) > 8.07
+    gen = torch.Generator().manual_seed(5 + k_max + (j_max or 0))
+    k = torch.randint(0, k_max + 1, (n,), generator=gen)
+    if j_max is None:
+        j = torch.randint(-(2**63), 2**63 - 1, (n,), generator=gen)  # sign bit: ignored
+        u0 = (k_max + 1) * 2.0**-63
+    else:
+        j = torch.randint(0, j_max + 1, (n,), generator=gen)
+        u0 = (2**63 * k_max + j_max + 1) * 2.0**-126
+    r = transform(k, torch.zeros(n, dtype=torch.int64), dtype, j)[:n].double()
+    r0_sq = -2 * math.log(u0)
     excess = (r**2 - r0_sq).numpy()
     assert excess.min() > -1e-3 * r0_sq  # nothing below the conditioning threshold
     assert sps.kstest(excess, sps.chi2(2).cdf).pvalue > ALPHA
+    assert r.max().item() <= MAX_ABS_NORMAL * (1 + 1e-6)
+    if k_max == 0:  # beyond anything 64-bit radius words can give
+        assert r.min().item() > math.sqrt(126 * math.log(2)) and r.max().item() > 9.9
+    if j_max is not None:
+        assert r.min().item() > 12.1 and r.max().item() > 13.0
 
 
 def reference_words(key: bytes, release: int, offset: int, count: int) -> np.ndarray:
@@ -104,14 +131,19 @@ def reference_words(key: bytes, release: int, offset: int, count: int) -> np.nda
 
 
 def reference_normals(words: np.ndarray, pairs: int, float64: bool) -> np.ndarray:
-    """Box–Muller in float64 from the documented word layout (radius words, then angles)."""
-    radius = words[:pairs]
-    raw = words[pairs:].tobytes()
+    """Box–Muller in float64 from the documented word layout (radius words, fine words, then
+    angles): u1 = 2^-126 + 2^-63 (k + 2^-63 j) with k, j the words' low 63 bits, evaluated with
+    the roundings of the output dtype (k and j read as floats, each sum rounded once)."""
+    ftype = np.float64 if float64 else np.float32
+    k = (words[:pairs] & LOW63).astype(ftype)
+    j = (words[pairs : 2 * pairs] & LOW63).astype(ftype)
+    raw = words[2 * pairs :].tobytes()
     angles = np.frombuffer(raw, dtype="<i8" if float64 else "<i4")[:pairs]
-    b1 = radius.astype(np.float64) if float64 else radius.astype(np.float32).astype(np.float64)
-    u1 = (np.abs(b1) + 0.5) * 2.0**-63
+    x = k + j * ftype(2.0**-63)
+    u1 = ftype(2.0**-126) + x * ftype(2.0**-63)
+    log_u1 = np.log(u1.astype(np.float64))
     theta = angles.astype(np.float64) * 2 * math.pi * 2.0 ** (-64 if float64 else -32)
-    r = np.sqrt(-2 * np.log(u1))
+    r = np.sqrt(-2 * log_u1)
     return np.concatenate([r * np.cos(theta), r * np.sin(theta)])
 
 
@@ -129,7 +161,7 @@ def reference_noise(sizes, dtypes, release, secure):
                 pairs = 2 * m
             else:
                 pairs = -(-count // 8) * 4
-            nwords = 2 * pairs if f64 else pairs + pairs // 2
+            nwords = 3 * pairs if f64 else 2 * pairs + pairs // 2
             z = reference_normals(reference_words(KEY, release, offset, nwords), pairs, f64)
             offset += nwords
             if secure:

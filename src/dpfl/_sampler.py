@@ -1,4 +1,4 @@
-"""Gaussian noise sampler behind :class:`dpfl.noise.GaussianMechanism`.
+"""Gaussian noise sampler behind [`dpfl.noise.GaussianMechanism`][dpfl.noise.GaussianMechanism].
 
 Three stages, each small enough to check on its own:
 
@@ -8,21 +8,29 @@ Three stages, each small enough to check on its own:
    (both 8 bytes, big-endian; a block is two 64-bit words); on other devices a
    ``torch.Generator`` of the device, seeded per piece with a keyed BLAKE2b hash of
    ``(release, offset)``.
-2. **Transform.** :func:`box_muller_` turns ``p`` radius words (int64) and ``p`` angle words
-   (int32 for float32 output, int64 for float64) into ``2p`` standard normals:
-   ``u1 = (|float(b1)| + 1/2) · 2^-63`` in ``[2^-64, 1]``, ``θ = 2π · b2 / 2^w``,
-   ``r = sqrt(-2 ln u1)``, outputs ``r cos θ`` and ``r sin θ``. Because ``b1`` is read as a float
-   (24 or 53 significant bits but its full 64-bit range), ``u1`` reaches ``2^-64`` and the
-   largest attainable ``|draw|`` is ``sqrt(128 ln 2) ≈ 9.419`` (:data:`MAX_ABS_NORMAL`), against
-   ``sqrt(48 ln 2) ≈ 5.77`` for Box–Muller on 24-bit uniforms (torch's float32 ``normal_``).
-   The transform runs in float64 for float64 targets and in float32 otherwise.
-3. **Add.** Each tensor is cut into fixed pieces (:data:`PIECE` elements on the CPU); a piece's
+2. **Transform.** ``box_muller_`` turns ``p`` radius words ``b1`` (int64), ``p`` fine
+   words ``b3`` (int64) and ``p`` angle words ``b2`` (int32 for float32 output, int64 for
+   float64) into ``2p`` standard normals. With ``k`` and ``j`` the low 63 bits of ``b1`` and
+   ``b3`` (each uniform on ``[0, 2^63)``),
+   ``u1 = 2^-63 k + 2^-126 (j + 1) = 2^-126 (2^63 k + j + 1)``: the uniform on ``(0, 1]``
+   rounded *up* to the grid ``2^-126`` (exactly, before floating-point rounding), so
+   ``P(u1 <= t) = t`` at every grid point. ``θ = 2π · b2 / 2^w``, ``r = sqrt(-2 ln u1)``, and
+   the outputs are ``r cos θ`` and ``r sin θ``. ``k`` and ``j`` are read as floats (24 or 53
+   significant bits over their whole range, so small values are exact): ``u1`` keeps a relative
+   precision of ``2^-24`` (float32) down to ``2^-126``, so the radius follows the Rayleigh tail
+   ``P(r > s) = exp(-s²/2)`` at that resolution up to the largest attainable ``|draw|``,
+   ``sqrt(252 ln 2) ≈ 13.216`` (``MAX_ABS_NORMAL``, at ``u1 = 2^-126``, the smallest normal
+   float32), against ``sqrt(128 ln 2) ≈ 9.419`` for one 64-bit word per radius and
+   ``sqrt(48 ln 2) ≈ 5.77`` for 24-bit uniforms (torch's float32 ``normal_``). The transform
+   runs in float64 for float64 targets and in float32 otherwise; its constants and every
+   nonzero intermediate are normal floats, so flush-to-zero modes change nothing.
+3. **Add.** Each tensor is cut into fixed pieces (``PIECE`` elements on the CPU); a piece's
    words sit at a fixed offset of the release's stream, so the noise does not depend on how
    pieces are shared among threads. ``target += scale · normals`` from reused per-thread
    scratch buffers: no allocation per tensor or per piece.
 
-Secure mode sums :data:`SECURE_DRAWS` (4) normals from four different Box–Muller pairs per
-coordinate and halves the sum (Holohan & Braghin, arXiv 2107.10138).
+Secure mode sums [`SECURE_DRAWS`][dpfl.noise.SECURE_DRAWS] (4) normals from four different
+Box–Muller pairs per coordinate and halves the sum (Holohan & Braghin, arXiv 2107.10138).
 
 References: Box & Muller, Ann. Math. Statist. 29 (1958) 610; Holohan & Braghin,
 arXiv 2107.10138; NIST SP 800-38A (counter mode).
@@ -51,8 +59,13 @@ __all__ = [
     "max_abs_draw",
 ]
 
-#: Largest attainable ``|draw|`` of :func:`box_muller_`: ``sqrt(-2 ln 2^-64) = sqrt(128 ln 2)``.
-MAX_ABS_NORMAL = math.sqrt(128.0 * math.log(2.0))
+#: Smallest radius uniform of ``box_muller_`` (the smallest normal float32).
+U1_MIN = 2.0**-126
+#: The low 63 bits of a word: ``b & LOW63`` is uniform on ``[0, 2^63)`` for a uniform ``b``.
+LOW63 = 2**63 - 1
+#: Largest attainable ``|draw|`` of ``box_muller_``: ``sqrt(-2 ln 2^-126) = sqrt(252 ln 2)``.
+#: ``NOISE_CEILING`` is the same number (the accountants add its δ).
+MAX_ABS_NORMAL = math.sqrt(-2.0 * math.log(U1_MIN))
 #: Normals summed per coordinate in secure mode (each from its own Box–Muller pair).
 SECURE_DRAWS = 4
 #: Elements per piece on the CPU (secure: ``PIECE / SECURE_DRAWS`` coordinates). Every op on a
@@ -65,8 +78,7 @@ DEVICE_PIECE = 1 << 22
 _CONST: dict[str, Tensor] = {
     name: torch.tensor(value, dtype=torch.float64)
     for name, value in {
-        "2^-63": 2.0**-63,
-        "2^-64": 2.0**-64,
+        "2^-126": 2.0**-126,
         "-2": -2.0,
         "2pi/2^32": 2.0 * math.pi * 2.0**-32,
         "2pi/2^64": 2.0 * math.pi * 2.0**-64,
@@ -75,38 +87,53 @@ _CONST: dict[str, Tensor] = {
 
 
 def max_abs_draw(secure: bool) -> float:
-    """Largest attainable ``|noise| / std``: :data:`MAX_ABS_NORMAL` (secure: the sum of four
+    """Largest attainable ``|noise| / std``: [`MAX_ABS_NORMAL`][dpfl.noise.MAX_ABS_NORMAL] (secure:
+    the sum of four
     such draws, halved, i.e. twice as much)."""
     return MAX_ABS_NORMAL * (math.sqrt(SECURE_DRAWS) if secure else 1.0)
 
 
 def box_muller_(
-    radius_bits: Tensor, angle_bits: Tensor, out: Tensor, radius: Tensor, angle: Tensor
+    radius_bits: Tensor,
+    fine_bits: Tensor,
+    angle_bits: Tensor,
+    out: Tensor,
+    radius: Tensor,
+    angle: Tensor,
 ) -> Tensor:
-    """Write ``2p`` standard normals computed from ``p`` pairs of words into ``out``.
+    """Write ``2p`` standard normals computed from ``p`` triples of words into ``out``.
 
     Args:
-        radius_bits: ``p`` uniformly random int64 words (``b1``).
+        radius_bits: ``p`` uniformly random int64 words (``b1``); their sign bits are cleared
+            in place.
+        fine_bits: ``p`` uniformly random int64 words (``b3``), the radius uniform's low bits;
+            their sign bits are cleared in place.
         angle_bits: ``p`` uniformly random int32 or int64 words (``b2``; int32 suffices for
             float32 output).
         out: ``2p`` floats (float32 or float64): ``out[i] = r_i cos θ_i`` and
             ``out[p + i] = r_i sin θ_i``.
         radius, angle: scratch tensors of ``p`` elements of ``out``'s dtype.
 
-    ``u1 = (|float(b1)| + 1/2) · 2^-63`` lies in ``[2^-64, 1]`` with ``P(u1 <= t) = t`` at every
-    point of its support, so ``r = sqrt(-2 ln u1)`` lies in ``[0, sqrt(128 ln 2)]``: no bit
-    pattern gives ``inf`` or ``NaN``, and ``|out| <= MAX_ABS_NORMAL`` up to one rounding.
+    ``u1 = 2^-63 k + 2^-126 (j + 1)`` (``k``, ``j``: the low 63 bits of ``b1``, ``b3``) lies in
+    ``[2^-126, 1]`` and is the uniform rounded up to the grid ``2^-126``, so
+    ``r = sqrt(-2 ln u1)`` lies in ``[0, sqrt(252 ln 2)]``: no bit pattern gives ``inf`` or
+    ``NaN``, and ``|out| <= MAX_ABS_NORMAL`` up to one rounding.
 
     Returns:
         ``out``.
     """
     p = radius_bits.numel()
-    _box_muller(radius_bits, angle_bits, out[:p], out[p:], out.view(2, p), radius, angle)
+    radius_bits.bitwise_and_(LOW63)
+    fine_bits.bitwise_and_(LOW63)
+    _box_muller(
+        radius_bits, fine_bits, angle_bits, out[:p], out[p:], out.view(2, p), radius, angle
+    )
     return out
 
 
 def _box_muller(
     radius_bits: Tensor,
+    fine_bits: Tensor,
     angle_bits: Tensor,
     cos: Tensor,
     sin: Tensor,
@@ -114,11 +141,14 @@ def _box_muller(
     radius: Tensor,
     angle: Tensor,
 ) -> None:
-    """:func:`box_muller_` on views made once: ``cos``/``sin`` are ``out[:p]``/``out[p:]``,
-    ``rows`` is ``out.view(2, p)`` (a view costs about as much as a small op)."""
+    """``box_muller_`` on words whose sign bits are already cleared, and views made once:
+    ``cos``/``sin`` are ``out[:p]``/``out[p:]``, ``rows`` is ``out.view(2, p)`` (a view costs
+    about as much as a small op)."""
     unit = _CONST["2pi/2^32"] if angle_bits.dtype == torch.int32 else _CONST["2pi/2^64"]
-    radius.copy_(radius_bits).abs_()
-    torch.add(_CONST["2^-64"], radius, alpha=2.0**-63, out=radius)
+    radius.copy_(radius_bits)  # k
+    angle.copy_(fine_bits)  # j: the angle scratch holds it until the angle is computed
+    radius.add_(angle, alpha=2.0**-63)  # k + 2^-63 j
+    torch.add(_CONST["2^-126"], radius, alpha=2.0**-63, out=radius)  # u1 = 2^-126 (2^63 k + j + 1)
     radius.log_().mul_(_CONST["-2"]).sqrt_()
     angle.copy_(angle_bits).mul_(unit)
     torch.cos(angle, out=cos)
@@ -135,8 +165,9 @@ def _pairs(count: int, secure: bool) -> int:
 
 
 def _words(pairs: int, dtype: torch.dtype) -> int:
-    """64-bit words drawn for ``pairs`` pairs: int64 radii, int32 (float32) or int64 angles."""
-    return pairs * 2 if dtype == torch.float64 else pairs + pairs // 2
+    """64-bit words drawn for ``pairs`` pairs: int64 radius and fine words, then int32 (float32)
+    or int64 angles."""
+    return pairs * 3 if dtype == torch.float64 else 2 * pairs + pairs // 2
 
 
 def _math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -193,12 +224,18 @@ class _Work:
 
     def __init__(self, raw: bytearray, pairs: int, dtype: torch.dtype, device: torch.device):
         angle_dtype = torch.int64 if dtype == torch.float64 else torch.int32
-        self.radius_words = torch.frombuffer(raw, dtype=torch.int64, count=pairs)
-        self.angle_words = torch.frombuffer(raw, dtype=angle_dtype, count=pairs, offset=8 * pairs)
+        # Radius words, then fine words: one view to clear both sign bits with one op.
+        self.radial_words = torch.frombuffer(raw, dtype=torch.int64, count=2 * pairs)
+        self.radius_words, self.fine_words = self.radial_words[:pairs], self.radial_words[pairs:]
+        self.angle_words = torch.frombuffer(
+            raw, dtype=angle_dtype, count=pairs, offset=16 * pairs
+        )
         if device.type != "cpu":  # words are copied here when they come from the host
             self.device_words = torch.empty(_words(pairs, dtype), dtype=torch.int64, device=device)
+            self.device_radial_words = self.device_words[: 2 * pairs]
             self.device_radius_words = self.device_words[:pairs]
-            self.device_angle_words = self.device_words[pairs:].view(angle_dtype)[:pairs]
+            self.device_fine_words = self.device_words[pairs : 2 * pairs]
+            self.device_angle_words = self.device_words[2 * pairs :].view(angle_dtype)[:pairs]
         # 2p normals (cosines, then sines) and one slot after them for the secure wrap-around.
         self.buffer = torch.empty(2 * pairs + 1, dtype=dtype, device=device)
         self.out = self.buffer[: 2 * pairs]
@@ -328,8 +365,10 @@ class _TorchStream:
 def _noise_piece(piece: _Piece, work: _Work, scale: float, secure: bool) -> None:
     """Add ``scale ·`` (normals from the words already in ``work``) to one piece."""
     cpu = piece.flat.device.type == "cpu"
+    (work.radial_words if cpu else work.device_radial_words).bitwise_and_(LOW63)
     _box_muller(
         work.radius_words if cpu else work.device_radius_words,
+        work.fine_words if cpu else work.device_fine_words,
         work.angle_words if cpu else work.device_angle_words,
         work.cos,
         work.sin,

@@ -5,9 +5,11 @@ Also a command-line training script: the resume test starts it as a real subproc
 as several ``torch.distributed`` ranks.
 
 Usage: ``python tests/_scripts/tiny_fl.py OUT_DIR --rounds N [--resume] [--dist]
-[--checkpoint-every K] [--slow S] [--timeout T] [--kill-at K] [--noise seeded|entropy|secure]``.
+[--checkpoint-every K] [--slow S] [--timeout T] [--kill-at K] [--noise seeded|entropy|secure]
+[--data-seed D] [--server-sgd] [--record-releases]``.
 Writes ``OUT_DIR/log.jsonl``, ``OUT_DIR/ckpt/``, ``OUT_DIR/progress.txt`` (one line per noised
-model that ``eval_fn`` observed on rank 0, i.e. per release, appended across restarts), the final
+model that ``eval_fn`` observed on rank 0, i.e. per release, appended across restarts; with
+``--record-releases`` also ``OUT_DIR/releases.jsonl``, the parameters of each), the final
 ``model.pt`` and ``ledger.json`` (accountant state) in ``OUT_DIR`` or, with ``--dist``, in
 ``OUT_DIR/rank<r>/``.
 """
@@ -96,6 +98,8 @@ def run(
     server_lr: float = 0.01,
     checkpoint_dir: Path | None = None,
     log_path: Path | None = None,
+    data_seed: int = 0,
+    record_releases: bool = False,
     **kwargs: Any,
 ) -> tuple[nn.Module, Any, RunResult]:
     """Build the tiny problem and run it; returns (model, accountant, result).
@@ -103,10 +107,11 @@ def run(
     ``crash_at=k`` makes the run raise right after round ``k`` was computed, before it is logged
     or checkpointed (the in-process analogue of killing the process there); ``kill_at=k`` kills
     the process (SIGKILL) at the same point of a fresh run. ``secure_noise`` implies
-    ``noise_seed=None``.
+    ``noise_seed=None``. ``data_seed`` picks the users' examples (same user ids);
+    ``record_releases`` appends every observed model's parameters to ``out/releases.jsonl``.
     """
     model = make_model() if model is None else model
-    dataset = make_dataset()
+    dataset = make_dataset(seed=data_seed)
     if sampler is None:
         sampler = PoissonSampler(dataset.user_ids(), 0.5, seed=11)
     if accountant is None:
@@ -125,6 +130,12 @@ def run(
             f.write(f"{accountant.rounds}\n")
             f.flush()
             os.fsync(f.fileno())
+        if record_releases:
+            params = [float(x) for p in m.parameters() for x in p.detach().flatten()]
+            with (out / "releases.jsonl").open("a") as f:
+                f.write(json.dumps({"charges": accountant.rounds, "params": params}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
         if kill_at and accountant.rounds == kill_at:  # die between a release and its checkpoint
             os.kill(os.getpid(), signal.SIGKILL)
         if slow:
@@ -182,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--adaptive", action="store_true", help="per-layer adaptive clipping (AdaptiveClip)"
     )
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the users' examples")
+    parser.add_argument("--server-sgd", action="store_true", help="server SGD at lr 1 (linear)")
+    parser.add_argument("--record-releases", action="store_true", help="write releases.jsonl")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     ctx = None
@@ -209,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         noise_seed=4321 if args.noise == "seeded" else None,
         secure_noise=args.noise == "secure",
         clipper=clipper,
+        data_seed=args.data_seed,
+        record_releases=args.record_releases,
+        **({"optimizer_cls": torch.optim.SGD, "server_lr": 1.0} if args.server_sgd else {}),
     )
     torch.save(model.state_dict(), results / "model.pt")
     if clipper is not None:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import dp_accounting
 
 from dpfl._checks import require_int, require_non_negative, require_probability
+from dpfl.accounting._dp_events import rounds_of_event
 from dpfl.accounting.budget import BudgetExceededError, PrivacyBudget
+from dpfl.accounting.ceiling import NOISE_CEILING, ledger_ceiling_delta
 from dpfl.accounting.events import (
     ADD_OR_REMOVE_ONE,
     REPLACE_ONE,
@@ -65,62 +68,88 @@ class _LedgerAccountant(abc.ABC):
         """A copy of the ledger: ``(round, count)`` entries, consecutive duplicates merged."""
         return list(self._ledger)
 
+    @property
+    def ceiling_delta(self) -> float:
+        """The δ that the noise sampler's ceiling adds to this ledger (already in every ε and δ
+        this accountant reports; see [`ceiling_delta`][dpfl.accounting.ceiling_delta])."""
+        return ledger_ceiling_delta(self._ledger)
+
     # ----------------------------------------------------------------- composition
-    def add_rounds(self, round: Round, count: int = 1) -> None:
+    def add_rounds(self, round: Round | dp_accounting.DpEvent, count: int = 1) -> None:
         """Compose ``count`` identical rounds into the ledger.
 
         Args:
-            round: a :class:`PoissonRound` or :class:`FixedCohortRound` whose adjacency matches
-                this accountant's.
-            count: number of rounds, an integer >= 0 (0 is a no-op).
+            round: a [`PoissonRound`][dpfl.accounting.PoissonRound] or
+                [`FixedCohortRound`][dpfl.accounting.FixedCohortRound] whose adjacency matches
+                this accountant's, or a dp_accounting ``DpEvent`` describing such rounds: a
+                ``PoissonSampledDpEvent`` (add/remove-one) or ``SampledWithoutReplacementDpEvent``
+                (replace-one; its Gaussian's multiplier is relative to the replace-one
+                sensitivity ``2C``) of a ``GaussianDpEvent``, an unsampled ``GaussianDpEvent``
+                (a round that includes everyone), and ``SelfComposedDpEvent`` /
+                ``ComposedDpEvent`` of these, such as another accountant's
+                [`dp_event`][dpfl.accounting.RDPAccountant.dp_event]. The event is charged as
+                those rounds, with every check below.
+            count: number of times to compose ``round``, an integer >= 0 (0 is a no-op).
 
         Raises:
             BudgetExceededError: if a budget is set and the new ledger's ε at ``budget.delta`` would
                 exceed ``budget.epsilon``; the ledger is left unchanged.
-            ValueError: if the round cannot be accounted by this accountant (wrong adjacency or an
-                unsupported round type); the ledger is left unchanged.
-            TypeError: if ``round`` is not a round spec or ``count`` is not an integer.
+            ValueError: if the round cannot be accounted by this accountant (wrong adjacency, an
+                unsupported round type or a ``DpEvent`` of another mechanism); the ledger is left
+                unchanged.
+            TypeError: if ``round`` is neither a round spec nor a ``DpEvent``, or ``count`` is not
+                an integer.
         """
         candidate = self._extended(round, count)
         if self._budget is not None and candidate != self._ledger:
-            eps = self._epsilon_of(candidate, self._budget.delta)
+            eps = self._epsilon_total(candidate, self._budget.delta)
             if eps > self._budget.epsilon:
                 raise BudgetExceededError(
                     f"adding {count} round(s) of {round} would bring epsilon to {eps:.6g} at "
                     f"delta={self._budget.delta:g}, over the budget epsilon="
-                    f"{self._budget.epsilon:g} ({self.rounds} rounds composed so far); "
-                    "the ledger is unchanged"
+                    f"{self._budget.epsilon:g} ({self.rounds} rounds composed so far)"
+                    f"{_ceiling_note(candidate, self._budget.delta)}; the ledger is unchanged"
                 )
         self._ledger = candidate
 
-    def would_exceed(self, round: Round, count: int = 1) -> bool:
+    def would_exceed(self, round: Round | dp_accounting.DpEvent, count: int = 1) -> bool:
         """Whether ``add_rounds(round, count)`` would exceed the budget (``False`` with no budget).
 
+        Args:
+            round: a round spec or a ``DpEvent``, as for ``add_rounds``.
+            count: number of times to compose it, an integer >= 0.
+
         Raises:
-            ValueError, TypeError: as :meth:`add_rounds` for an invalid round or count.
+            ValueError, TypeError: as ``add_rounds`` for an invalid round or count.
         """
         candidate = self._extended(round, count)
         if self._budget is None:
             return False
-        return self._epsilon_of(candidate, self._budget.delta) > self._budget.epsilon
+        return self._epsilon_total(candidate, self._budget.delta) > self._budget.epsilon
 
     def epsilon(self, delta: float) -> float:
         """Return the ε of all rounds composed so far at the given δ.
+
+        The δ includes the noise sampler's ceiling (``ceiling_delta``): the Gaussian ε is
+        taken at ``delta - ceiling_delta``, so ``(ε, delta)`` holds for dpfl's sampler.
 
         Args:
             delta: the target δ, in (0, 1).
 
         Returns:
-            ε >= 0; ``math.inf`` when a round had ``noise_multiplier = 0``.
+            ε >= 0; ``math.inf`` when a round had ``noise_multiplier = 0`` or the ceiling's δ
+            reaches ``delta`` (a noise multiplier far below any useful one).
 
         Raises:
             ValueError: if ``delta`` is outside (0, 1).
         """
         delta = require_probability("delta", delta, high_open=True)
-        return self._epsilon_of(self._ledger, delta)
+        return self._epsilon_total(self._ledger, delta)
 
     def delta(self, epsilon: float) -> float:
         """Return the δ of all rounds composed so far at the given ε.
+
+        Includes the noise sampler's ceiling (``ceiling_delta``), capped at 1.
 
         Args:
             epsilon: the target ε, >= 0 and finite.
@@ -132,20 +161,23 @@ class _LedgerAccountant(abc.ABC):
             ValueError: if ``epsilon`` is negative or not finite.
         """
         epsilon = require_non_negative("epsilon", epsilon)
-        return self._delta_of(self._ledger, epsilon)
+        total = self._delta_of(self._ledger, epsilon) + ledger_ceiling_delta(self._ledger)
+        return min(1.0, total)
 
     def dp_event(self) -> dp_accounting.DpEvent:
         """The ledger as a ``ComposedDpEvent`` of ``SelfComposedDpEvent(round.dp_event(), count)``.
 
         Feed it to any dp_accounting accountant (constructed with the same neighbouring relation)
-        to reproduce or cross-check this accountant's numbers (for a :class:`PLDAccountant`, at the
-        grid :meth:`PLDAccountant.discretization_interval` reports).
+        to reproduce or cross-check this accountant's numbers (for a
+        [`PLDAccountant`][dpfl.accounting.PLDAccountant], at the grid
+        [`PLDAccountant.discretization_interval`][dpfl.accounting.PLDAccountant.discretization_interval]
+        reports).
         """
         return _ledger_event(self._ledger)
 
     # ----------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """Return the privacy history as a JSON-able plain dict (see :meth:`load_state_dict`)."""
+        """Return the privacy history as a JSON-able plain dict (see ``load_state_dict``)."""
         return {
             "format": _FORMAT,
             "accountant": self.kind,
@@ -156,7 +188,7 @@ class _LedgerAccountant(abc.ABC):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Replace the ledger and budget with those of ``state`` (from :meth:`state_dict`).
+        """Replace the ledger and budget with those of ``state`` (from ``state_dict``).
 
         The state is validated in full before anything changes: it must come from the same kind
         of accountant with the same adjacency and backend options, and every round must be valid.
@@ -202,13 +234,36 @@ class _LedgerAccountant(abc.ABC):
         self._ledger = ledger
 
     # ----------------------------------------------------------------- internals
+    def _epsilon_total(self, ledger: Ledger, delta: float) -> float:
+        """ε of ``ledger`` at ``delta`` for dpfl's sampler: the Gaussian ε at the δ the
+        sampler's ceiling leaves (``inf`` when it leaves none)."""
+        rest = gaussian_delta(ledger, delta)
+        return math.inf if rest is None else self._epsilon_of(ledger, rest)
+
     def _extended(
-        self, round: Round, count: Any, *, ledger: Ledger | None = None, minimum: int = 0
+        self,
+        round: Round | dp_accounting.DpEvent,
+        count: Any,
+        *,
+        ledger: Ledger | None = None,
+        minimum: int = 0,
     ) -> Ledger:
         """Validate ``(round, count)`` and return the ledger with it appended (merged)."""
+        if isinstance(round, dp_accounting.DpEvent):
+            count = require_int("count", count, minimum=minimum)
+            entries = rounds_of_event(round)
+            if len({rnd for rnd, _ in entries}) == 1:
+                entries = [(entries[0][0], count * sum(c for _, c in entries))]
+            else:
+                entries = entries * count
+            extended = self._ledger if ledger is None else ledger
+            for rnd, times in entries:
+                extended = self._extended(rnd, times, ledger=extended)
+            return extended
         if not isinstance(round, PoissonRound | FixedCohortRound):
             raise TypeError(
-                f"round must be a PoissonRound or FixedCohortRound, got {type(round).__name__}"
+                "round must be a PoissonRound, a FixedCohortRound or a dp_accounting DpEvent, "
+                f"got {type(round).__name__}"
             )
         count = require_int("count", count, minimum=minimum)
         self._check_supported(round)
@@ -249,6 +304,27 @@ class _LedgerAccountant(abc.ABC):
             f"{type(self).__name__}(rounds={self.rounds}, adjacency={self._adjacency!r}, "
             f"budget={self._budget!r})"
         )
+
+
+def gaussian_delta(ledger: Ledger, delta: float) -> float | None:
+    """The δ left to the Gaussian accounting of ``ledger`` once the sampler's ceiling is paid,
+    or ``None`` when the ceiling alone reaches ``delta``."""
+    rest = delta - ledger_ceiling_delta(ledger)
+    return rest if rest > 0.0 else None
+
+
+def _ceiling_note(ledger: Ledger, delta: float) -> str:
+    """A clause naming the ceiling when it alone exhausts ``delta``, else ``""``."""
+    floor = ledger_ceiling_delta(ledger)
+    if floor < delta:
+        return ""
+    small = min(
+        (r.noise_multiplier for r, _ in ledger if r.noise_multiplier > 0), default=0.0
+    )
+    return (
+        f" (the noise sampler's {NOISE_CEILING:.3f}-sigma ceiling alone needs delta >= "
+        f"{floor:.3g} at noise_multiplier={small:g}; raise noise_multiplier)"
+    )
 
 
 def _ledger_event(ledger: Ledger) -> dp_accounting.DpEvent:

@@ -1,13 +1,14 @@
 """``dpfl audit``: empirical ε from saved canary cosines or from in/out trial counts.
 
-Wired into the ``dpfl`` command by :func:`add_audit_parser`::
+Wired into the ``dpfl`` command by ``add_audit_parser``::
 
     dpfl audit estimate --cosines run_cosines.json --delta 1e-5 [--json]
     dpfl audit bound --false-positives 0 --trials-out 1000000 --false-negatives 990000 \\
         --trials-in 1000000 --delta 1e-5 --confidence 0.95 [--json]
 
-``--cosines`` reads the JSON written from :meth:`dpfl.audit.CanaryAudit.cosines` (keys ``final``
-and optionally ``all_iterates``, each ``{"canary": [...], "unseen": [...]}``).
+``--cosines`` reads the JSON written from
+[`dpfl.audit.CanaryAudit.cosines`][dpfl.audit.CanaryAudit.cosines] (keys ``final`` and optionally
+``all_iterates``, each ``{"canary": [...], "unseen": [...]}``).
 
 Handlers return a dict; ``dpfl.cli.main`` prints it (``--json``) or formats it with the
 parser's ``formatter`` default. Importing this module does not import torch (handlers import
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -74,26 +76,55 @@ def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
     return audit
 
 
+class _OptionError(ValueError):
+    """A bad value of one command-line option; the message starts ``argument --OPTION:``."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"argument {option}: {message}")
+
+
+def _cosine_list(value: object, where: str) -> list[float]:
+    """``value`` as a list of finite cosines, else an error naming ``where`` and the entry."""
+    if not isinstance(value, list):
+        raise _OptionError("--cosines", f"{where} must be a list of numbers, got {value!r:.60}")
+    for i, x in enumerate(value):
+        if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
+            raise _OptionError("--cosines", f"{where}[{i}] is not a finite number: {x!r:.60}")
+    if len(value) < 2:
+        raise _OptionError("--cosines", f"{where} needs at least 2 values, got {len(value)}")
+    return [float(x) for x in value]
+
+
 def _estimate(args: argparse.Namespace) -> dict[str, Any]:
     from dpfl.audit.canary import estimate_from_cosines
 
+    name = args.cosines
     try:
-        data = json.loads(Path(args.cosines).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cosines file {args.cosines!r} cannot be read as JSON: {err}") from err
+        data = json.loads(Path(name).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _OptionError("--cosines", f"{name!r} cannot be read as JSON: {err}") from err
     if not isinstance(data, dict) or not isinstance(data.get("final"), dict):
-        raise ValueError(
-            f"cosines file {args.cosines!r} needs a 'final' object (CanaryAudit.cosines())"
+        raise _OptionError(
+            "--cosines", f"{name!r} needs a 'final' object (written from CanaryAudit.cosines())"
         )
-    out: dict[str, Any] = {"delta": args.delta, "audit": "canary_cosines"}
+    parts: dict[str, tuple[list[float], list[float]] | None] = {}
     for key in ("final", "all_iterates"):
         part = data.get(key)
         if part is None:
-            out[f"epsilon_{key}"] = None
+            parts[key] = None
             continue
         if not isinstance(part, dict) or "canary" not in part or "unseen" not in part:
-            raise ValueError(f"cosines[{key!r}] needs 'canary' and 'unseen' lists")
-        e = estimate_from_cosines(part["canary"], part["unseen"], delta=args.delta)
+            raise _OptionError("--cosines", f"{name!r}: [{key!r}] needs 'canary' and 'unseen' lists")
+        parts[key] = (
+            _cosine_list(part["canary"], f"{name!r}: [{key!r}]['canary']"),
+            _cosine_list(part["unseen"], f"{name!r}: [{key!r}]['unseen']"),
+        )
+    out: dict[str, Any] = {"delta": args.delta, "audit": "canary_cosines"}
+    for key, pair in parts.items():
+        if pair is None:
+            out[f"epsilon_{key}"] = None
+            continue
+        e = estimate_from_cosines(pair[0], pair[1], delta=args.delta)
         out[f"epsilon_{key}"] = e.epsilon
         out[f"mu_{key}"] = e.mu
         out[f"count_{key}"] = e.count
@@ -104,11 +135,20 @@ def _estimate(args: argparse.Namespace) -> dict[str, Any]:
 def _bound(args: argparse.Namespace) -> dict[str, Any]:
     from dpfl.audit.bounds import clopper_pearson_upper, epsilon_from_rates
 
-    for name in ("false_positives", "trials_out", "false_negatives", "trials_in"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"{name} must be >= 0, got {getattr(args, name)}")
+    for errors, trials in (("false_positives", "trials_out"), ("false_negatives", "trials_in")):
+        n_err, n = getattr(args, errors), getattr(args, trials)
+        err_opt, trials_opt = (f"--{x.replace('_', '-')}" for x in (errors, trials))
+        if n < 1:
+            raise _OptionError(trials_opt, f"must be >= 1 (the number of trials), got {n}")
+        if n_err < 0:
+            raise _OptionError(err_opt, f"must be >= 0 (a count), got {n_err}")
+        if n_err > n:
+            raise _OptionError(
+                err_opt, f"{n_err} is more than {trials_opt} ({n}): a count of errors cannot "
+                "exceed its number of trials"
+            )
     if not 0 < args.confidence < 1:
-        raise ValueError(f"confidence must lie in (0, 1), got {args.confidence!r}")
+        raise _OptionError("--confidence", f"must lie in (0, 1), got {args.confidence!r}")
     alpha = (1 - args.confidence) / 2
     fpr = clopper_pearson_upper(args.false_positives, args.trials_out, alpha)
     fnr = clopper_pearson_upper(args.false_negatives, args.trials_in, alpha)

@@ -1,30 +1,42 @@
-"""A small C kernel for the fused LAMB step, built once per machine with the system C compiler.
+"""The C kernel of LAMB's opt-in fused CPU path (``LAMB(fused=True)``), built with the system C compiler.
+
+Nothing here runs unless a caller asks for ``fused=True``: ``LAMB``'s default path and
+``DPAggregator`` are plain torch and never start a compiler.
 
 LAMB needs the norm of each tensor's Adam direction ``r_h`` *before* it can update ``θ_h``, and no
 eager torch operation computes ``‖m̂/(√v̂+eps) + λθ‖`` without materializing the direction. This
 kernel does one tensor's whole step in one call: a pass that updates the moments and accumulates
 ``Σr²`` and ``Σθ²`` in float64, the trust ratio, and the parameter update pass, which runs while
-the tensor is still in the CPU cache (see
-:mod:`dpfl.optim._lamb_fused`). A second function tests a tensor for NaN/inf in one read pass.
+the tensor is still in the CPU cache (see ``_lamb_fused``). A second function tests
+a tensor for NaN/inf in one read pass.
 
-The C source is about 90 lines, compiled with ``$CC`` (else ``cc``/``gcc``/``clang``) into a
-per-user cache directory (``$DPFL_KERNEL_DIR``, else ``$XDG_CACHE_HOME/dpfl`` or ``~/.cache/dpfl``)
-keyed by a hash of the source, flags and compiler, and loaded with :mod:`ctypes`. It links the
-OpenMP runtime that torch has already loaded (same ``libgomp.so.1`` soname), so it uses torch's
-threads and ``torch.set_num_threads``. Where no compiler is found or the build fails,
-:func:`load` returns None and :func:`unavailable_reason` says why; callers fall back to the
-``foreach`` path (or raise for an explicit ``fused=True``).
+**Build.** The C source (about 80 lines) is compiled with ``$CC`` (else ``cc``/``gcc``/``clang``)
+in a fresh private temporary directory, first with ``-fopenmp``; where that fails, without it (a
+single-threaded kernel). The two builds are separate entries of the cache (``openmp`` and
+``serial``), so a failed OpenMP build is never remembered as the threaded kernel: the next process
+tries OpenMP again. The OpenMP build links the runtime that torch has already loaded (same
+``libgomp.so.1`` soname), so it uses torch's threads and ``torch.set_num_threads``.
+
+**Cache.** ``<cache_dir>/kernels``, where ``cache_dir`` is the caller's (``LAMB(cache_dir=...)``),
+else ``$DPFL_CACHE``, else ``$XDG_CACHE_HOME/dpfl``, else ``~/.cache/dpfl``. Entries are keyed by a
+hash of the source, flags, compiler path and machine; each build writes the library under a name
+carrying its SHA-256 and a JSON record of that digest beside it.
+
+**Load.** Through ``PrivateStore``: the directory and both files are
+opened without following symbolic links and checked (owner, mode, type) on their descriptors, the
+library's SHA-256 must equal the recorded one, and the library is loaded through its checked
+descriptor. Anything else raises ``KernelError`` naming the file.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
+import json
 import os
 import platform
+import re
 import shutil
-import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -33,7 +45,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Kernel", "load", "unavailable_reason"]
+from dpfl.optim._kernel_store import KernelError, PrivateStore
+
+__all__ = ["SUPPORTED_DTYPES", "Kernel", "KernelError", "kernel_dir", "load", "reset"]
 
 # s[0..11] = beta1, 1-beta1, beta2, 1-beta2, 1/(1-beta1^t), 1/sqrt(1-beta2^t), eps, wd, sign, lr,
 # trust (0 or 1), trust_clip (+inf: none); out[0..2] = sum r^2, sum theta^2, the trust ratio.
@@ -151,21 +165,6 @@ int NAME##_finite(const T* x, int64_t n) {                                      
   }                                                                                      \
   return z == (T)0;                                                                      \
 }
-/* x /= d in place (IEEE division, as torch's div_); returns 1 iff every quotient is finite. */
-#define DPFL_DIV_FINITE(T, NAME)                                                         \
-int NAME(T* x, int64_t n, double d) {                                                    \
-  const T dd = (T)d;                                                                     \
-  T z = 0;                                                                               \
-  _Pragma("omp parallel for simd reduction(+:z) schedule(static) if(n >= 65536)")        \
-  for (int64_t i = 0; i < n; i++) {                                                      \
-    T y = x[i] / dd;                                                                     \
-    x[i] = y;                                                                            \
-    z += y * (T)0;                                                                       \
-  }                                                                                      \
-  return z == (T)0;                                                                      \
-}
-DPFL_DIV_FINITE(float, dpfl_div_finite_f32)
-DPFL_DIV_FINITE(double, dpfl_div_finite_f64)
 #ifdef _OPENMP
 #define DPFL_THREAD_IDS t = omp_get_thread_num(); nt = omp_get_num_threads();
 #else
@@ -175,14 +174,25 @@ DPFL_LAMB_STEP(float, dpfl_lamb_step_f32, sqrtf)
 DPFL_LAMB_STEP(double, dpfl_lamb_step_f64, sqrt)
 """
 
-_VERSION = "5"
+
+_VERSION = "6"
+_FORMAT = "dpfl.kernel"
+_VARIANTS = ("openmp", "serial")
+_LIBRARY_NAME = re.compile(r"lamb_[0-9a-f]{16}_(openmp|serial)\.[0-9a-f]{16}\.so")
 
 
 class Kernel:
-    """The loaded kernel: one fused LAMB step per tensor, and a finiteness test (float32/64)."""
+    """The loaded kernel: one fused LAMB step per tensor, and a finiteness test (float32/64).
 
-    def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
+    Attributes:
+        path: The library file that was checked and loaded.
+        openmp: Whether it is the OpenMP (multi-threaded) build.
+    """
+
+    def __init__(self, lib: ctypes.CDLL, path: Path, *, fd: int, openmp: bool) -> None:
         self.path = path
+        self.openmp = openmp
+        self._fd = fd  # kept open for the life of the process (see dpfl.optim._kernel_store)
         self._step: dict[torch.dtype, Any] = {}
         self._finite: dict[torch.dtype, Any] = {}
         names = ((torch.float32, "dpfl_lamb_step_f32"), (torch.float64, "dpfl_lamb_step_f64"))
@@ -195,12 +205,6 @@ class Kernel:
             finite.restype = ctypes.c_int
             finite.argtypes = [ctypes.c_void_p, ctypes.c_int64]
             self._finite[dtype] = finite
-        self._div: dict[torch.dtype, Any] = {}
-        for dtype, name in ((torch.float32, "dpfl_div_finite_f32"), (torch.float64, "dpfl_div_finite_f64")):
-            div = getattr(lib, name)
-            div.restype = ctypes.c_int
-            div.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_double]
-            self._div[dtype] = div
 
     def lamb_step(self, p: Tensor, g: Tensor, m: Tensor, v: Tensor, scalars: int, out: int) -> None:
         """One LAMB step of one contiguous CPU tensor, in place on ``p``, ``m`` and ``v``.
@@ -212,12 +216,6 @@ class Kernel:
         self._step[p.dtype](
             p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel(), scalars, out
         )
-
-    def div_finite_(self, x: Tensor, divisor: float) -> bool:
-        """``x /= divisor`` in place on a contiguous float32/float64 CPU tensor (the same IEEE
-        quotients as ``torch.Tensor.div_``); returns whether every quotient is finite, found in
-        the same pass, so a finite result costs no second read."""
-        return bool(self._div[x.dtype](x.data_ptr(), x.numel(), float(divisor)))
 
     def all_finite(self, x: Tensor) -> bool:
         """Whether the contiguous float32/float64 CPU tensor ``x`` holds no NaN or infinity."""
@@ -239,22 +237,20 @@ def _isa_flags() -> list[str]:
     return []
 
 
-def _cache_dir() -> Path:
-    if os.environ.get("DPFL_KERNEL_DIR"):
-        return Path(os.environ["DPFL_KERNEL_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "dpfl" / "kernels"
+def kernel_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where the kernel is cached: ``<cache_dir>/kernels``.
 
-
-def _private_dir(path: Path) -> Path:
-    """Create ``path`` (mode 0700) and refuse it unless this user owns it and others can't write."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.stat()
-    if hasattr(os, "getuid") and st.st_uid != os.getuid():
-        raise OSError(f"kernel cache directory {path} is owned by another user")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise OSError(f"kernel cache directory {path} is writable by other users")
-    return path
+    ``cache_dir`` defaults to ``$DPFL_CACHE``, else ``$XDG_CACHE_HOME/dpfl``, else
+    ``~/.cache/dpfl`` (the root that dpfl's examples use for their caches too).
+    """
+    if cache_dir is not None:
+        root = Path(cache_dir)
+    elif os.environ.get("DPFL_CACHE"):
+        root = Path(os.environ["DPFL_CACHE"])
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = Path(base) / "dpfl"
+    return root / "kernels"
 
 
 def _compiler() -> str:
@@ -262,72 +258,113 @@ def _compiler() -> str:
     if explicit:
         found = shutil.which(explicit)
         if found is None:
-            raise OSError(f"C compiler {explicit!r} (from $CC) not found")
+            raise KernelError(f"C compiler {explicit!r} (from $CC) not found")
         return found
     for name in ("cc", "gcc", "clang"):
         found = shutil.which(name)
         if found is not None:
             return found
-    raise OSError("no C compiler found (looked for $CC, cc, gcc, clang)")
+    raise KernelError("no C compiler found (looked for $CC, cc, gcc, clang)")
 
 
-def _compile(cc: str, src: Path, out: Path, flags: list[str]) -> None:
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    cmd = [cc, "-O3", "-fno-math-errno", "-fPIC", "-shared", *flags, str(src), "-o", str(tmp)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise OSError(f"running {cc} failed: {err}") from err
-    if proc.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise OSError(f"{' '.join(cmd)} exited with {proc.returncode}: {' / '.join(tail)}")
-    os.replace(tmp, out)  # atomic: concurrent builders never load a half-written file
+def _compile(cc: str, flags: list[str]) -> bytes:
+    """Compile the source in a fresh private temporary directory; return the library's bytes."""
+    with tempfile.TemporaryDirectory(prefix="dpfl-kernel-") as tmp:  # mode 700, ours
+        src, out = Path(tmp) / "lamb.c", Path(tmp) / "lamb.so"
+        src.write_text(_SOURCE)
+        cmd = [cc, "-O3", "-fno-math-errno", "-fPIC", "-shared", *flags, str(src), "-o", str(out)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise KernelError(f"running {cc} failed: {err}") from err
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            raise KernelError(f"{' '.join(cmd)} exited with {proc.returncode}: {' / '.join(tail)}")
+        return out.read_bytes()
 
 
-def _build() -> Kernel:
-    cc = _compiler()
-    isa = _isa_flags()
+def _record_name(key: str, variant: str) -> str:
+    return f"lamb_{key}_{variant}.json"
+
+
+def _build(store: PrivateStore, cc: str, key: str, variant: str, flags: list[str]) -> dict[str, Any]:
+    """Compile one variant and store it: the library (named by its digest), then its record."""
+    data = _compile(cc, flags)
+    digest = hashlib.sha256(data).hexdigest()
+    library = f"lamb_{key}_{variant}.{digest[:16]}.so"
+    store.write(library, data, mode=0o700)
+    record = {"format": _FORMAT, "version": _VERSION, "key": key, "variant": variant,
+              "library": library, "sha256": digest}  # fmt: skip
+    store.write(_record_name(key, variant), json.dumps(record).encode(), mode=0o600)
+    return record
+
+
+def _check_record(record: dict[str, Any], store: PrivateStore, key: str, variant: str) -> None:
+    name = store.path / _record_name(key, variant)
+    library, digest = record.get("library"), record.get("sha256")
+    expected = {"format": _FORMAT, "version": _VERSION, "key": key, "variant": variant}
+    wrong = [k for k, v in expected.items() if record.get(k) != v]
+    if (wrong or not isinstance(library, str) or not isinstance(digest, str)
+            or not re.fullmatch(r"[0-9a-f]{64}", digest) or not _LIBRARY_NAME.fullmatch(library)
+            or not library.startswith(f"lamb_{key}_{variant}.{digest[:16]}")):  # fmt: skip
+        raise KernelError(
+            f"kernel build record {name} is not a valid record of this build (bad fields "
+            f"{wrong or ['library', 'sha256']}); refusing it (delete it to rebuild)"
+        )
+
+
+def _load_from(store: PrivateStore) -> Kernel:
+    """Load the kernel from an open, checked store, building a variant that is missing.
+
+    The OpenMP variant is preferred; when its build fails the serial one is used (built if
+    needed), and the OpenMP build is tried again by the next process.
+    """
+    cc, isa = _compiler(), _isa_flags()
     key = hashlib.sha256(
         "\0".join([_VERSION, _SOURCE, cc, " ".join(isa), platform.machine()]).encode()
     ).hexdigest()[:16]
-    folder = _private_dir(_cache_dir())
-    lib_path = folder / f"lamb_{key}.so"
-    if not lib_path.exists():
-        src = folder / f"lamb_{key}.c"
-        with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".c", delete=False) as fh:
-            fh.write(_SOURCE)
-        os.replace(fh.name, src)
+    failures: list[str] = []
+    for variant in _VARIANTS:
+        record = store.read_json(_record_name(key, variant), "kernel build record")
+        if record is None:
+            flags = [*isa, "-fopenmp"] if variant == "openmp" else isa
+            try:
+                record = _build(store, cc, key, variant, flags)
+            except KernelError as err:
+                if variant == "serial":
+                    raise KernelError("; ".join([*failures, str(err)])) from err
+                failures.append(f"the OpenMP build failed ({err})")
+                continue
+        _check_record(record, store, key, variant)
+        lib, fd = store.load_library(record["library"], record["sha256"])
         try:
-            _compile(cc, src, lib_path, [*isa, "-fopenmp"])
-        except OSError:
-            _compile(cc, src, lib_path, isa)  # no OpenMP support: a single-threaded kernel
-    try:
-        return Kernel(ctypes.CDLL(str(lib_path)), lib_path)
-    except (OSError, AttributeError) as err:
-        raise OSError(f"loading {lib_path} failed: {err}") from err
+            return Kernel(lib, store.path / record["library"], fd=fd, openmp=variant == "openmp")
+        except AttributeError as err:
+            raise KernelError(f"{store.path / record['library']} lacks a symbol: {err}") from err
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
-@functools.lru_cache(maxsize=1)
-def _load() -> Kernel | str:
-    try:
-        return _build()
-    except OSError as err:
-        return str(err)
+_loaded: dict[str, Kernel] = {}
 
 
-def load() -> Kernel | None:
-    """The kernel, built on first use; None if it cannot be built here (see the reason)."""
-    result = _load()
-    return result if isinstance(result, Kernel) else None
+def load(cache_dir: str | os.PathLike[str] | None = None) -> Kernel:
+    """The kernel cached in ``kernel_dir`` ``(cache_dir)``, built there on first use.
 
+    A kernel loaded once is reused for that directory for the rest of the process.
 
-def unavailable_reason() -> str | None:
-    """Why :func:`load` returns None (compiler missing, build error...), or None if it works."""
-    result = _load()
-    return None if isinstance(result, Kernel) else result
+    Raises:
+        KernelError: (an ``OSError``) if no compiler is found, the build fails, or the cache
+            directory or a file in it is refused (the message names it and says what to do).
+    """
+    folder = kernel_dir(cache_dir)
+    kernel = _loaded.get(str(folder))
+    if kernel is None:
+        with PrivateStore(folder) as store:
+            kernel = _load_from(store)
+        _loaded[str(folder)] = kernel
+    return kernel
 
 
 def reset() -> None:
-    """Forget the cached build result (tests use it after changing ``$CC``/the cache dir)."""
-    _load.cache_clear()
+    """Forget the loaded kernels (tests use it after changing ``$CC`` or the cache directory)."""
+    _loaded.clear()

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -35,10 +35,12 @@ from dpfl.optim import _kernel, _lamb_fused
 from dpfl.optim._trust import (
     NonFiniteGradientError,
     _LayerwiseOptimizer,
+    check_lr,
     first_non_finite,
     group_by_device_and_dtype,
     trust_ratio,
     validate_common,
+    with_float_lr,
 )
 
 __all__ = ["LAMB", "layerwise_adam"]
@@ -50,7 +52,8 @@ class LAMB(_LayerwiseOptimizer):
     Args:
         params: Parameters or parameter groups (dicts may override any option below, including
             ``trust_ratio=False`` to exclude e.g. biases and LayerNorm from the ratio).
-        lr: Learning rate η (>= 0). Works with ``torch.optim.lr_scheduler``.
+        lr: Learning rate η (>= 0): a float, or a one-element Tensor as ``torch.optim``
+            accepts (read with ``.item()`` at each step). Works with ``torch.optim.lr_scheduler``.
         betas: ``(β1, β2)``, each in [0, 1).
         eps: ξ added to ``√v̂`` (>= 0). Default 1e-6 as in the paper.
         weight_decay: λ, added to the direction before the trust ratio (>= 0).
@@ -59,23 +62,30 @@ class LAMB(_LayerwiseOptimizer):
         exclude_from_trust: Optional predicate ``param -> bool``; matching tensors of every
             trust-ratio group are moved into a sibling group with ``trust_ratio=False``
             (e.g. ``lambda p: p.ndim <= 1``). For name-based rules use
-            :func:`~dpfl.optim.trust_ratio_groups`.
+            [`trust_ratio_groups`][dpfl.optim.trust_ratio_groups].
         maximize: Use ``−g`` as the gradient (as in ``torch.optim.Adam``); default False.
-            :func:`~dpfl.optim.server_step` sets it to pass the update ``Δ = −g`` without copying.
+            [`server_step`][dpfl.optim.server_step] sets it to pass the update ``Δ = −g`` without
+            copying.
         foreach: With ``fused`` not True: None picks the ``torch._foreach_*`` path when all
             tensors are dense and on CPU/CUDA; True/False forces the ``foreach`` path or the
             per-tensor reference path.
-        fused: The fused CPU path (one C call per tensor: a moment-and-norm pass, then the
-            update while the tensor is still in cache; needs a C compiler once, see
-            :mod:`dpfl.optim._kernel`). None (default) uses it when ``foreach`` is None, every
-            tensor of the group is a contiguous float32/float64 CPU tensor and the kernel can be
-            built (else as ``foreach`` says, with a warning if the build failed); True requires
-            it (``RuntimeError`` naming the reason where it cannot run); False never uses it.
+        fused: Opt-in fused CPU path (one C call per tensor: a moment-and-norm pass, then the
+            update while the tensor is still in cache). True requires it: every tensor of the
+            group must be a contiguous float32/float64 CPU tensor, and the C kernel is compiled
+            once with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``; Linux) into
+            ``<cache_dir>/kernels`` and loaded only after its owner, mode and SHA-256 are checked
+            (see [the kernel's source](https://github.com/dpfl-dev/dpfl/blob/main/src/dpfl/optim/_kernel.py));
+            ``RuntimeError`` naming the reason where it cannot run. None (default) and False
+            never use it: no compiler ever runs.
+        cache_dir: With ``fused=True``, the cache root for the compiled kernel (default
+            ``$DPFL_CACHE``, else ``$XDG_CACHE_HOME/dpfl``, else ``~/.cache/dpfl``). It must
+            be owned by this user and not writable by others.
 
     Raises:
         ValueError: If an option is out of range; the message names the option.
         TypeError: If an option has the wrong type.
-        RuntimeError: If ``fused=True`` and the fused path cannot run on these parameters.
+        RuntimeError: If ``fused=True`` and the fused path cannot run on these parameters or the
+            kernel cannot be built or loaded safely.
 
     Examples:
         >>> model = torch.nn.Linear(4, 2)
@@ -90,7 +100,7 @@ class LAMB(_LayerwiseOptimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float,
+        lr: float | Tensor,
         *,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
@@ -101,7 +111,9 @@ class LAMB(_LayerwiseOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
+        self._cache_dir = cache_dir  # read by add_param_group, which the base __init__ calls
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -119,9 +131,10 @@ class LAMB(_LayerwiseOptimizer):
 
     @contextlib.contextmanager
     def checking_finite(self) -> Iterator[None]:
-        """Within the block every :meth:`step` checks finiteness as with ``check_finite=True``.
+        """Within the block every [`step`][dpfl.optim.LAMB.step] checks finiteness as with
+        ``check_finite=True``.
 
-        :func:`~dpfl.optim.server_step` uses it, so a subclass whose ``step(closure)`` calls
+        [`server_step`][dpfl.optim.server_step] uses it, so a subclass whose ``step(closure)`` calls
         ``super().step(closure)`` keeps the check.
 
         Examples:
@@ -131,7 +144,7 @@ class LAMB(_LayerwiseOptimizer):
             >>> with opt.checking_finite():
             ...     opt.step()  # doctest: +IGNORE_EXCEPTION_DETAIL
             Traceback (most recent call last):
-            dpfl.optim._trust.NonFiniteGradientError: ...
+            NonFiniteGradientError: ...
         """
         previous = getattr(self, "_finite_scope", False)
         self._finite_scope = True
@@ -141,7 +154,7 @@ class LAMB(_LayerwiseOptimizer):
             self._finite_scope = previous
 
     def _validate_group(self, group: Mapping[str, Any]) -> None:
-        require_non_negative("lr", group["lr"])
+        check_lr(group["lr"])
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
@@ -159,7 +172,11 @@ class LAMB(_LayerwiseOptimizer):
             raise ValueError("fused=True and foreach=True cannot both be set; choose one path")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Validate and register a group; with ``fused=True`` also check that it can run fused.
+        """Validate and register a group; with ``fused=True`` also check that it can run fused
+        (building or loading the kernel if this process has not yet).
+
+        Args:
+            param_group: A dict with ``"params"`` and any option of the constructor to override.
 
         Raises:
             ValueError: If an option is out of range (the message names it); no group is added.
@@ -169,26 +186,28 @@ class LAMB(_LayerwiseOptimizer):
             params = param_group["params"]
             params = [params] if isinstance(params, Tensor) else list(params)
             param_group = {**param_group, "params": params}
-            problem = _lamb_fused.unsupported(params) or _kernel_problem()
+            problem = _lamb_fused.unsupported(params)
             if problem is not None:
                 raise RuntimeError(f"LAMB(fused=True) cannot run: {problem}")
+            self._fused_kernel()
         super().add_param_group(param_group)
+
+    def _fused_kernel(self) -> _kernel.Kernel:
+        """The C kernel of ``fused=True`` (built on first use; ``RuntimeError`` if it can't be)."""
+        try:
+            return _kernel.load(getattr(self, "_cache_dir", None))
+        except _kernel.KernelError as err:
+            raise RuntimeError(f"LAMB(fused=True) cannot run: the fused kernel: {err}") from err
 
     def _path(
         self, index: int, group: Mapping[str, Any], params: list[Tensor], grads: list[Tensor]
     ) -> str:
         """``"fused"``, ``"foreach"`` or ``"single"`` for this group (see the ``fused`` option)."""
-        fused = group.get("fused")
-        if fused is not False and not (fused is None and group["foreach"] is not None):
+        if group.get("fused"):
             problem = _lamb_fused.unsupported(params)
-            if problem is None:
-                problem = _kernel_problem()
-                if problem is not None and fused is None:
-                    _warn_fallback(problem)
-            if problem is None:
-                return "fused"
-            if fused:
+            if problem is not None:
                 raise RuntimeError(f"LAMB(fused=True) cannot run on param group {index}: {problem}")
+            return "fused"
         return "foreach" if self._use_foreach(group, params, grads) else "single"
 
     @torch.no_grad()
@@ -203,9 +222,10 @@ class LAMB(_LayerwiseOptimizer):
 
         Args:
             closure: Optional closure re-evaluating the model and returning the loss.
-            check_finite: Raise :class:`~dpfl.optim.NonFiniteGradientError` if any gradient
-                holds NaN/inf (always on inside :meth:`checking_finite`). Costs one read pass
-                over the gradients, before any tensor changes.
+            check_finite: Raise [`NonFiniteGradientError`][dpfl.optim.NonFiniteGradientError] if any
+                gradient holds NaN/inf (always on inside
+                [`checking_finite`][dpfl.optim.LAMB.checking_finite]). Costs one read pass over the
+                gradients, before any tensor changes.
 
         Returns:
             The closure's loss, or None.
@@ -216,14 +236,15 @@ class LAMB(_LayerwiseOptimizer):
         """
         loss = self._evaluate(closure)
         work = []
-        for index, group in enumerate(self.param_groups):
+        for index, raw_group in enumerate(self.param_groups):
+            group = with_float_lr(raw_group)  # a Tensor lr is read (and checked) once per step
             pairs = self._params_with_grad(group)
             if pairs:
                 params = [p for p, _ in pairs]
                 grads = [g for _, g in pairs]
-                work.append(
-                    _GroupStep(index, group, params, grads, self._path(index, group, params, grads))
-                )
+                path = self._path(index, group, params, grads)
+                kernel = self._fused_kernel() if path == "fused" else None
+                work.append(_GroupStep(index, group, params, grads, path, kernel))
         for item in work:  # read-only phase: new state is created but not yet stored
             item.gather(self.state)
         if check_finite or getattr(self, "_finite_scope", False):
@@ -244,8 +265,10 @@ class _GroupStep:
         params: list[Tensor],
         grads: list[Tensor],
         path: str,
+        kernel: _kernel.Kernel | None,
     ) -> None:
         self.index, self.group, self.params, self.path = index, group, params, path
+        self.kernel = kernel
         if path == "fused":
             grads = [g.to(dtype=p.dtype).contiguous() for p, g in zip(params, grads, strict=True)]
         self.grads = grads
@@ -277,8 +300,8 @@ class _GroupStep:
             self.exp_avg_sqs.append(v)
 
     def raise_if_non_finite(self) -> None:
-        if self.path == "fused":
-            bad = _lamb_fused.first_non_finite(_fused_kernel(), self.grads)
+        if self.kernel is not None:
+            bad = _lamb_fused.first_non_finite(self.kernel, self.grads)
         else:
             bad = first_non_finite(self.grads)
         if bad is not None:
@@ -297,37 +320,12 @@ class _GroupStep:
             state = states[p]
             state["exp_avg"], state["exp_avg_sq"], state["step"] = m, v, t
         args = (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.steps, self.group)
-        if self.path == "fused":
-            _lamb_fused.step(_fused_kernel(), *args)
+        if self.kernel is not None:
+            _lamb_fused.step(self.kernel, *args)
         elif self.path == "foreach":
             _lamb_foreach(*args)
         else:
             _lamb_single(*args)
-
-
-def _fused_kernel() -> _kernel.Kernel:
-    kernel = _kernel.load()
-    assert kernel is not None  # _path chose "fused" only if it loaded
-    return kernel
-
-
-def _kernel_problem() -> str | None:
-    reason = _kernel.unavailable_reason()
-    return None if reason is None else f"the fused kernel could not be built ({reason})"
-
-
-_warned: list[str] = []
-
-
-def _warn_fallback(problem: str) -> None:
-    if problem not in _warned:
-        _warned.append(problem)
-        warnings.warn(
-            f"LAMB: {problem}; using the slower foreach path. Install a C compiler (or set $CC) "
-            "for the fused path, or pass fused=False to silence this.",
-            RuntimeWarning,
-            stacklevel=4,
-        )
 
 
 def _lamb_single(
@@ -414,7 +412,7 @@ def _lamb_foreach(
 
 def layerwise_adam(
     params: Iterable[Tensor] | Iterable[dict[str, Any]],
-    lr: float,
+    lr: float | Tensor,
     *,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-6,
@@ -422,12 +420,14 @@ def layerwise_adam(
     exclude_from_trust: Callable[[Tensor], bool] | None = None,
     foreach: bool | None = None,
     fused: bool | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> LAMB:
     """Layer-wise-normalized Adam: Adam's update rescaled by the per-tensor trust ratio.
 
-    This is a composition, not a new class: it returns :class:`LAMB` with ``weight_decay=0`` and
-    ``trust_ratio=True``, i.e. ``θ_h ← θ_h − lr · (‖θ_h‖/‖a_h‖) · a_h`` with Adam's direction
-    ``a_h = m̂_h / (√v̂_h + eps)``. Use ``torch.optim.Adam`` as the unnormalized baseline.
+    This is a composition, not a new class: it returns [`LAMB`][dpfl.optim.LAMB] with
+    ``weight_decay=0`` and ``trust_ratio=True``, i.e. ``θ_h ← θ_h − lr · (‖θ_h‖/‖a_h‖) · a_h`` with
+    Adam's direction ``a_h = m̂_h / (√v̂_h + eps)``. Use ``torch.optim.Adam`` as the unnormalized
+    baseline.
 
     Args:
         params: Parameters or parameter groups.
@@ -436,11 +436,12 @@ def layerwise_adam(
         eps: Added to ``√v̂`` (>= 0).
         trust_clip: Optional upper bound on the trust ratio.
         exclude_from_trust: Optional predicate ``param -> bool`` excluding tensors from the ratio.
-        foreach: Fast-path selection, as in :class:`LAMB`.
-        fused: Fused CPU path selection, as in :class:`LAMB` (None: use it where it can run).
+        foreach: Fast-path selection, as in [`LAMB`][dpfl.optim.LAMB].
+        fused: The opt-in fused CPU path, as in [`LAMB`][dpfl.optim.LAMB] (only ``True`` uses it).
+        cache_dir: The kernel's cache root with ``fused=True``, as in [`LAMB`][dpfl.optim.LAMB].
 
     Returns:
-        A configured :class:`LAMB` optimizer.
+        A configured [`LAMB`][dpfl.optim.LAMB] optimizer.
 
     Raises:
         ValueError: If an option is out of range (the message names it).
@@ -464,4 +465,5 @@ def layerwise_adam(
         exclude_from_trust=exclude_from_trust,
         foreach=foreach,
         fused=fused,
+        cache_dir=cache_dir,
     )

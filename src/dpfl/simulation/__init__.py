@@ -5,7 +5,14 @@ References:
 """
 
 from dpfl.simulation.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from dpfl.simulation.config import Checkpointing, Evaluation, LocalTraining, Logging, Privacy
+from dpfl.simulation.config import (
+    Checkpointing,
+    Evaluation,
+    LocalTraining,
+    Logging,
+    Privacy,
+    SeededNoiseWarning,
+)
 from dpfl.simulation.data import FederatedDataset, InMemoryFederatedDataset
 from dpfl.simulation.distributed import (
     DistContext,
@@ -40,6 +47,7 @@ __all__ = [
     "Privacy",
     "RoundRecord",
     "RunResult",
+    "SeededNoiseWarning",
     "StopReason",
     "VectorizationError",
     "VectorizationFallbackWarning",

@@ -1,11 +1,10 @@
-"""The state and phases of one :func:`~dpfl.simulation.run_rounds` call (see its docstring)."""
+"""The state and phases of one [`run_rounds`][dpfl.simulation.run_rounds] call (see its docstring)."""
 
 from __future__ import annotations
 
 import secrets
 import sys
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpfl._checks import require_int
+from dpfl._checks import require_int, warn_at_caller
 from dpfl.adaptive_clip import AdaptiveClip
 from dpfl.aggregate import DPAggregator
 from dpfl.audit.canary import CanaryAudit
@@ -31,19 +30,27 @@ from dpfl.simulation._progress import (
 )
 from dpfl.simulation._shard import ShardTrainer
 from dpfl.simulation._shard import derive_seed as _derive_seed
-from dpfl.simulation._validate import check_arguments
+from dpfl.simulation._validate import check_arguments, check_noise_representable
 from dpfl.simulation.checkpoint import (
     CheckpointError,
     load_checkpoint,
     restore_run,
     save_checkpoint,
 )
-from dpfl.simulation.config import Checkpointing, Evaluation, LocalTraining, Logging, Privacy
+from dpfl.simulation.config import (
+    Checkpointing,
+    Evaluation,
+    LocalTraining,
+    Logging,
+    Privacy,
+    SeededNoiseWarning,
+)
 from dpfl.simulation.distributed import DistContext
 from dpfl.simulation.journal import (
     JOURNAL_FILE,
     LedgerJournal,
     charge_journal,
+    check_charges,
     sweep_temporaries,
     verify_ledger,
 )
@@ -53,7 +60,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 
 class _RoundLoop:
-    """State and phases of one :func:`run_rounds` call (validated in the constructor)."""
+    """State and phases of one [`run_rounds`][dpfl.simulation.run_rounds] call (validated in the constructor)."""
 
     def __init__(
         self,
@@ -180,6 +187,13 @@ class _RoundLoop:
                 )
             if self.ckpt_path.exists():
                 state = load_checkpoint(self.ckpt_path)
+                if self.audit is None and state.get("audit") is not None:
+                    raise CheckpointError(
+                        f"{self.ckpt_path}: the checkpoint belongs to an audited run "
+                        "(run_rounds(audit=CanaryAudit(...))) and this run has no audit=; resume "
+                        "with the same audit= so that its canaries and estimate continue (the "
+                        "audit is never dropped silently), or use a fresh checkpoint directory"
+                    )
         seed = self.user_seed
         if seed is None:
             stored = None if state is None else state.get("seed")
@@ -201,6 +215,7 @@ class _RoundLoop:
             seed=None if self.noise_seed is None else _derive_seed(self.noise_seed, 0),
             secure=self.secure,
         )
+        self.fresh = state is None and not charges  # a new run, not a resumed one
         if self.audit is not None:
             self.audit.begin(self.trainable, self.clipper)  # before its state is restored
         start, charged = 0, 0
@@ -227,6 +242,8 @@ class _RoundLoop:
                     "the optimizer state)"
                 )
         if charges[charged:]:
+            assert self.journal is not None
+            check_charges(self.journal.path, charges[charged:], self.config["round_spec"])
             charge_journal(self.accountant, charges[charged:])
         if self.dist is not None:
             shapes = {k: list(v.shape) for k, v in self.model.state_dict().items()}
@@ -257,6 +274,8 @@ class _RoundLoop:
         used: dict[str, Any] = {}
         audit_saved = None if self.audit is None else self.audit.state_dict()
         try:
+            if self.adaptive:  # this round's bound may have grown: its noise must still fit
+                check_noise_representable(self.z, self.clipper.sensitivity, secure=self.secure)
             cohort = list(self.sampler.sample())
             timings["sample"] = time.perf_counter() - start
             agg = DPAggregator(
@@ -274,6 +293,10 @@ class _RoundLoop:
                 self._add_canaries(agg)
             clock = time.perf_counter()
             self._charge(t, spec)  # from here on the round stays charged, even if it fails
+            if self.journal is not None:
+                # Noise keyed on the charge, not the round: a round re-run after a crash is
+                # charged again and never repeats the noise of its first release.
+                self.mechanism.advance_to(self.journal.count - 1)
             timings["account"] = time.perf_counter() - clock
             clock = time.perf_counter()
             reduce = None if self.dist is None else self.dist.all_reduce_sum_
@@ -371,10 +394,12 @@ class _RoundLoop:
     def _run(self) -> RunResult:
         start = self._setup()
         logged = self.log.last_round()
-        if start > 0 and logged is not None and logged < start:
+        has_log = self.log.path is not None and self.log.path.is_file()
+        if start > 0 and has_log and (logged or 0) < start:
+            held = "no round" if logged is None else f"rounds only up to {logged}"
             raise CheckpointError(
                 f"{self.ckpt_path}: the checkpoint is at round {start} but the log "
-                f"{self.log.path} records rounds only up to {logged}; every round is logged "
+                f"{self.log.path} records {held}; every round is logged "
                 "before its checkpoint, so the log was truncated or replaced, or the round index "
                 "moved; restore the run's own log or give another Logging.path"
             )
@@ -383,8 +408,12 @@ class _RoundLoop:
         if self.unsafe and self.is_main:
             print(f"dpfl: WARNING: {UNSAFE_WARNING}", file=sys.stderr, flush=True)
         for text in self.warnings:
-            warnings.warn(text, RuntimeWarning, stacklevel=3)
+            warn_at_caller(text, RuntimeWarning)
             self.log.write({"event": "warning", "round": start, "message": text})
+        if self.noise_seed is not None and self.fresh and self.is_main:
+            # (the log's config records "noise_seeded"; the warning is for the caller)
+            message = _seeded_noise_message(self.noise_seed)
+            warn_at_caller(message, SeededNoiseWarning)
         bar = Progress(
             self.rounds,
             start,
@@ -442,6 +471,16 @@ class _RoundLoop:
             resumed_from=start if start > 0 else None,
             audit=audit,
         )
+
+
+def _seeded_noise_message(noise_seed: int) -> str:
+    return (
+        f"noise_seed={noise_seed}: seeded noise is for simulations only. Anyone who knows the "
+        "seed (or holds a checkpoint) can reproduce and subtract the noise, and two runs with "
+        "one noise_seed add identical noise, so the difference of their releases leaks with no "
+        "noise at all, although the ledger charges them as independent runs; use "
+        "noise_seed=None (OS entropy) for any run whose privacy matters"
+    )
 
 
 def _bounds_used(clipper: AdaptiveClip, template: Mapping[str, torch.Tensor]) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Reporting for the round loop: round records, run result, JSON-lines log, progress display.
 
-:class:`RoundRecord` and :class:`RunResult` are public through :mod:`dpfl.simulation.rounds`;
-:class:`RunLog` writes one JSON object per line and repairs the log when a run resumes from a
-checkpoint; :class:`Progress` shows a tqdm bar on terminals and plain lines elsewhere.
+[`RoundRecord`][dpfl.simulation.RoundRecord] and [`RunResult`][dpfl.simulation.RunResult] are public
+through ``dpfl.simulation.rounds``; ``RunLog`` writes one JSON object per line and repairs the log
+when a run resumes from a checkpoint; ``Progress`` shows a tqdm bar on terminals and plain lines
+elsewhere.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ __all__ = [
 ]
 
 StopReason = Literal["completed", "budget"]
+"""Why [`run_rounds`][dpfl.simulation.run_rounds] stopped (``RunResult.stop_reason``).
+
+``"completed"``: every requested round ran. ``"budget"``: the next round would have taken ε past
+the accountant's budget, so it was not run (nothing was released or charged for it).
+"""
 
 
 #: What the log header, stderr and the docs say when ``Logging(unsafe_metrics=True)``.
@@ -96,7 +102,7 @@ class RoundRecord:
 
 @dataclass(frozen=True)
 class RunResult:
-    """Outcome of :func:`run_rounds`.
+    """Outcome of [`run_rounds`][dpfl.simulation.run_rounds].
 
     Attributes:
         rounds_completed: rounds completed in total, including rounds restored from a checkpoint.
@@ -109,7 +115,8 @@ class RunResult:
         resumed_from: the round index restored from a checkpoint, or ``None`` for a fresh start.
         audit: with ``run_rounds(audit=CanaryAudit(k))``, the one-shot empirical estimate
             (``empirical_epsilon`` at ``delta`` and its details, see
-            :meth:`dpfl.audit.CanaryEstimate.to_dict`) to set beside ``epsilon``; else ``None``.
+            [`dpfl.audit.CanaryEstimate.to_dict`][dpfl.audit.CanaryEstimate.to_dict]) to set beside
+            ``epsilon``; else ``None``.
     """
 
     rounds_completed: int
@@ -139,6 +146,9 @@ def evaluate(record: RoundRecord, eval_fn: Callable[[Any], Any], model: Any) -> 
     if timings is not None:  # unsafe metrics on: time the evaluation too
         timings = {**timings, "eval": time.perf_counter() - clock}
     return RoundRecord(**{**asdict(record), "timings": timings, "eval": values})
+
+
+_QUIET_S = 30.0  # longest silence of the plain progress lines (output piped to a file or log)
 
 
 class Progress:
@@ -172,6 +182,8 @@ class Progress:
         self._every = every
         self._enabled = enabled is not False
         self._bar: Any = None
+        self._clock: Callable[[], float] = time.monotonic
+        self._last_line = self._clock()
         if self._enabled and _isatty(self._stream):
             try:
                 from tqdm import tqdm
@@ -207,11 +219,16 @@ class Progress:
             self._bar.update(1)
             extra = {"users": num_users} if show else {}
             self._bar.set_postfix(**extra, eps=f"{epsilon:.3g}", refresh=False)
-        elif round_index % self._every == 0 or round_index == self._total:
+        elif (
+            round_index % self._every == 0
+            or round_index == self._total
+            or self._clock() - self._last_line >= _QUIET_S
+        ):
             line = f"dpfl: round {round_index}/{self._total}  epsilon {epsilon:.4g}"
             if show:
                 line += f"  users {num_users}  {time_s:.3f}s/round"
             print(line, file=self._stream, flush=True)
+            self._last_line = self._clock()
 
     def message(self, text: str) -> None:
         """Print a one-off line (e.g. the stop reason) without breaking the bar."""
@@ -263,7 +280,7 @@ class RunLog:
         """Open the log of a run starting after round ``start`` (0: fresh, else a resume).
 
         A fresh run empties the log and writes a ``start`` event with the configuration; a
-        resumed run drops the events after round ``start`` (see :meth:`truncate_after`) and writes
+        resumed run drops the events after round ``start`` (see ``truncate_after``) and writes
         a ``resume`` event. Both say whether unsafe metrics follow, with a warning if they do.
         """
         header: dict[str, Any] = {"world_size": world_size, "unsafe_metrics": unsafe}

@@ -1,4 +1,4 @@
-"""Argument checks of :func:`~dpfl.simulation.run_rounds`, all made before any training or I/O."""
+"""Argument checks of [`run_rounds`][dpfl.simulation.run_rounds], all made before any training or I/O."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dpfl._sampler import max_abs_draw
 from dpfl.adaptive_clip import AdaptiveClip
 from dpfl.audit.canary import CanaryAudit
 from dpfl.simulation.config import Checkpointing, Evaluation, LocalTraining, Logging, Privacy
@@ -52,6 +53,7 @@ def check_arguments(
         raise TypeError(
             "server_optimizer must be a torch.optim.Optimizer over model's parameters"
         )
+    _check_optimizer_manages(model, server_optimizer)
     _require_instance("local", local, LocalTraining, "LocalTraining(lr=..., steps=...)")
     _require_instance("privacy", privacy, Privacy, "Privacy(clipper, noise_multiplier, ...)")
     _require_instance("logging", logging, Logging, "Logging(path=...)")
@@ -82,3 +84,36 @@ def check_arguments(
             )
     if audit is not None and not isinstance(audit, CanaryAudit):
         raise TypeError(f"audit must be a dpfl.audit.CanaryAudit or None, got {audit!r}")
+    clipper = privacy.clipper
+    bound = clipper.initial_bound if isinstance(clipper, AdaptiveClip) else clipper.sensitivity
+    check_noise_representable(privacy.noise_multiplier, bound, secure=privacy.secure_noise)
+
+
+def _check_optimizer_manages(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Raise unless ``optimizer`` manages every trainable parameter of ``model`` (by identity)."""
+    managed = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in managed]
+    if missing:
+        raise ValueError(
+            f"server_optimizer does not manage {len(missing)} trainable parameter(s) of model, "
+            f"e.g. {missing[:3]}; build it from this model's parameters "
+            "(server_optimizer=LAMB(model.parameters(), ...)), not another model's or a copy's"
+        )
+
+
+def check_noise_representable(noise_multiplier: float, bound: float, *, secure: bool) -> None:
+    """Raise unless noise of std ``noise_multiplier * bound`` fits the float32 sums of a round.
+
+    The round loop sums in float32; a draw of up to ``max_abs_draw`` std
+    beyond float32's largest value would release inf. Checked before any round is charged (and,
+    with adaptive clipping, before each round, whose bound may have grown).
+    """
+    std = noise_multiplier * bound if noise_multiplier > 0 else 0.0
+    largest, limit = std * max_abs_draw(secure), float(torch.finfo(torch.float32).max)
+    if not largest <= limit:
+        raise ValueError(
+            f"noise std {std!r} (noise_multiplier {noise_multiplier!r} * clipping bound "
+            f"{bound!r}) cannot be represented in the round's float32 sums: draws up to "
+            f"{max_abs_draw(secure):.3f} std exceed float32's largest value {limit:.4g}, so "
+            "every release would be inf; lower noise_multiplier or the clipping bound"
+        )

@@ -14,11 +14,12 @@ instead of silently resuming from garbage:
   digest detects *accidental* corruption only: whoever can edit the file can recompute it, so
   it is no defence against deliberate edits. The round loop therefore also cross-checks the
   stored ledger against the round index and the write-ahead journal (see
-  :mod:`dpfl.simulation.journal`); protect the checkpoint directory like the model itself.
-* **Compatibility checks**: :func:`check_model_state` and :func:`check_config` compare the stored
+  ``dpfl.simulation.journal``); protect the checkpoint directory like the model itself.
+* **Compatibility checks**: ``check_model_state`` and ``check_config`` compare the stored
   model keys/shapes/dtypes and run configuration with the current ones.
 
-Every failure raises :class:`CheckpointError`, whose message names the file and the problem.
+Every failure raises [`CheckpointError`][dpfl.simulation.CheckpointError], whose message names the
+file and the problem.
 
 References: Pelikan et al., arXiv 2310.00098 (long DP-FL runs: 2,000 rounds must survive restarts
 without double-counting privacy).
@@ -27,9 +28,11 @@ without double-counting privacy).
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import math
 import os
+import shutil
 import struct
 import tempfile
 from collections.abc import Mapping
@@ -37,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from dpfl._errors import DPFLError
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -56,7 +61,7 @@ CHECKPOINT_VERSION = 1
 _RESERVED = ("format", "version", "digest")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ValueError, DPFLError):
     """A checkpoint file is corrupt, truncated, foreign or does not match the current run.
 
     The message starts with the file path and says what is wrong and how to fix it.
@@ -124,6 +129,26 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def write_failure_hint(exc: BaseException, directory: Path) -> str:
+    """The likely cause of a failed write into ``directory``, for an error message.
+
+    A full disk shows up as ``ENOSPC``/``EDQUOT`` from the OS, but torch's writer reports it as
+    ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``; the free space of the
+    device, read after the failure, tells the two causes apart.
+    """
+    code = getattr(exc, "errno", None)
+    try:
+        free: int | None = shutil.disk_usage(directory).free
+    except OSError:
+        free = None
+    where = f"{free:,} bytes free in {directory}" if free is not None else f"in {directory}"
+    if code in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < 16 * 2**20):
+        return f"the disk is most likely full (no space left on device: {where}); free some space"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"the directory is not writable ({where}); fix its permissions or use another"
+    return f"check free space ({where}) and that the directory is writable"
+
+
 def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically, with a format tag, version and integrity digest.
 
@@ -136,9 +161,17 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> N
         ValueError: If ``state`` uses a reserved key.
         TypeError: If ``state`` holds a value that ``torch.load(weights_only=True)`` cannot load
             (nothing is written then).
+        CheckpointError: If the write fails (a full disk, a read-only directory); the message
+            names the file and the likely cause, and the previous checkpoint is left as it was.
 
     Examples:
-        >>> save_checkpoint("ckpt/checkpoint.pt", {"round": 3, "model": model.state_dict()})  # doctest: +SKIP
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> path = Path(tempfile.mkdtemp()) / "ckpt" / "checkpoint.pt"
+        >>> model = torch.nn.Linear(2, 1)
+        >>> save_checkpoint(path, {"round": 3, "model": model.state_dict()})
+        >>> load_checkpoint(path)["round"]
+        3
     """
     clash = [k for k in _RESERVED if k in state]
     if clash:
@@ -146,22 +179,34 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> N
     payload = {**state, "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION}
     payload["digest"] = state_digest(payload)
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp_name = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+    except BaseException as exc:
+        # torch reports a full disk as a RuntimeError; the hint reads the free space while the
+        # partial temporary still holds it
+        hint = write_failure_hint(exc, target.parent) if isinstance(exc, OSError | RuntimeError) else ""
+        if tmp_name is not None:
+            Path(tmp_name).unlink(missing_ok=True)
+        if hint:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(
+                f"{target}: writing the checkpoint failed ({first}); {hint}; the previous "
+                "checkpoint, if any, is unchanged"
+            ) from exc
         raise
     _fsync_dir(target.parent)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load and verify a checkpoint written by :func:`save_checkpoint` (tensors land on CPU).
+    """Load and verify a checkpoint written by [`save_checkpoint`][dpfl.simulation.save_checkpoint]
+    (tensors land on CPU).
 
     Args:
         path: The checkpoint file.
@@ -294,7 +339,8 @@ def restore_states(
 
     Args:
         path: The checkpoint file (for messages).
-        state: The verified checkpoint content (from :func:`load_checkpoint`).
+        state: The verified checkpoint content (from
+            [`load_checkpoint`][dpfl.simulation.load_checkpoint]).
         model: The module to restore from ``state["model"]``.
         parts: Objects with ``state_dict``/``load_state_dict`` (sampler, optimizer, ...), by key.
 
@@ -333,12 +379,12 @@ def restore_run(
 
     Args:
         path: The checkpoint file (for messages).
-        state: The content from :func:`load_checkpoint` (keys ``round``, ``seed``, ``config``,
-            ``model`` and one per part).
+        state: The content from [`load_checkpoint`][dpfl.simulation.load_checkpoint] (keys
+            ``round``, ``seed``, ``config``, ``model`` and one per part).
         config: The current run's configuration; must equal the stored one.
         seed: The seed the current run was given (``None``: accept the stored one).
         model: The model to restore.
-        parts: The other stateful objects to restore, by key (see :func:`restore_states`).
+        parts: The other stateful objects to restore, by key (see ``restore_states``).
 
     Returns:
         The index of the last round the checkpoint contains.

@@ -3,7 +3,7 @@
 A checkpoint is written every few rounds, but a noised model leaves the process every round
 (through the model, a callback, the log). If the process dies after releasing round t and
 before the checkpoint of round t, the checkpoint's ledger lacks round t, and the resumed run
-releases round t again. The journal closes that gap: :func:`~dpfl.simulation.run_rounds`
+releases round t again. The journal closes that gap: [`run_rounds`][dpfl.simulation.run_rounds]
 appends one line per charge to ``ledger.jsonl`` in the checkpoint directory and ``fsync``-s it
 immediately before it adds the noise::
 
@@ -11,13 +11,15 @@ immediately before it adds the noise::
 
 Each checkpoint records how many charges its ledger holds (``"charges"``); on resume the journal's
 charges beyond that number are added to the restored accountant. A round re-run after a crash is
-therefore charged again: an upper bound (a re-run seeded round repeats identical noise; an
-unseeded one draws fresh noise, and both releases are in the ledger). A charge is never
-withdrawn, not even when its round fails afterwards.
+therefore charged again, and its noise is keyed on its charge index (``charge - 1`` is the
+release index of the noise generator), so it draws fresh noise also when the noise is seeded:
+two releases with independent noise, two charges. (Identical noise twice would leak the
+difference of the two releases with no noise at all, which charging twice does not cover.) A
+charge is never withdrawn, not even when its round fails afterwards.
 
 A line torn by a crash during its own write is ignored: the process died before the release it
 announces. Any other damage (a malformed line in the middle, a gap in the charge numbers, fewer
-charges than the checkpoint records) raises :class:`~dpfl.simulation.CheckpointError`.
+charges than the checkpoint records) raises [`CheckpointError`][dpfl.simulation.CheckpointError].
 
 References:
     design.md §6 ("every release charged"); Pelikan et al., arXiv 2310.00098 (user-level DP over
@@ -40,6 +42,7 @@ __all__ = [
     "Charge",
     "LedgerJournal",
     "charge_journal",
+    "check_charges",
     "sweep_temporaries",
     "verify_ledger",
 ]
@@ -166,6 +169,33 @@ def verify_ledger(path: Path, state: Mapping[str, Any], journal_count: int) -> i
     return charges
 
 
+def check_charges(path: Path, charges: list[Charge], spec: Mapping[str, Any]) -> None:
+    """Raise unless every charge in ``charges`` is of the run's round ``spec``.
+
+    The journal's charges beyond a checkpoint are added to the ledger as recorded; one whose spec
+    differs from the run's (e.g. noise multiplier 50 in a run at 1) would be charged as something
+    the run never released, so it is refused, naming the charge and the fields that differ.
+
+    Raises:
+        CheckpointError: Naming the first differing charge, its round and every differing field.
+    """
+    for charge in charges:
+        if charge.spec != dict(spec):
+            keys = list(spec) + [k for k in charge.spec if k not in spec]
+            diffs = [
+                f"{k}: journal {charge.spec.get(k, '<absent>')!r}, this run "
+                f"{spec.get(k, '<absent>')!r}"
+                for k in keys
+                if charge.spec.get(k, "<absent>") != spec.get(k, "<absent>")
+            ]
+            raise CheckpointError(
+                f"{path}: charge {charge.charge} (round {charge.round}) is not of this run's round "
+                f"spec ({'; '.join(diffs)}); the journal was edited or belongs to another run, "
+                "so the releases since the checkpoint cannot be accounted; resume with the run's "
+                "own journal and settings"
+            )
+
+
 def charge_journal(accountant: Any, charges: list[Charge]) -> None:
     """Add the journal's ``charges`` to ``accountant`` (no budget check: they were released)."""
     state = accountant.state_dict()
@@ -180,7 +210,7 @@ def charge_journal(accountant: Any, charges: list[Charge]) -> None:
 
 def sweep_temporaries(checkpoint: Path) -> None:
     """Remove the temporary files that a crash during an atomic write of ``checkpoint`` (see
-    :func:`~dpfl.simulation.checkpoint.save_checkpoint`) or of the journal beside it left behind.
+    [`save_checkpoint`][dpfl.simulation.save_checkpoint]) or of the journal beside it left behind.
     Call it under the directory's lock."""
     for pattern in (f".{checkpoint.name}.*.tmp", f".{JOURNAL_FILE}.tmp"):
         for leftover in checkpoint.parent.glob(pattern):

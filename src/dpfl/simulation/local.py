@@ -6,8 +6,8 @@ batches (optimizer state fresh for every user), and sends the model difference. 
 convention is ``Δ = θ_user − θ_server``.
 
 The returned update is *not* clipped to the DP bound: that is the aggregator's job
-(:class:`dpfl.aggregate.DPAggregator`). The per-step gradient clipping here is the paper's local
-optimiser setting, unrelated to the privacy guarantee.
+([`dpfl.aggregate.DPAggregator`][dpfl.aggregate.DPAggregator]). The per-step gradient clipping here
+is the paper's local optimiser setting, unrelated to the privacy guarantee.
 
 References:
     Pelikan et al., arXiv 2310.00098, section 2 (local SGD, constant LR, per-step clipping at 1.0,
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from dpfl._checks import require_int, require_positive
+from dpfl._errors import DPFLError
 
 __all__ = ["NonFiniteLossError", "train_local"]
 
@@ -37,8 +38,13 @@ LossFn = Callable[[Any, Any], Tensor]
 CLIP_EPS = 1e-6
 
 
-class NonFiniteLossError(ValueError):
-    """A user's local loss or gradient became NaN or infinite.
+class NonFiniteLossError(ValueError, DPFLError):
+    """A user's local loss or gradient became NaN or infinite (a ``ValueError``).
+
+    Args:
+        message: What became non-finite, for which user and at which step.
+        user_id: The user whose training failed, or ``None``.
+        step: The local step (0-based).
 
     Attributes:
         user_id: The user whose training failed (``None`` when the caller did not name it).
@@ -124,6 +130,17 @@ def check_loss(loss: object, user_id: Hashable | None, step: int) -> Tensor:
     return loss.reshape(())
 
 
+def _writable(grad: Tensor) -> Tensor:
+    """``grad``, or a dense copy where elements share memory (the in-place clip needs that).
+
+    Autograd may return a gradient as an expanded view (e.g. of ``c * p.sum()``): a stride 0 in a
+    dimension of size > 1, one memory location for many elements, which in-place ops refuse.
+    """
+    if any(st == 0 and n > 1 for st, n in zip(grad.stride(), grad.shape, strict=True)):
+        return grad.contiguous()
+    return grad
+
+
 def _check_scratch(model: nn.Module, scratch: nn.Module) -> None:
     if scratch is model:
         raise ValueError("scratch must be a separate module (e.g. copy.deepcopy(model)), not model")
@@ -159,7 +176,7 @@ def train_local(
     (parameters, buffers, ``.grad`` and mode are all left as they were).
 
     Randomness inside ``loss_fn`` (e.g. dropout) uses torch's RNG seeded from ``generator`` within
-    an isolated block (:func:`torch.random.fork_rng`), so the caller's global RNG state is left
+    an isolated block (``torch.random.fork_rng``), so the caller's global RNG state is left
     unchanged; one seed is drawn from ``generator`` per call, so consecutive users differ.
 
     Args:
@@ -227,9 +244,12 @@ def train_local(
     with isolated_rng(seed, (p.device for p in params)), torch.enable_grad():
         for step, batch in enumerate(_batch_schedule(data, steps, epochs, user_id)):
             loss = check_loss(loss_fn(work, batch), user_id, step)
-            grads = list(
-                torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
-            )
+            grads = [
+                _writable(g)
+                for g in torch.autograd.grad(
+                    loss, params, allow_unused=True, materialize_grads=True
+                )
+            ]
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
             if not bool(torch.isfinite(loss.detach()) & torch.isfinite(norm)):
                 what = "loss" if not torch.isfinite(loss.detach()) else "gradient norm"
