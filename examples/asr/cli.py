@@ -31,7 +31,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
         "model": "tiny", "seed_steps": 200, "seed_lr": 5.0, "batch_size": 16,
         "rounds": 4, "cohort_size": 4, "local_batch_size": 4, "local_lr": 0.1,
-        "server_lr": 0.02, "server_lr_decay": 0.97, "eval_every": 2, "sigma_dp": 1e-3,
+        "server_lr": 0.02, "server_lr_decay": 0.97, "eval_every": 2, "sigma_dp": 0.05,
     },
 }
 
