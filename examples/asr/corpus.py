@@ -68,6 +68,7 @@ __all__ = [
     "ensure_corpus",
     "load_manifest",
     "plan_speakers",
+    "target_slice",
 ]
 
 CORPUS_FORMAT = 6
@@ -216,6 +217,16 @@ def plan_speakers(config: CorpusConfig) -> list[Speaker]:
             speakers.append(speaker)
             next_id += 1
     return speakers
+
+
+def target_slice(config: CorpusConfig) -> frozenset[str]:
+    """Speaker ids (as strings, like the readers' user ids) of the ``seed-train`` speakers drawn
+    from the target domain (:attr:`CorpusConfig.seed_target_speakers`; empty without a domain
+    shift)."""
+    if not config.domain_shift:
+        return frozenset()
+    seed_train = [sp for sp in plan_speakers(config) if sp.split == "seed-train"]
+    return frozenset(str(sp.speaker_id) for sp in seed_train[: config.seed_target_speakers])
 
 
 def default_cache_dir() -> Path:

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from examples.asr.corpus import CORPUS_FORMAT, CorpusConfig, ensure_corpus
+from examples.asr.corpus import CORPUS_FORMAT, CorpusConfig, ensure_corpus, target_slice
 from examples.asr.data import read_librispeech
 from examples.asr.model import CTCTransformer, ModelConfig, get_config
 from examples.asr.store import StoredBatches, extract_splits
@@ -68,6 +68,9 @@ class SeedRecipe:
         steps: LARS steps. lr: peak LARS learning rate. batch_size: utterances per step.
         warmup_fraction: linear warm-up, as a fraction of ``steps``.
         seed: initialisation, batch order and dropout.
+        target_slice: train on the whole ``seed-train`` split, including its target-domain
+            speakers (the reference code's 10/90 configurations); ``False`` drops them and trains
+            on the seed domain only (the paper's LibriSpeech seed model).
     """
 
     corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig())
@@ -78,6 +81,7 @@ class SeedRecipe:
     batch_size: int = 16
     warmup_fraction: float = 0.1
     seed: int = 0
+    target_slice: bool = True
 
     def model_config(self) -> ModelConfig:
         """The model configuration this recipe trains."""
@@ -95,8 +99,11 @@ class SeedRecipe:
 
 
 RECIPES: dict[str, SeedRecipe] = {
-    # The main job's model (examples/asr_librispeech.py without --quick).
-    "small": SeedRecipe(),
+    # The main job's model (examples/asr_librispeech.py without --quick): seed domain only, so
+    # federated fine-tuning on the target domain has a visible gap to close (as in the paper).
+    "small": SeedRecipe(target_slice=False),
+    # The same model with the target-domain slice in its seed data: passes the CER gate.
+    "small-target": SeedRecipe(),
     # The privacy-utility study's models (benchmarks/asr_privacy_utility.py, protocol v2).
     "study-4": SeedRecipe(model_overrides=(("d_model", 96), ("d_ff", 384), ("n_layers", 4))),
     "study-16": SeedRecipe(model_overrides=(("d_model", 96), ("d_ff", 384), ("n_layers", 16))),
@@ -137,6 +144,9 @@ def train_seed(
     """
     root = ensure_corpus(recipe.corpus, cache_dir=cache_dir, workers=workers, progress=progress)
     utts = read_librispeech(root, "seed-train", verify_audio=False).utterances()
+    if not recipe.target_slice:
+        dropped = target_slice(recipe.corpus)
+        utts = [u for u in utts if u.user_id not in dropped]
     store = extract_splits({"seed": utts}, cache_dir=cache_dir, workers=workers,
                            progress=progress)["seed"]
     batches = StoredBatches(store, utts, CharTokenizer(), batch_size=recipe.batch_size,

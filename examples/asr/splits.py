@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from examples.asr.cli import UserError
-from examples.asr.corpus import CorpusConfig, ensure_corpus
+from examples.asr.corpus import CorpusConfig, ensure_corpus, target_slice
 from examples.asr.data import (
     DataError,
     SkippedFile,
@@ -81,7 +81,12 @@ def load_splits(args: argparse.Namespace) -> Splits:
                                      ("eval", "eval"), ("seed_dev", "seed-dev"))}
         names = {role: str(root / split) for role, split in (
             ("seed", "seed-train"), ("fl", "fl-train"), ("eval", "eval"), ("seed_dev", "seed-dev"))}
-        return Splits(f"embedded synthetic corpus ({root})", parts["seed"].utterances(),
+        # The example's seed model sees the seed domain only (the paper's LibriSpeech seed): the
+        # corpus's target-domain slice of seed-train is for the study's seed models.
+        dropped = target_slice(config)
+        seed = [u for u in parts["seed"].utterances() if u.user_id not in dropped]
+        names["seed"] += f" (seed-domain speakers: {len(dropped)} target-domain speakers left out)"
+        return Splits(f"embedded synthetic corpus ({root})", seed,
                       parts["fl"].users, parts["eval"].utterances(), parts["seed_dev"].utterances(),
                       names, {k: v.skipped for k, v in parts.items()})
     names: dict[str, str] = {}
