@@ -31,6 +31,7 @@ PUBLIC_MODULES = [
     "dpfl.adaptive_clip",
     "dpfl.noise",
     "dpfl.aggregate",
+    "dpfl.query",
     "dpfl.optim",
     "dpfl.accounting",
     "dpfl.simulation",

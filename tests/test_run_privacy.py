@@ -277,7 +277,7 @@ def test_resume_refuses_each_changed_privacy_setting(
 def test_unseeded_noise_is_not_reproducible_from_a_checkpoint(tmp_path: Path) -> None:
     run(tmp_path / "a", rounds=2, noise_seed=None)
     state = load_checkpoint(tmp_path / "a" / "ckpt" / "checkpoint.pt")
-    assert "mechanism" not in state and state["noise_seed"] is None
+    assert "mechanism" not in state["query"] and state["noise_seed"] is None
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     a = run(tmp_path / "a", rounds=3, resume=True, noise_seed=None)[0].state_dict()
     b = run(tmp_path / "b", rounds=3, resume=True, noise_seed=None)[0].state_dict()
@@ -287,4 +287,4 @@ def test_unseeded_noise_is_not_reproducible_from_a_checkpoint(tmp_path: Path) ->
 def test_seeded_noise_is_restored_from_a_checkpoint(tmp_path: Path) -> None:
     run(tmp_path / "a", rounds=2)
     state = load_checkpoint(tmp_path / "a" / "ckpt" / "checkpoint.pt")
-    assert "generator" in state["mechanism"] and state["noise_seed"] == 4321
+    assert "generator" in state["query"]["mechanism"] and state["noise_seed"] == 4321

@@ -6,7 +6,7 @@ import secrets
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +14,10 @@ import torch
 from torch import nn
 
 from dpfl._checks import require_int
-from dpfl.adaptive_clip import AdaptiveClip
 from dpfl.aggregate import DPAggregator
 from dpfl.audit.canary import CanaryAudit
-from dpfl.noise import GaussianMechanism
 from dpfl.optim import server_step
+from dpfl.query import DPQuery, Release, ReleaseEventError, gaussian_query
 from dpfl.simulation._lock import DirectoryLock
 from dpfl.simulation._progress import (
     UNSAFE_WARNING,
@@ -31,7 +30,7 @@ from dpfl.simulation._progress import (
 )
 from dpfl.simulation._shard import ShardTrainer
 from dpfl.simulation._shard import derive_seed as _derive_seed
-from dpfl.simulation._validate import check_arguments, check_noise_representable
+from dpfl.simulation._validate import check_arguments, check_query
 from dpfl.simulation.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -87,18 +86,19 @@ class _RoundLoop:
             checkpointing, evaluation, audit,
         )
         self.model, self.dataset, self.loss_fn = model, dataset, loss_fn
-        self.sampler, self.clipper, self.accountant = sampler, privacy.clipper, privacy.accountant
-        self.adaptive = isinstance(self.clipper, AdaptiveClip)
+        self.sampler, self.accountant = sampler, privacy.accountant
+        self.query: DPQuery = _build_query(privacy, sampler)
+        check_query(self.query, audit)
         self.optimizer, self.scheduler = server_optimizer, lr_scheduler
         self.privacy, self.logging, self.evaluation = privacy, logging, evaluation
-        self.z = privacy.noise_multiplier
         self.rounds = require_int("rounds", rounds, minimum=1)
-        self.delta = privacy.delta
-        self.drop_nonfinite, self.secure = privacy.drop_nonfinite, privacy.secure_noise
+        assert privacy.delta is not None  # Privacy checks it
+        self.delta: float = privacy.delta
+        self.drop_nonfinite = privacy.drop_nonfinite
         self.user_seed = None if seed is None else require_int("seed", seed, minimum=0)
         if self.user_seed is not None and self.user_seed >= 2**63:
             raise ValueError(f"seed must be < 2**63, got {seed}")
-        self.noise_seed = privacy.noise_seed
+        self.noise_seed = privacy.noise_seed if privacy.query is None else self.query_seed()
         budget = getattr(self.accountant, "budget", None)
         self.unsafe = logging.unsafe_metrics
         self.dist: DistContext | None = dist
@@ -116,10 +116,12 @@ class _RoundLoop:
         self.audit = audit
         self.log = RunLog(logging.path if self.is_main else None)
         self.warnings: list[str] = []
+        qc = self.query.config()
         self.config = {
-            "noise_multiplier": self.z,
-            "sensitivity": self._initial_bound(),
-            "clipper": type(self.clipper).__name__,
+            "query": qc.get("type"),
+            "noise_multiplier": qc.get("noise_multiplier"),
+            "sensitivity": qc.get("sensitivity"),
+            "clipper": type(self.query.clipper).__name__,
             "sampler": type(sampler).__name__,
             "expected_cohort_size": float(sampler.expected_cohort_size),
             "accountant": type(self.accountant).__name__,
@@ -130,14 +132,14 @@ class _RoundLoop:
             "local_max_grad_norm": local.max_grad_norm,
             "vectorized": local.vectorized,
             "drop_nonfinite": self.drop_nonfinite,
-            "secure_noise": self.secure,
+            "secure_noise": self.query.secure,
             "lr_scheduler": None if self.scheduler is None else type(self.scheduler).__name__,
             # Everything the privacy guarantee of a resumed run depends on:
-            "clipper_config": repr(self.clipper),
+            "clipper_config": qc.get("clipper"),
             "round_spec": self._spec().to_dict(),
             "adjacency": getattr(self.accountant, "adjacency", None),
             "budget": None if budget is None else budget.to_dict(),
-            "noise_seeded": self.noise_seed is not None,
+            "noise_seeded": self.query.seeded,
         }
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.shard = ShardTrainer(
@@ -145,17 +147,14 @@ class _RoundLoop:
         )
 
     # ------------------------------------------------------------------ set-up and resume
-    def _initial_bound(self) -> float:
-        if isinstance(self.clipper, AdaptiveClip):
-            return self.clipper.initial_bound
-        return float(self.clipper.sensitivity)
+    def query_seed(self) -> int | None:
+        """The seed of a user-given query (``None``: unseeded)."""
+        seed = getattr(self.query, "seed", None)
+        return seed if isinstance(seed, int) else (0 if self.query.seeded else None)
 
     def _spec(self) -> Any:
-        """The round spec to charge: with adaptive clipping, the count's multiplier too."""
-        if isinstance(self.clipper, AdaptiveClip):
-            zb = self.clipper.count_noise_multiplier
-            return self.sampler.round_spec(self.z, count_noise_multiplier=zb)
-        return self.sampler.round_spec(self.z)
+        """The event of the next release, as the query states it (charged before the round)."""
+        return self.query.event(self.sampler)
 
     def _parts(self) -> dict[str, Any]:
         """The stateful objects a checkpoint holds besides the model, by checkpoint key."""
@@ -164,12 +163,10 @@ class _RoundLoop:
             "accountant": self.accountant,
             "optimizer": self.optimizer,
         }
-        if self.noise_seed is not None:  # simulation only: unseeded noise is never stored
-            parts["mechanism"] = self.mechanism
+        # The query keeps what it must: seeded noise state, adaptive bounds (DP releases).
+        parts["query"] = self.query
         if self.audit is not None:
             parts["audit"] = self.audit
-        if self.adaptive:  # the bounds are DP releases: always stored
-            parts["clipper"] = self.clipper
         return parts if self.scheduler is None else {**parts, "scheduler": self.scheduler}
 
     def _setup(self) -> int:
@@ -210,15 +207,9 @@ class _RoundLoop:
                 f"{state.get('noise_seed')!r}, this run has noise_seed {self.noise_seed!r}; "
                 "resume with the same Privacy settings"
             )
-        self.mechanism = GaussianMechanism(
-            self.z,
-            self._initial_bound(),
-            seed=None if self.noise_seed is None else _derive_seed(self.noise_seed, 0),
-            secure=self.secure,
-        )
         self.fresh = state is None and not charges  # a new run, not a resumed one
         if self.audit is not None:
-            self.audit.begin(self.trainable, self.clipper)  # before its state is restored
+            self.audit.begin(self.trainable, self.query.clipper)  # before its state is restored
         start, charged = 0, 0
         if state is not None:
             assert self.ckpt_path is not None
@@ -265,27 +256,18 @@ class _RoundLoop:
         members = self.audit.sample(rate)  # every rank advances the audit identically
         if self.is_main:
             for i in members:
-                agg.add(self.audit.update(i))
+                self.query.add(agg, self.audit.update(i))
 
     def _round(self, t: int, spec: Any) -> RoundRecord:
         timings = dict.fromkeys(("sample", "train", "aggregate", "server_step", "account"), 0.0)
         start = time.perf_counter()
-        saved = (self.sampler.state_dict(), self.mechanism.state_dict())
-        clip_saved = self.clipper.state_dict() if self.adaptive else None
-        used: dict[str, Any] = {}
+        saved = (self.sampler.state_dict(), self.query.snapshot())
         audit_saved = None if self.audit is None else self.audit.state_dict()
         try:
-            if self.adaptive:  # this round's bound may have grown: its noise must still fit
-                check_noise_representable(self.z, self.clipper.sensitivity, secure=self.secure)
+            self.query.check_round()  # e.g. an adaptive bound that grew: its noise must still fit
             cohort = list(self.sampler.sample())
             timings["sample"] = time.perf_counter() - start
-            agg = DPAggregator(
-                self.clipper,
-                self.mechanism,
-                expected_cohort_size=self.sampler.expected_cohort_size,
-                drop_nonfinite=self.drop_nonfinite,
-                template=self.trainable,
-            )
+            agg = self.query.start(template=self.trainable, drop_nonfinite=self.drop_nonfinite)
             world, rank = (1, 0) if self.dist is None else (self.dist.world_size, self.dist.rank)
             self.shard.train_and_add(
                 t, cohort, agg, timings, seed=self.seed, world_size=world, rank=rank
@@ -297,17 +279,15 @@ class _RoundLoop:
             if self.journal is not None:
                 # Noise keyed on the charge, not the round: a round re-run after a crash is
                 # charged again and never repeats the noise of its first release.
-                self.mechanism.advance_to(self.journal.count - 1)
+                self.query.advance_to(self.journal.count - 1)
             timings["account"] = time.perf_counter() - clock
             clock = time.perf_counter()
             reduce = None if self.dist is None else self.dist.all_reduce_sum_
-            if isinstance(self.clipper, AdaptiveClip):
-                used = _bounds_used(self.clipper, self.trainable)
-            mean, stats = agg.release(reduce=reduce, allow_empty=True)
-            if self.dist is not None and self.noise_seed is None:
-                self.dist.broadcast_(list(mean.values()))  # rank 0's unseeded noise
-                if isinstance(self.clipper, AdaptiveClip):
-                    self._broadcast_bounds(self.clipper)  # moved by rank 0's noised count
+            release = self.query.release(agg, reduce=reduce, allow_empty=True)
+            _check_release(release, spec, t)  # the noise added is the noise charged
+            if self.dist is not None and self.query.broadcast:
+                self.query.broadcast_(release, self.dist.broadcast_)  # rank 0's unseeded noise
+            mean, stats = release.mean, release.stats
             timings["aggregate"] += time.perf_counter() - clock
             clock = time.perf_counter()
             # server_step validates before it changes anything, so when it raises the model and
@@ -317,14 +297,12 @@ class _RoundLoop:
                 before = {n: p.detach().clone() for n, p in self.trainable.items()}
             # The release proved its mean finite while dividing it; re-checking is only needed
             # if rank 0's mean replaced this rank's, or a cast could overflow.
-            certified = (stats.mean_finite is True and (self.dist is None or self.noise_seed is not None)
+            certified = (stats.mean_finite is True and (self.dist is None or not self.query.broadcast)
                          and all(n in mean and mean[n].dtype == p.dtype for n, p in self.trainable.items()))
             server_step(self.optimizer, self.model, mean, check_finite=not certified)
         except BaseException:
             self.sampler.load_state_dict(saved[0])
-            self.mechanism.load_state_dict(saved[1])
-            if clip_saved is not None:
-                self.clipper.load_state_dict(clip_saved)
+            self.query.restore(saved[1])
             if self.audit is not None and audit_saved is not None:
                 self.audit.load_state_dict(audit_saved)
             raise
@@ -336,6 +314,7 @@ class _RoundLoop:
         clock = time.perf_counter()
         epsilon = float(self.accountant.epsilon(self.delta))
         timings["account"] += time.perf_counter() - clock
+        used = release.record  # DP quantities of the release (adaptive: the bounds used)
         if not self.unsafe:  # cohort-dependent, not covered by the DP guarantee
             return RoundRecord(round=t, epsilon=epsilon, delta=self.delta, **used)
         return RoundRecord(
@@ -350,12 +329,6 @@ class _RoundLoop:
             time_s=time.perf_counter() - start,
             timings=timings,
         )
-
-    def _broadcast_bounds(self, clipper: AdaptiveClip) -> None:
-        assert self.dist is not None and clipper.bounds is not None
-        vec = torch.tensor(list(clipper.bounds.values()), dtype=torch.float64)
-        self.dist.broadcast_([vec])
-        clipper.set_bounds_(vec.tolist())
 
     # ------------------------------------------------------------------ the loop
     def _checkpoint(self, t: int) -> None:
@@ -484,10 +457,31 @@ def _seeded_noise_message(noise_seed: int) -> str:
     )
 
 
-def _bounds_used(clipper: AdaptiveClip, template: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """The bound(s) of this round, for its record (DP: fixed by earlier noised counts)."""
-    bounds = clipper.layer_bounds(template)
-    used: dict[str, Any] = {"clip_bound": clipper.bound}
-    if clipper.per_layer:
-        used["layer_bounds"] = bounds
-    return used
+def _build_query(privacy: Privacy, sampler: Any) -> DPQuery:
+    """The run's query: ``privacy.query``, or the Gaussian query of its clipper and noise."""
+    size = float(sampler.expected_cohort_size)
+    if privacy.query is not None:
+        if privacy.query.expected_cohort_size != size:
+            raise ValueError(
+                f"Privacy.query.expected_cohort_size ({privacy.query.expected_cohort_size!r}) "
+                f"must equal the sampler's ({size!r}): the mean is divided by it"
+            )
+        return privacy.query
+    assert privacy.noise_multiplier is not None  # Privacy checks it
+    seed = privacy.noise_seed
+    return gaussian_query(
+        privacy.clipper,
+        privacy.noise_multiplier,
+        expected_cohort_size=size,
+        seed=None if seed is None else _derive_seed(seed, 0),
+        secure=privacy.secure_noise,
+    )
+
+
+def _check_release(release: Release, charged: Any, t: int) -> None:
+    """Refuse a release whose event is not the charged one (its mean is never applied)."""
+    if release.event != charged:
+        raise ReleaseEventError(
+            f"round {t}: the query released {release.event!r} but the round was charged as "
+            f"{charged!r}; the mean is not applied (the noise added must be the noise charged)"
+        )

@@ -9,9 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpfl._sampler import max_abs_draw
-from dpfl.adaptive_clip import AdaptiveClip
 from dpfl.audit.canary import CanaryAudit
+from dpfl.query import DPQuery, check_noise_representable
 from dpfl.simulation.config import Checkpointing, Evaluation, LocalTraining, Logging, Privacy
 
 
@@ -61,11 +60,6 @@ def check_arguments(
         _require_instance("checkpointing", checkpointing, Checkpointing, "Checkpointing(dir)")
     if evaluation is not None:
         _require_instance("evaluation", evaluation, Evaluation, "Evaluation(fn, every=...)")
-    if isinstance(privacy.clipper, AdaptiveClip) and audit is not None:
-        raise ValueError(
-            "audit= with an AdaptiveClip is not supported: the canaries are sized to a fixed "
-            "bound; audit a run with a fixed clipper"
-        )
     if checkpointing is not None and Path(checkpointing.dir).exists():
         if not Path(checkpointing.dir).is_dir():
             raise ValueError(
@@ -84,9 +78,16 @@ def check_arguments(
             )
     if audit is not None and not isinstance(audit, CanaryAudit):
         raise TypeError(f"audit must be a dpfl.audit.CanaryAudit or None, got {audit!r}")
-    clipper = privacy.clipper
-    bound = clipper.initial_bound if isinstance(clipper, AdaptiveClip) else clipper.sensitivity
-    check_noise_representable(privacy.noise_multiplier, bound, secure=privacy.secure_noise)
+
+
+def check_query(query: DPQuery, audit: CanaryAudit | None) -> None:
+    """The loop's cross-checks of the run's query (before any round is charged)."""
+    if query.adaptive and audit is not None:
+        raise ValueError(
+            "audit= with an adaptive query (AdaptiveClip) is not supported: the canaries are "
+            "sized to a fixed bound; audit a run with a fixed clipper"
+        )
+    query.check_round()
 
 
 def _check_optimizer_manages(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -101,19 +102,4 @@ def _check_optimizer_manages(model: nn.Module, optimizer: torch.optim.Optimizer)
         )
 
 
-def check_noise_representable(noise_multiplier: float, bound: float, *, secure: bool) -> None:
-    """Raise unless noise of std ``noise_multiplier * bound`` fits the float32 sums of a round.
-
-    The round loop sums in float32; a draw of up to :func:`~dpfl._sampler.max_abs_draw` std
-    beyond float32's largest value would release inf. Checked before any round is charged (and,
-    with adaptive clipping, before each round, whose bound may have grown).
-    """
-    std = noise_multiplier * bound if noise_multiplier > 0 else 0.0
-    largest, limit = std * max_abs_draw(secure), float(torch.finfo(torch.float32).max)
-    if not largest <= limit:
-        raise ValueError(
-            f"noise std {std!r} (noise_multiplier {noise_multiplier!r} * clipping bound "
-            f"{bound!r}) cannot be represented in the round's float32 sums: draws up to "
-            f"{max_abs_draw(secure):.3f} std exceed float32's largest value {limit:.4g}, so "
-            "every release would be inf; lower noise_multiplier or the clipping bound"
-        )
+__all__ = ["check_arguments", "check_noise_representable", "check_query"]

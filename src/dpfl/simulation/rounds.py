@@ -94,6 +94,13 @@ def run_rounds(
     settings (noise multiplier, sensitivity, clipper configuration, sampling, adjacency,
     accountant, budget, noise mode) and a ledger with fewer rounds than the round index.
 
+    The query: every round's clipping, noise and event come from one
+    :class:`~dpfl.query.DPQuery` (``privacy.query``, or :func:`~dpfl.query.gaussian_query` of
+    ``privacy.clipper`` and ``privacy.noise_multiplier``). Steps 1 and 5 charge the event the query
+    states before the round; step 6's release returns the event of the noise it added, and a
+    release whose event differs from the charged one raises
+    :class:`~dpfl.query.ReleaseEventError` before its mean is applied.
+
     Adaptive clipping: with ``privacy.clipper`` an :class:`~dpfl.adaptive_clip.AdaptiveClip`,
     round t clips with the bounds fixed after round t − 1, the aggregator also releases the
     noised count (its own noise stream) and moves the bounds, and each round is charged as
