@@ -118,6 +118,7 @@ class _RoundLoop:
         self.warnings: list[str] = []
         qc = self.query.config()
         self.config = {
+            "config_version": 1,
             "query": qc.get("type"),
             "noise_multiplier": qc.get("noise_multiplier"),
             "sensitivity": qc.get("sensitivity"),
