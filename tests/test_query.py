@@ -236,3 +236,12 @@ def test_privacy_builds_the_default_query_and_refuses_mixed_settings() -> None:
     with pytest.raises(TypeError, match="query must be a dpfl.query.DPQuery"):
         Privacy(query=object(), accountant=RDPAccountant(), delta=1e-5)
     Privacy(GlobalClip(1.0), noise_multiplier=1.0, accountant=RDPAccountant(), delta=1e-5)
+
+
+def test_run_result_and_round_record_are_public_where_defined() -> None:
+    """Issue 23 p3: the public result types live in a public module (not private _progress)."""
+    import dpfl.simulation as sim
+    from dpfl.simulation import records, rounds
+
+    assert sim.RunResult is records.RunResult is rounds.RunResult
+    assert sim.RoundRecord is records.RoundRecord and records.RunResult.__module__ == records.__name__

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +25,15 @@ def _require_instance(name: str, value: Any, cls: type, hint: str) -> None:
         raise TypeError(f"{name} must be a {cls.__name__} ({hint}), got {type(value).__name__}")
 
 
-def check_arguments(
-    model: nn.Module,
-    dataset: Any,
-    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
-    sampler: Any,
-    server_optimizer: torch.optim.Optimizer,
-    local: LocalTraining,
-    privacy: Privacy,
-    logging: Logging,
-    checkpointing: Checkpointing | None,
-    evaluation: Evaluation | None,
-    audit: CanaryAudit | None,
-) -> None:
-    """Raise ``TypeError``/``ValueError`` naming the first bad argument; change nothing."""
+def check_arguments(args: Mapping[str, Any]) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the first bad argument; change nothing.
+
+    ``args`` are :func:`~dpfl.simulation.run_rounds`' arguments by name.
+    """
+    model, dataset, loss_fn, sampler = args["model"], args["dataset"], args["loss_fn"], args["sampler"]
+    server_optimizer, local, privacy = args["server_optimizer"], args["local"], args["privacy"]
+    logging = args["logging"] if args["logging"] is not None else Logging()
+    checkpointing, evaluation, audit = args["checkpointing"], args["evaluation"], args["audit"]
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _require_methods("dataset", dataset, ("user_ids", "user_data"), "a FederatedDataset")

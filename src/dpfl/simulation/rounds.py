@@ -22,13 +22,9 @@ from torch import nn
 
 from dpfl.audit.canary import CanaryAudit
 from dpfl.simulation._loop import CHECKPOINT_FILE, _RoundLoop
-from dpfl.simulation._progress import (
-    RoundRecord,
-    RunResult,
-    StopReason,
-)
 from dpfl.simulation.config import Checkpointing, Evaluation, LocalTraining, Logging, Privacy
 from dpfl.simulation.distributed import DistContext
+from dpfl.simulation.records import RoundRecord, RunResult, StopReason
 
 __all__ = ["CHECKPOINT_FILE", "RoundRecord", "RunResult", "StopReason", "run_rounds"]
 
@@ -181,21 +177,5 @@ def run_rounds(
     References:
         Pelikan et al., arXiv 2310.00098, algorithm 1 (DP-FedAvg with a server optimizer).
     """
-    loop = _RoundLoop(
-        model,
-        dataset,
-        loss_fn,
-        sampler=sampler,
-        server_optimizer=server_optimizer,
-        rounds=rounds,
-        local=local,
-        privacy=privacy,
-        seed=seed,
-        lr_scheduler=lr_scheduler,
-        checkpointing=checkpointing,
-        logging=logging if logging is not None else Logging(),
-        evaluation=evaluation,
-        dist=dist,
-        audit=audit,
-    )
-    return loop.run()
+    arguments = dict(locals())  # run_rounds' own signature is the one parameter list
+    return _RoundLoop(arguments).run()
