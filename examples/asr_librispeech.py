@@ -61,6 +61,10 @@ if __package__ in (None, ""):  # run as a script: make the repository's `example
 from typing import Any  # noqa: E402
 
 from examples.asr.cli import PRESETS, UserError, build_parser  # noqa: E402
+
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
+    build_parser().parse_args()  # prints the help and exits before torch is imported below
+
 from examples.asr.pipeline import PAPER_SCALE, run_pipeline  # noqa: E402
 from examples.asr.report import format_table  # noqa: E402
 from examples.asr.splits import load_splits, prepare_data, sample_utterances  # noqa: E402

@@ -393,8 +393,8 @@ def test_arguments_are_validated(acc_type: type) -> None:
         acc.add_rounds(PoissonRound(1.0, 0.1), -1)
     with pytest.raises(TypeError, match="count"):
         acc.add_rounds(PoissonRound(1.0, 0.1), 1.5)
-    with pytest.raises(TypeError, match="round"):
-        acc.add_rounds(dp_accounting.GaussianDpEvent(1.0))
+    with pytest.raises(TypeError, match="round"):  # a dict is neither a round nor a DpEvent
+        acc.add_rounds({"type": "poisson", "noise_multiplier": 1.0, "sample_rate": 0.1})
     with pytest.raises(ValueError, match="adjacency"):
         acc_type(adjacency="add_remove")
     with pytest.raises(TypeError, match="budget"):

@@ -377,3 +377,48 @@ def test_default_picks_fastest_path_on_cpu(cls):
     fast, _ = _run(lambda ps: cls(ps, lr=0.01, weight_decay=0.01, **fastest), dtype=torch.float32)
     for x, y in zip(auto, fast, strict=True):
         assert torch.equal(x, y)
+
+
+# A Tensor learning rate, as torch.optim accepts (a scheduler updates it in place): every path
+# steps exactly as with the same float, also while a scheduler changes it.
+def _same_with_tensor_lr(make):
+    with_float, _ = _run(lambda ps: make(ps, 0.05), gamma=0.9, dtype=torch.float32)
+    lr = torch.tensor(0.05, dtype=torch.float64)  # float64: the scheduler computes as with floats
+    with_tensor, lrs = _run(lambda ps: make(ps, lr), gamma=0.9, dtype=torch.float32)
+    assert all(isinstance(lr, torch.Tensor) for lr in lrs)  # the scheduler kept it a Tensor
+    for a, b in zip(with_float, with_tensor, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", LAMB_PATHS)
+def test_lamb_tensor_lr_steps_as_the_float(path):
+    _same_with_tensor_lr(lambda ps, lr: LAMB(ps, lr=lr, weight_decay=0.01, **path))
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_lars_tensor_lr_steps_as_the_float(foreach):
+    _same_with_tensor_lr(lambda ps, lr: LARS(ps, lr=lr, momentum=0.9, foreach=foreach))
+
+
+def test_layerwise_adam_tensor_lr_steps_as_the_float():
+    _same_with_tensor_lr(lambda ps, lr: layerwise_adam(ps, lr=lr))
+
+
+@pytest.mark.parametrize("cls", [LAMB, LARS])
+@pytest.mark.parametrize(
+    "bad", [torch.tensor([0.1, 0.2]), torch.tensor(-0.1), torch.tensor(float("nan")), torch.tensor(1)]
+)
+def test_bad_tensor_lr_is_refused_naming_lr(cls, bad):
+    with pytest.raises((ValueError, TypeError), match="lr"):
+        cls([torch.zeros(2, requires_grad=True)], lr=bad)
+
+
+def test_a_tensor_lr_made_negative_later_is_refused_before_any_change():
+    p = torch.ones(3, requires_grad=True)
+    lr = torch.tensor(0.1)
+    opt = LAMB([p], lr=lr, fused=False)
+    p.grad = torch.ones(3)
+    lr.fill_(-1.0)
+    with pytest.raises(ValueError, match="lr"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(3)) and not opt.state

@@ -527,3 +527,19 @@ def test_simulation_seed_does_not_seed_the_noise() -> None:
     weights = [k for k in models["a"] if k.endswith("weight")]
     assert all(torch.equal(models["c"][k], models["d"][k]) for k in models["c"])  # same noise
     assert all(not torch.equal(models["a"][k], models["b"][k]) for k in weights)  # fresh noise
+
+
+def test_plain_progress_prints_at_least_every_30_seconds_when_piped() -> None:
+    """Output piped to a file or CI log: besides every ``every`` rounds, a line whenever ~30 s
+    passed since the last one, so a slow run is never silent for minutes (round and ε only)."""
+    stream = io.StringIO()
+    bar = Progress(100, 0, enabled=None, every=10, stream=stream)
+    now = [1000.0]
+    bar._clock = lambda: now[0]
+    bar._last_line = now[0]
+    for t in range(1, 8):
+        now[0] += 12.0  # 12 s per round: lines after rounds 3 (36 s) and 6 (72 s)
+        bar.update(t, num_users=3, epsilon=0.01 * t, time_s=12.0)
+    lines = stream.getvalue().splitlines()
+    assert [line.split()[2] for line in lines] == ["3/100", "6/100"]
+    assert all("users" not in line and "s/round" not in line for line in lines)

@@ -3,6 +3,7 @@ of crash leftovers, and arguments checked before any training."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -205,8 +206,9 @@ def test_noise_beyond_float32s_range_fails_before_any_charge(tmp_path: Path) -> 
 def test_an_adaptive_bound_grown_beyond_float32_is_refused_before_its_round_is_charged(
     tmp_path: Path,
 ) -> None:
-    """With a huge count noise the first round moves the bound to its cap (1e150); the second
-    round's noise cannot be represented, and is refused before it is charged."""
+    """With a huge count noise a round soon moves the bound to its cap (1e150); the next round's
+    noise cannot be represented, and is refused before it is charged (which round first hits the
+    cap depends on the seeded noise draws)."""
     from dpfl.adaptive_clip import AdaptiveClip
     from dpfl.clip import GlobalClip
 
@@ -214,7 +216,10 @@ def test_an_adaptive_bound_grown_beyond_float32_is_refused_before_its_round_is_c
     with pytest.raises(ValueError, match=r"noise std 1e\+150 .* float32"):
         run(tmp_path, rounds=3, clipper=clipper, noise_seed=3)
     assert clipper.bound == 1e150
-    assert _journal_lines(tmp_path) == 1  # round 1 only: round 2 was never charged
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    released = sum(r.get("event") == "round" for r in log)
+    assert 1 <= released < 3
+    assert _journal_lines(tmp_path) == released  # the refused round was never charged
 
 
 def test_a_log_without_any_round_line_is_refused_on_resume(tmp_path: Path) -> None:

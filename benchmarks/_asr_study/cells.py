@@ -1,16 +1,14 @@
-"""Running one cell: shared data, the cached seed model, the FL run; norms, fidelity and speed."""
+"""Running cells: the shared data, one FL run per cell, σ* fixed once, and the resumable runner."""
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
 import statistics
 import time
-import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,19 +21,24 @@ from benchmarks._asr_study.grid import (
     CLIPS,
     OPTIMIZERS,
     PROTOCOL_VERSION,
+    ROOT,
     Cell,
     Protocol,
+    Study,
     cell_path,
+    choose_sigma_star,
     count_noise_multiplier,
     load_cells,
+    plan,
 )
-from benchmarks._study import machine
+from benchmarks._asr_study.provenance import code_version, machine_info
+from benchmarks._asr_study.seeds import corpus_config, failing_depths, seed_model
 from benchmarks._study import now as _now
 from benchmarks._study import write_json as _write_json
 from dpfl.accounting import RDPAccountant
 from dpfl.adaptive_clip import AdaptiveClip
 from dpfl.clip import GlobalClip, PerLayerClip
-from dpfl.optim import LAMB, layerwise_adam
+from dpfl.optim import LAMB
 from dpfl.simulation import (
     InMemoryFederatedDataset,
     LocalTraining,
@@ -45,10 +48,9 @@ from dpfl.simulation import (
     RunResult,
     run_rounds,
 )
-from examples.asr.corpus import CorpusConfig, ensure_corpus
+from examples.asr.corpus import ensure_corpus
 from examples.asr.data import read_librispeech
 from examples.asr.features import cached_features
-from examples.asr.model import CTCTransformer, get_config
 from examples.asr.text import CharTokenizer
 from examples.asr.train import (
     Batch,
@@ -57,45 +59,40 @@ from examples.asr.train import (
     batch_loss,
     evaluate,
     make_batches,
-    train_central,
 )
 
 
-# --------------------------------------------------------------------------- data and seed model
+# --------------------------------------------------------------------------- data
 @dataclass
 class Data:
     """Features and batches shared by every cell (built once per process)."""
 
     source: str
-    seed_batches: list[Batch]
     eval_batches: list[Batch]
     users: dict[str, list[Batch]]
     num_eval: int
 
 
 def load_data(protocol: Protocol) -> Data:
-    """The embedded corpus, cached features, and batches (seed, eval subset, FL users)."""
-    config = CorpusConfig.quick(seed=0) if protocol.corpus == "quick" else CorpusConfig()
-    root = ensure_corpus(config, workers=1)
+    """The embedded corpus, cached features, the eval batches and every FL user's batches.
+
+    The eval set is every eval utterance (``eval_utterances=None``) or, for ``--quick``, the same
+    number of utterances from every eval speaker (round robin) up to ``eval_utterances``.
+    """
+    root = ensure_corpus(corpus_config(protocol), workers=1)
     tok = CharTokenizer()
 
     def split(name: str) -> tuple[dict[str, list[Any]], dict[str, torch.Tensor]]:
         users = read_librispeech(root, name, verify_audio=False).users
-        feats = cached_features([u for utts in users.values() for u in utts])
-        return users, feats
+        return users, cached_features([u for utts in users.values() for u in utts])
 
-    seed_users, seed_feats = split("seed-train")
-    seed_utts = [u for utts in seed_users.values() for u in utts]
-    seed_batches = make_batches([seed_feats[u.utterance_id] for u in seed_utts],
-                                [u.transcript for u in seed_utts], tok,
-                                batch_size=protocol.seed_batch_size, seed=0)
     ev_users, ev_feats = split("eval")
-    # Eval subset: the same number of utterances from every eval speaker (round robin).
     per_user = [list(u) for u in ev_users.values()]
-    ev_utts = []
-    while len(ev_utts) < protocol.eval_utterances and any(per_user):
+    limit = protocol.eval_utterances if protocol.eval_utterances is not None else math.inf
+    ev_utts: list[Any] = []
+    while len(ev_utts) < limit and any(per_user):
         for utts in per_user:
-            if utts and len(ev_utts) < protocol.eval_utterances:
+            if utts and len(ev_utts) < limit:
                 ev_utts.append(utts.pop(0))
     eval_batches = make_batches([ev_feats[u.utterance_id] for u in ev_utts],
                                 [u.transcript for u in ev_utts], tok, batch_size=64)
@@ -103,71 +100,7 @@ def load_data(protocol: Protocol) -> Data:
     users = {uid: make_batches([fl_feats[u.utterance_id] for u in utts], [u.transcript for u in utts],
                                tok, batch_size=protocol.local_batch_size, seed=0)
              for uid, utts in fl_users.items()}
-    return Data(f"embedded corpus {root.name}", seed_batches, eval_batches, users, len(ev_utts))
-
-
-def model_config(protocol: Protocol, n_layers: int | None) -> Any:
-    """The protocol's model configuration, with ``n_layers`` blocks if given."""
-    overrides = dict(protocol.model_overrides)
-    if n_layers is not None:
-        overrides["n_layers"] = n_layers
-    return get_config(protocol.model, **overrides)
-
-
-def depth_slot(protocol: Protocol, agg: Mapping[tuple, Any], depth: int, sigma: float, lr: float | None) -> int | None:
-    """The ``n_layers`` entry of the depth study's cells at ``depth``: the depth group's own cells
-    where both clipping modes have them (run with the same code as the other depths), else the
-    main grid's cells (``None``) when ``depth`` is the protocol's default."""
-    if all((c, "lamb", sigma, lr, depth, None, None) in agg for c in ("global", "dim")):
-        return depth
-    return None if depth == model_config(protocol, None).n_layers else depth
-
-
-def seed_model(protocol: Protocol, data: Data, n_layers: int | None, out: Path) -> tuple[CTCTransformer, dict[str, float]]:
-    """The seed model of this depth: trained once (LARS, seed 0), cached, and its eval WER/CER.
-
-    The weights are cached in ``$DPFL_CACHE/asr_study`` (default ``~/.cache/dpfl``), their
-    scores in ``out/seed_models.json``.
-    """
-    cfg = model_config(protocol, n_layers)
-    key_blob = {"v": PROTOCOL_VERSION, "model": cfg.to_dict(), "steps": protocol.seed_steps,
-                "lr": protocol.seed_lr, "batch": protocol.seed_batch_size, "data": data.source}
-    key = hashlib.sha256(json.dumps(key_blob, sort_keys=True).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("DPFL_CACHE", Path.home() / ".cache" / "dpfl")) / "asr_study"
-    path = cache / f"seed-{key}.pt"
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = CTCTransformer(cfg)
-    trained = not path.is_file()
-    if not trained:
-        model.load_state_dict(torch.load(path, weights_only=True))
-    else:
-        t0 = time.time()
-        print(f"seed model ({cfg.n_layers} blocks): {protocol.seed_steps} LARS steps ...", flush=True)
-        train_central(model, data.seed_batches, steps=protocol.seed_steps, lr=protocol.seed_lr,
-                      warmup_steps=protocol.seed_steps // 10, seed=0)
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)
-        print(f"seed model trained in {time.time() - t0:.0f}s", flush=True)
-    index_path = out / "seed_models.json"
-    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
-    if key in index and trained:  # retrained (e.g. a new session): the cells assume the same model
-        rates, _ = evaluate(model, data.eval_batches, CharTokenizer())
-        if (rates.wer, rates.cer) != (index[key]["wer"], index[key]["cer"]):
-            warnings.warn(f"retrained seed model {key} scores WER {rates.wer:.4f} / CER {rates.cer:.4f}, "
-                          f"not the recorded {index[key]['wer']:.4f} / {index[key]['cer']:.4f}: cells from "
-                          "before and after are not strictly comparable", stacklevel=2)
-            index[key].setdefault("retrained", []).append({"wer": rates.wer, "cer": rates.cer})
-            _write_json(index_path, index)
-    if key not in index:
-        rates, _ = evaluate(model, data.eval_batches, CharTokenizer())
-        index[key] = {"n_layers": cfg.n_layers, "params": sum(p.numel() for p in model.parameters()),
-                      "wer": rates.wer, "cer": rates.cer, **key_blob}
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(index_path, index)
-    return model, index[key]
+    return Data(f"embedded corpus {root.name}", eval_batches, users, len(ev_utts))
 
 
 # --------------------------------------------------------------------------- one cell
@@ -182,25 +115,20 @@ def make_clipper(kind: str, bound: float, cohort_size: int = 1,
                             target_quantile=ADAPTIVE_QUANTILE, learning_rate=ADAPTIVE_LR)
     if kind == "global":
         return GlobalClip(bound)
-    if kind in ("dim", "uniform"):
-        return PerLayerClip(bound, allocation=kind)
+    if kind == "dim":
+        return PerLayerClip(bound, allocation="dim")
     if kind == "normalize":
         return PerLayerClip(bound, allocation="dim", normalize=True)
     raise ValueError(f"unknown clipping mode {kind!r}; choose one of {CLIPS}")
 
 
 def make_optimizer(name: str, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    """Server optimizers with the paper's betas/eps. ``lamb`` uses weight decay 0 as the paper,
-    which makes it the same update rule as ``ladam`` (:func:`dpfl.optim.layerwise_adam`)."""
+    """Server optimizers with the paper's betas/eps (LAMB with weight decay 0, as the paper)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "lamb":
         return LAMB(params, lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0)
-    if name == "ladam":
-        return layerwise_adam(params, lr, betas=(0.9, 0.999), eps=1e-6)
     if name == "adam":
         return torch.optim.Adam(params, lr, betas=(0.9, 0.999), eps=1e-6)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr)
     raise ValueError(f"unknown server optimizer {name!r}; choose one of {OPTIMIZERS}")
 
 
@@ -215,85 +143,128 @@ def fl_run(
     rounds: int,
     local_lr: float,
     local_steps: int,
+    local_grad_clip: float,
     seed: int,
     vectorized: bool = False,
-    log_path: Path | None = None,
 ) -> RunResult:
     """DP-FedAvg on ``model`` in place: the study's **only** call of ``run_rounds``.
 
-    Poisson sampling at rate ``S / K``, z = sigma_DP * S, RDP accountant (add/remove one user),
-    local SGD with per-step gradient clipping at 1.0, no checkpoints (a cell is short and is
-    re-run from scratch if interrupted). With an :class:`AdaptiveClip` the update noise is still
-    z = sigma_DP * S and each round also pays for the count (the ledger's effective multiplier).
+    Poisson sampling at rate ``S / K`` (seeded by ``seed``), z = σ_DP·S with noise seeded by
+    ``seed`` (a simulation), RDP accountant, local SGD with per-step gradient clipping.
     """
     population = sorted(users)
     sampler = PoissonSampler(population, min(1.0, cohort_size / len(population)), seed=seed)
+    data: dict[Hashable, Any] = {u: list(batches) for u, batches in users.items()}
     if vectorized:  # vmap stacks tensors only: hand out the batches without their transcripts
-        users = {u: [BatchTensors(*b.tensors()) for b in batches] for u, batches in users.items()}
+        data = {u: [BatchTensors(*b.tensors()) for b in batches] for u, batches in users.items()}
     return run_rounds(
         model,
-        InMemoryFederatedDataset(dict(users)),
+        InMemoryFederatedDataset(data),
         batch_loss,
         sampler=sampler,
         server_optimizer=optimizer,
         rounds=rounds,
-        local=LocalTraining(lr=local_lr, steps=local_steps, max_grad_norm=1.0,
+        local=LocalTraining(lr=local_lr, steps=local_steps, max_grad_norm=local_grad_clip,
                             vectorized=vectorized, align=align_batches if vectorized else None),
-        # A benchmark is a simulation: seeded noise makes every cell reproducible.
         privacy=Privacy(clipper, noise_multiplier=sigma_dp * cohort_size,
                         accountant=RDPAccountant(), delta=1e-6, noise_seed=seed),
         seed=seed,
         # Monitoring statistics of a synthetic benchmark (cohort sizes, clipped fraction, norms):
         # not covered by the DP guarantee, which is why run_rounds makes them opt-in.
-        logging=Logging(log_path, progress=False, unsafe_metrics=True),
+        logging=Logging(None, progress=False, unsafe_metrics=True),
     )
 
 
-def run_cell(cell: Cell, protocol: Protocol, data: Data, out: Path) -> dict[str, Any]:
-    """Fine-tune the seed model under ``cell``, score it, write and return its record."""
+def run_cell(cell: Cell, study: Study, data: Data, out: Path) -> dict[str, Any]:
+    """Fine-tune the depth's seed model under ``cell``, score it, write and return its record."""
     torch.set_num_threads(1)
-    base, seed_scores = seed_model(protocol, data, cell.n_layers, out)
+    p = study.protocol
+    base, seed_entry = seed_model(study, cell.n_layers, data.eval_batches, out)
     model = copy.deepcopy(base)
-    cohort = cell.cohort_size or protocol.cohort_size
-    layers = sum(1 for p in model.parameters() if p.requires_grad)
-    clipper = make_clipper(cell.clip, protocol.clip_bound * (cell.clip_start or 1.0), cohort, layers)
+    cohort = cell.cohort_size or p.cohort_size
+    layers = sum(1 for q in model.parameters() if q.requires_grad)
+    clipper = make_clipper(cell.clip, p.clip_bound * (cell.clip_start or 1.0), cohort, layers)
     t0 = time.time()
-    run = fl_run(
-        model, data.users, clipper=clipper,
-        optimizer=make_optimizer(cell.optimizer, model, cell.server_lr), sigma_dp=cell.sigma_dp,
-        cohort_size=cohort, rounds=protocol.rounds, local_lr=protocol.local_lr,
-        local_steps=cell.local_steps or protocol.local_steps, seed=cell.seed,
-    )
+    run = fl_run(model, data.users, clipper=clipper,
+                 optimizer=make_optimizer(cell.optimizer, model, cell.server_lr), sigma_dp=cell.sigma_dp,
+                 cohort_size=cohort, rounds=p.rounds, local_lr=p.local_lr,
+                 local_steps=cell.local_steps or p.local_steps, local_grad_clip=p.local_grad_clip,
+                 seed=cell.seed)
     train_s = time.time() - t0
-    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
-    if finite:
+    if all(bool(torch.isfinite(q).all()) for q in model.parameters()):
         rates, _ = evaluate(model, data.eval_batches, CharTokenizer())
         wer, cer = rates.wer, rates.cer
     else:
         wer = cer = math.inf
-    records = run.records
-    record = {
-        "key": cell.key(protocol), "protocol_version": PROTOCOL_VERSION,
-        "protocol": protocol.key_dict(), "cell": cell.config(), "groups": list(cell.groups),
-        "wer": wer, "cer": cer, "seed_model": {"wer": seed_scores["wer"], "cer": seed_scores["cer"]},
-        "rounds": run.rounds_completed, "run_epsilon_delta_1e-6": run.epsilon,
-        "mean_users_per_round": statistics.fmean(r.num_users for r in records),
-        "fraction_clipped": statistics.fmean(r.fraction_clipped for r in records if r.num_users) if
-        any(r.num_users for r in records) else None,
-        "mean_update_norm": statistics.fmean(r.mean_norm for r in records if r.num_users) if
-        any(r.num_users for r in records) else None,
+    rec = run.records
+    active = [r for r in rec if r.num_users]  # unsafe monitoring statistics (None when off)
+    clipped = [float(r.fraction_clipped or 0.0) for r in active]
+    norms = [float(r.mean_norm or 0.0) for r in active]
+    record: dict[str, Any] = {
+        "key": study.key(cell), "protocol_version": PROTOCOL_VERSION, "protocol": p.key_dict(),
+        "cell": cell.config(), "groups": list(cell.groups), "wer": wer, "cer": cer,
+        "seed_model": {"seed_id": study.seed_ids[cell.n_layers], "sha256": seed_entry["sha256"],
+                       "wer": seed_entry["eval_wer"], "cer": seed_entry["eval_cer"]},
+        "eval_utterances": data.num_eval, "rounds": run.rounds_completed,
+        "run_epsilon_delta_1e-6": run.epsilon,
+        "mean_users_per_round": statistics.fmean(float(r.num_users or 0) for r in rec),
+        "fraction_clipped": statistics.fmean(clipped) if active else None,
+        "mean_update_norm": statistics.fmean(norms) if active else None,
         "train_s": round(train_s, 1), "total_s": round(time.time() - t0, 1),
-        "machine": machine(), "finished": _now(),
+        "code": code_version(ROOT), "machine": machine_info(), "finished": _now(),
     }
     if isinstance(clipper, AdaptiveClip):  # the bounds are DP releases: logged per round
         record["adaptive"] = {
             "count_noise_multiplier": clipper.count_noise_multiplier, "target_quantile": ADAPTIVE_QUANTILE,
-            "learning_rate": ADAPTIVE_LR, "tuned_clip_bound": protocol.clip_bound,
-            "bound_trajectory": [r.clip_bound for r in records],
-            "layer_bound_trajectory": [r.layer_bounds for r in records] if cell.clip == "adaptive-dim" else None,
+            "learning_rate": ADAPTIVE_LR, "tuned_clip_bound": p.clip_bound,
+            "bound_trajectory": [r.clip_bound for r in rec],
         }
-    _write_json(cell_path(out, cell, protocol), record)
+    _write_json(cell_path(out, record["key"]), record)
     return record
+
+
+# --------------------------------------------------------------------------- σ*
+def read_sigma_star(study: Study, out: Path) -> float | None:
+    """σ* from ``out/sigma_star.json`` (None if not chosen yet).
+
+    Raises:
+        ValueError: if the file was written for another protocol version or protocol.
+    """
+    path = out / "sigma_star.json"
+    if not path.is_file():
+        return None
+    blob = json.loads(path.read_text())
+    if blob.get("protocol_version") != PROTOCOL_VERSION or blob.get("protocol") != study.protocol.key_dict():
+        raise ValueError(f"{path} was written for another protocol (version {blob.get('protocol_version')}); "
+                         "use another --out for this protocol")
+    return float(blob["sigma_star"])
+
+
+def fix_sigma_star(study: Study, done: Mapping[str, Mapping[str, Any]], out: Path) -> float | None:
+    """σ*: read from ``sigma_star.json``, or chosen from the finished pilot and written there
+    once (created exclusively: the first runner to finish the pilot writes it, nobody rewrites
+    it). None while the pilot is unfinished."""
+    current = read_sigma_star(study, out)
+    if current is not None:
+        return current
+    choice = choose_sigma_star(study, done)
+    if choice is None:
+        return None
+    blob = {**choice, "protocol_version": PROTOCOL_VERSION, "protocol": study.protocol.key_dict(),
+            "rule": "the pilot level (global clipping, LAMB at its middle LR, seed 0, main depth) whose "
+                    "eval-CER cost over no noise is closest to the target; fixed once chosen",
+            "chosen": _now(), "code": code_version(ROOT)}
+    path = out / "sigma_star.json"
+    tmp = out / f".sigma_star.{os.getpid()}.tmp"
+    _write_json(tmp, blob)
+    try:
+        os.link(tmp, path)  # fails if another runner wrote it first: theirs stands
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"σ* fixed: {read_sigma_star(study, out):g} (see {path})", flush=True)
+    return read_sigma_star(study, out)
 
 
 # --------------------------------------------------------------------------- runner
@@ -325,37 +296,64 @@ def _claim_unfinished(out: Path, key: str) -> bool:
     """Claim cell ``key`` unless another runner holds it or has finished it since the plan."""
     if not _claim(out, key):
         return False
-    if (out / "cells" / f"{key}.json").exists():
+    if cell_path(out, key).exists():
         (out / "cells" / f".claim-{key}").unlink(missing_ok=True)
         return False
     return True
 
 
-def run_study(protocol: Protocol, data: Data, out: Path, *, planner: Callable[..., list[Cell]],
-              max_cells: int | None, time_budget: float | None, groups: set[str] | None) -> int:
-    """Run unfinished cells in plan order until none is left, ``max_cells`` or the budget."""
+def todo_cells(study: Study, out: Path, *, groups: set[str] | None = None,
+               depths: set[int] | None = None) -> tuple[dict[str, dict[str, Any]], list[Cell]]:
+    """The finished cells (by key) and the unfinished ones of the plan, filtered."""
+    done = {r["key"]: r for r in load_cells(out)}
+    sigma_star = fix_sigma_star(study, done, out)
+    todo = [c for c in plan(study, done, sigma_star, failing_depths(study, out))
+            if study.key(c) not in done and (groups is None or groups & set(c.groups))
+            and (depths is None or c.n_layers in depths)]
+    return done, todo
+
+
+def run_study(study: Study, data: Data, out: Path, *, max_cells: int | None = None,
+              time_budget: float | None = None, groups: Iterable[str] | None = None,
+              depths: Iterable[int] | None = None, wait_s: float = 30.0,
+              on_cell: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """Run unfinished cells in plan order until none is left, ``max_cells`` or the budget.
+
+    While every remaining cell is held by another live runner, wait (their results may unlock
+    new cells: σ*, sweep extensions, tuned LRs) and plan again. Returns the cells run.
+    """
+    groups = set(groups) if groups else None
+    depths = set(depths) if depths else None
     started, ran = time.time(), 0
     while True:
-        done = {r["key"]: r for r in load_cells(out)}
-        todo = [c for c in planner(protocol, done) if c.key(protocol) not in done
-                and (groups is None or groups & set(c.groups))]
-        total = len(done) + len(todo)
+        done, todo = todo_cells(study, out, groups=groups, depths=depths)
         if not todo or (max_cells is not None and ran >= max_cells):
             break
         if time_budget is not None and time.time() - started > time_budget:
             print("time budget spent; stopping (finished cells are kept)", flush=True)
             break
-        cell = next((c for c in todo if _claim_unfinished(out, c.key(protocol))), None)
+        cell = next((c for c in todo if _claim_unfinished(out, study.key(c))), None)
         if cell is None:
-            print("every remaining cell is claimed by another live runner; stopping", flush=True)
-            break
-        print(f"[{len(done) + 1}/{total}] {','.join(cell.groups)}: {cell.label()} ...", flush=True)
+            print(f"every remaining cell ({len(todo)}) is held by another runner; waiting {wait_s:.0f}s",
+                  flush=True)
+            time.sleep(wait_s)
+            continue
+        key = study.key(cell)
         try:
-            rec = run_cell(cell, protocol, data, out)
+            _, entry = seed_model(study, cell.n_layers, data.eval_batches, out)
+            if not entry["passes_gate"]:
+                print(f"{cell.n_layers} blocks: seed model fails the CER gate; its cells are skipped",
+                      flush=True)
+                continue
+            print(f"[{len(done) + 1}/{len(done) + len(todo)}] {','.join(cell.groups)}: {cell.label()} ...",
+                  flush=True)
+            rec = run_cell(cell, study, data, out)
         finally:
-            (out / "cells" / f".claim-{cell.key(protocol)}").unlink(missing_ok=True)
+            (out / "cells" / f".claim-{key}").unlink(missing_ok=True)
         ran += 1
-        print(f"    WER {rec['wer']:.1%} CER {rec['cer']:.1%} (seed {rec['seed_model']['wer']:.1%}) "
-              f"in {rec['total_s']:.0f}s; {len(todo) - 1} left, elapsed {time.time() - started:.0f}s",
+        if on_cell is not None:
+            on_cell(rec)
+        print(f"    CER {rec['cer']:.1%} WER {rec['wer']:.1%} (seed CER {rec['seed_model']['cer']:.1%}) "
+              f"in {rec['total_s']:.0f}s; {len(todo) - 1} known left, elapsed {time.time() - started:.0f}s",
               flush=True)
     return ran

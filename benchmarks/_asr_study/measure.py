@@ -1,30 +1,36 @@
-"""Measurements beside the cells: per-layer update norms of real clients, noise fidelity, cohort speed."""
+"""Diagnostics beside the cells: per-layer update norms and clipping fidelity per depth, speed.
+
+The norms and fidelity are measured at every depth of the grid and at the diagnostic depth
+(36 blocks in the full protocol: a model built only for this, one seed, no training grid). Each
+depth's result is stored under its depth in ``update_norms.json`` / ``fidelity.json`` with the
+seed model's identity and reused while that model is unchanged.
+"""
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import statistics
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks._asr_study.cells import Data, fl_run, make_clipper, make_optimizer, seed_model
-from benchmarks._asr_study.grid import (
-    Protocol,
-)
-from benchmarks._study import machine
+from benchmarks._asr_study.cells import Data, fl_run, make_clipper, make_optimizer, read_sigma_star
+from benchmarks._asr_study.grid import FIXED_CLIPS, ROOT, Study
+from benchmarks._asr_study.provenance import code_version, machine_info
+from benchmarks._asr_study.seeds import seed_model
 from benchmarks._study import now as _now
 from benchmarks._study import write_json as _write_json
 from dpfl.clip import ClipStats, PerLayerClip
+from dpfl.simulation import train_local
 from examples.asr.train import batch_loss
 
 
-# --------------------------------------------------------------------------- per-layer norms
 def layer_type(name: str) -> str:
     """Layer type of a parameter tensor of :class:`CTCTransformer`."""
     if name.startswith("conv."):
@@ -40,8 +46,19 @@ def layer_type(name: str) -> str:
     return "other"
 
 
+def relative_rms(layer: Mapping[str, Any], layers: Sequence[Mapping[str, Any]]) -> float:
+    """(‖Δ_h‖/√d_h) / (‖Δ‖/√D): a layer's per-element RMS relative to the whole update's.
+
+    Under global clipping and noise a layer's signal-to-noise ratio is proportional to this
+    (per-layer dim clipping makes it 1 for every clipped layer); below 1 the layer drowns first.
+    """
+    total_d = sum(a["numel"] for a in layers)
+    total = math.sqrt(sum(a["norm"] ** 2 for a in layers))
+    return (layer["norm"] / math.sqrt(layer["numel"])) / (total / math.sqrt(total_d))
+
+
 class _RecordingClip(PerLayerClip):
-    """A :class:`PerLayerClip` (one layer per tensor) that keeps every pre-clip layer norm."""
+    """A :class:`PerLayerClip` (dim, one layer per tensor) that keeps every pre-clip layer norm."""
 
     def __init__(self, bound: float) -> None:
         super().__init__(bound, allocation="dim")
@@ -53,80 +70,123 @@ class _RecordingClip(PerLayerClip):
         return stats
 
 
-def measure_norms(protocol: Protocol, data: Data, out: Path, *, rounds: int = 3) -> dict[str, Any]:
-    """Per-tensor L2 norms of real client updates (pre-clipping) during the FL run's first
-    ``rounds`` rounds (per-layer dim clipping, LAMB, no noise), averaged over clients."""
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def diagnostic_depths(study: Study) -> list[int]:
+    """The grid's depths and the diagnostic depth."""
+    return list(dict.fromkeys((*study.protocol.depths, study.protocol.diag_depth)))
+
+
+def measure_norms(study: Study, data: Data, out: Path) -> dict[str, Any]:
+    """Per-tensor L2 norms of real client updates (before clipping) in the first ``norm_rounds``
+    rounds of an FL run from each depth's seed model (per-layer dim clipping, LAMB at its
+    middle LR, no noise, seed 0), averaged over clients."""
     torch.set_num_threads(1)
-    base, _ = seed_model(protocol, data, None, out)
-    model = copy.deepcopy(base)
-    clipper = _RecordingClip(protocol.clip_bound)
-    lr = dict(protocol.lr_grid)["lamb"][len(dict(protocol.lr_grid)["lamb"]) // 2]
-    fl_run(model, data.users, clipper=clipper, optimizer=make_optimizer("lamb", model, lr),
-           sigma_dp=0.0, cohort_size=protocol.cohort_size, rounds=rounds, local_lr=protocol.local_lr,
-           local_steps=protocol.local_steps, seed=0)
-    names = list(clipper.seen[0])
-    sizes = {n: p.numel() for n, p in base.named_parameters()}
-    bounds = clipper.layer_bounds({n: p.detach() for n, p in base.named_parameters()})
-    mean = {n: statistics.fmean(s[n] for s in clipper.seen) for n in names}
-    total_sq = sum(v * v for v in mean.values())
-    result = {
-        "clients": len(clipper.seen), "rounds": rounds, "protocol": protocol.key_dict(),
-        "layers": [{"name": n, "type": layer_type(n), "numel": sizes[n], "norm": mean[n],
-                    "share_of_squared_norm": mean[n] ** 2 / total_sq, "dim_bound": bounds[n],
-                    "clip_factor_dim": min(1.0, bounds[n] / mean[n]) if mean[n] > 0 else 1.0}
-                   for n in names],
-        "mean_total_norm": statistics.fmean(math.hypot(*s.values()) for s in clipper.seen),
-        "machine": machine(), "finished": _now(),
-    }
-    _write_json(out / "update_norms.json", result)
-    return result
+    p = study.protocol
+    path = out / "update_norms.json"
+    for depth in diagnostic_depths(study):
+        if _load(path).get(str(depth), {}).get("seed_id") == study.seed_ids[depth]:
+            continue
+        t0 = time.time()
+        base, entry = seed_model(study, depth, data.eval_batches, out)
+        model = copy.deepcopy(base)
+        clipper = _RecordingClip(p.clip_bound)
+        fl_run(model, data.users, clipper=clipper, optimizer=make_optimizer("lamb", model, p.pilot_lr()),
+               sigma_dp=0.0, cohort_size=p.cohort_size, rounds=p.norm_rounds, local_lr=p.local_lr,
+               local_steps=p.local_steps, local_grad_clip=p.local_grad_clip, seed=0)
+        names = list(clipper.seen[0])
+        sizes = {n: q.numel() for n, q in base.named_parameters()}
+        bounds = clipper.layer_bounds({n: q.detach() for n, q in base.named_parameters()})
+        mean = {n: statistics.fmean(s[n] for s in clipper.seen) for n in names}
+        total_sq = sum(v * v for v in mean.values())
+        layers: list[dict[str, Any]] = [{"name": n, "type": layer_type(n), "numel": sizes[n], "norm": mean[n],
+                   "share_of_squared_norm": mean[n] ** 2 / total_sq, "dim_bound": bounds[n],
+                   "clip_factor_dim": min(1.0, bounds[n] / mean[n]) if mean[n] > 0 else 1.0}
+                  for n in names]
+        for a in layers:
+            a["relative_rms"] = relative_rms(a, layers)
+        rel = [a["relative_rms"] for a in layers]
+        result = {
+            "n_layers": depth, "seed_id": study.seed_ids[depth], "seed_cer": entry["eval_cer"],
+            "diagnostic_only": depth not in p.depths, "clients": len(clipper.seen), "rounds": p.norm_rounds,
+            "clip_bound": p.clip_bound, "layers": layers,
+            "mean_total_norm": statistics.fmean(math.hypot(*s.values()) for s in clipper.seen),
+            "relative_rms_span": max(rel) / min(r for r in rel if r > 0),
+            "seconds": round(time.time() - t0, 1), "code": code_version(ROOT), "machine": machine_info(),
+            "finished": _now(),
+        }
+        blob = _load(path)
+        blob[str(depth)] = result
+        _write_json(path, blob)
+        print(f"update norms ({depth} blocks): per-element RMS spans x{result['relative_rms_span']:.3g} "
+              f"across {len(layers)} tensors", flush=True)
+    return _load(path)
 
 
-def measure_fidelity(protocol: Protocol, data: Data, out: Path, *, draws: int = 5) -> dict[str, Any]:
-    """How well the noised, clipped mean keeps each layer type's direction (no training needed).
+def measure_fidelity(study: Study, data: Data, out: Path, *, draws: int = 5) -> dict[str, Any]:
+    """How well the noised, clipped mean keeps each layer type's direction, per depth.
 
-    One cohort of real client updates (``train_local`` from the seed model, the protocol's local
-    work) is clipped globally or per layer (dim), averaged over S, noised with std σ_DP·C per
-    coordinate, and compared by cosine with the unclipped mean update, per layer type.
+    One cohort (the first S users) of real client updates (the protocol's local work from the
+    depth's seed model) is clipped globally, per layer (dim) or normalized, averaged over S,
+    noised with std σ_DP·C per coordinate (at 0, the depth's σ_pe and σ* when fixed), and
+    compared by cosine with the unclipped mean update, overall and per layer type. Also: the
+    fraction of the users clipped and the mean factor by which clipping scales the update.
     """
-    from dpfl.simulation import train_local
-
     torch.set_num_threads(1)
-    base, _ = seed_model(protocol, data, None, out)
-    users = sorted(data.users)[: protocol.cohort_size]
-    updates = [train_local(base, data.users[u], batch_loss, lr=protocol.local_lr, steps=protocol.local_steps,
-                           max_grad_norm=1.0, generator=torch.Generator().manual_seed(i))
-               for i, u in enumerate(users)]
-    names = list(updates[0])
-    true_mean = {n: sum(u[n] for u in updates) / len(updates) for n in names}
-    types = sorted({layer_type(n) for n in names})
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    for clip in ("global", "dim"):
-        clipper = make_clipper(clip, protocol.clip_bound)
-        clipped = [clipper.clip(u)[0] for u in updates]
-        mean = {n: sum(c[n] for c in clipped) / protocol.cohort_size for n in names}
-        for sigma in protocol.sigma_levels:
-            cos: dict[str, list[float]] = {t: [] for t in types + ["all"]}
-            for _ in range(draws):
-                noisy = {n: mean[n] + sigma * protocol.clip_bound * torch.randn(mean[n].shape, generator=gen)
-                         for n in names}
-                for t in types + ["all"]:
-                    sel = [n for n in names if t == "all" or layer_type(n) == t]
-                    a = torch.cat([noisy[n].flatten() for n in sel]).double()
-                    b = torch.cat([true_mean[n].flatten() for n in sel]).double()
-                    cos[t].append(float(a @ b / (a.norm() * b.norm()).clamp_min(1e-30)))
-            rows.append({"clip": clip, "sigma_dp": sigma, **{t: statistics.fmean(v) for t, v in cos.items()}})
-    result = {"users": len(users), "draws": draws, "types": types, "rows": rows, "finished": _now()}
-    _write_json(out / "fidelity.json", result)
-    return result
+    p = study.protocol
+    path = out / "fidelity.json"
+    sigma_star = read_sigma_star(study, out)
+    for depth in diagnostic_depths(study):
+        sigmas = sorted({0.0, study.sigma_pe(depth), *((sigma_star,) if sigma_star else ())})
+        old = _load(path).get(str(depth), {})
+        if old.get("seed_id") == study.seed_ids[depth] and old.get("sigmas") == sigmas:
+            continue
+        base, _ = seed_model(study, depth, data.eval_batches, out)
+        users = sorted(data.users)[: p.cohort_size]
+        updates = [train_local(base, data.users[u], batch_loss, lr=p.local_lr, steps=p.local_steps,
+                               max_grad_norm=p.local_grad_clip, generator=torch.Generator().manual_seed(i))
+                   for i, u in enumerate(users)]
+        names = list(updates[0])
+        true_mean = {n: torch.stack([u[n] for u in updates]).mean(0) for n in names}
+        types = sorted({layer_type(n) for n in names})
+        gen = torch.Generator().manual_seed(0)
+        rows = []
+        for clip in FIXED_CLIPS:
+            clipper = make_clipper(clip, p.clip_bound)
+            clipped, factors = [], []
+            for u in updates:
+                c = clipper.clip(u)[0]
+                clipped.append(c)
+                norm_u = math.sqrt(sum(float(v.double().pow(2).sum()) for v in u.values()))
+                norm_c = math.sqrt(sum(float(v.double().pow(2).sum()) for v in c.values()))
+                factors.append(norm_c / norm_u if norm_u > 0 else 1.0)
+            mean = {n: torch.stack([c[n] for c in clipped]).mean(0) for n in names}
+            for sigma in sigmas:
+                cos: dict[str, list[float]] = {t: [] for t in ["all", *types]}
+                for _ in range(draws):
+                    noisy = {n: mean[n] + sigma * p.clip_bound * torch.randn(mean[n].shape, generator=gen)
+                             for n in names}
+                    for t in cos:
+                        sel = [n for n in names if t == "all" or layer_type(n) == t]
+                        a = torch.cat([noisy[n].flatten() for n in sel]).double()
+                        b = torch.cat([true_mean[n].flatten() for n in sel]).double()
+                        cos[t].append(float(a @ b / (a.norm() * b.norm()).clamp_min(1e-30)))
+                rows.append({"clip": clip, "sigma_dp": sigma, "mean_norm_factor": statistics.fmean(factors),
+                             **{t: statistics.fmean(v) for t, v in cos.items()}})
+        blob = _load(path)
+        blob[str(depth)] = {"n_layers": depth, "seed_id": study.seed_ids[depth], "users": len(users),
+                            "draws": draws, "types": types, "sigmas": sigmas, "rows": rows, "finished": _now()}
+        _write_json(path, blob)
+    return _load(path)
 
 
-# --------------------------------------------------------------------------- speed
-def measure_speed(protocol: Protocol, data: Data, out: Path, *, rounds: int = 2) -> dict[str, Any]:
-    """Seconds per round of sequential vs ``vectorized=True`` cohort training, side by side."""
+def measure_speed(study: Study, data: Data, out: Path, *, rounds: int = 2) -> dict[str, Any]:
+    """Seconds per round of sequential vs ``vectorized=True`` cohort training (main depth)."""
     torch.set_num_threads(1)
-    base, _ = seed_model(protocol, data, None, out)
+    p = study.protocol
+    base, _ = seed_model(study, p.main_depth, data.eval_batches, out)
     times: dict[str, list[float]] = {"sequential": [], "vectorized": []}
     fell_back: list[str] = []
     for _ in range(2):
@@ -135,28 +195,17 @@ def measure_speed(protocol: Protocol, data: Data, out: Path, *, rounds: int = 2)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 t0 = time.time()
-                fl_run(model, data.users, clipper=make_clipper("dim", protocol.clip_bound),
-                       optimizer=make_optimizer("lamb", model, 0.01), sigma_dp=0.0,
-                       cohort_size=protocol.cohort_size, rounds=rounds, local_lr=protocol.local_lr,
-                       local_steps=protocol.local_steps, seed=0, vectorized=mode == "vectorized")
+                fl_run(model, data.users, clipper=make_clipper("dim", p.clip_bound),
+                       optimizer=make_optimizer("lamb", model, p.pilot_lr()), sigma_dp=0.0,
+                       cohort_size=p.cohort_size, rounds=rounds, local_lr=p.local_lr,
+                       local_steps=p.local_steps, local_grad_clip=p.local_grad_clip, seed=0,
+                       vectorized=mode == "vectorized")
                 times[mode].append((time.time() - t0) / rounds)
-            fell_back += [str(w.message)[:300] for w in caught if "Vectoriz" in type(w.category).__name__
-                          or "vectoriz" in str(w.message).lower()]
+            fell_back += [str(w.message)[:300] for w in caught if "vectoriz" in str(w.message).lower()]
     result = {"seconds_per_round": {k: statistics.median(v) for k, v in times.items()},
               "speedup": statistics.median(times["sequential"]) / statistics.median(times["vectorized"]),
-              "fallback_warnings": sorted(set(fell_back)), "cohort_size": protocol.cohort_size,
-              "local_steps": protocol.local_steps, "machine": machine(), "finished": _now()}
+              "fallback_warnings": sorted(set(fell_back)), "cohort_size": p.cohort_size,
+              "local_steps": p.local_steps, "n_layers": p.main_depth, "machine": machine_info(),
+              "finished": _now()}
     _write_json(out / "speed.json", result)
     return result
-
-
-
-def _relative_rms(layer: Mapping[str, Any], n: Mapping[str, Any]) -> float:
-    """(‖Δ_h‖/√d_h) / (‖Δ‖/√D): a layer's share of the global norm relative to its dim share.
-
-    Under global clipping and noise, a layer's signal-to-noise ratio is proportional to this
-    (per-layer dim clipping makes it 1 for every clipped layer); below 1 the layer drowns first.
-    """
-    total_d = sum(a["numel"] for a in n["layers"])
-    total = math.sqrt(sum(a["norm"] ** 2 for a in n["layers"]))
-    return (layer["norm"] / math.sqrt(layer["numel"])) / (total / math.sqrt(total_d))

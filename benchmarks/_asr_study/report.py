@@ -1,4 +1,4 @@
-"""The study's report: aggregates over seeds, extrapolated ε, claims and their verdicts."""
+"""The v2 report (``README.md`` in the results folder): tables with CIs, verdicts, power, plots."""
 
 from __future__ import annotations
 
@@ -9,313 +9,450 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from benchmarks._asr_study.cells import depth_slot, model_config
+from benchmarks._asr_study.cells import read_sigma_star
+from benchmarks._asr_study.claims import (
+    METRICS,
+    Cells,
+    ClaimRow,
+    DepthStatus,
+    claim_rows,
+    depth_status,
+    pair,
+    values,
+)
 from benchmarks._asr_study.grid import (
-    ADAPTIVE_STARTS,
     CLIP_LABEL,
-    CLIPS,
-    MAX_LR_EXTENSIONS,
     OPT_LABEL,
-    OPTIMIZERS,
+    PAPER_NOISE_NORM,
     PAPER_SCALE,
     PROTOCOL_VERSION,
     Cell,
-    Protocol,
+    Study,
+    choose_sigma_star,
     load_cells,
-    sweep_lrs,
-    tuned_lr,
+    sweep_result,
 )
-from benchmarks._asr_study.measure import _relative_rms
-from benchmarks._asr_study.plots import make_plots, plot_bound_trajectories
-from benchmarks._study import mean_std as _mean_std
+from benchmarks._asr_study.plots import make_plots
+from benchmarks._asr_study.stats import Paired, Welch, mean_ci, paired
 from benchmarks._study import write_json as _write_json
 from dpfl.accounting import extrapolate
 
 
-# --------------------------------------------------------------------------- report
-def _fmt(values: list[float] | None, pct: bool = True) -> str:
-    if not values:
-        return "–"
-    m, s = _mean_std(values)
-    if pct:
-        return f"{100 * m:.1f} ± {100 * s:.1f} (n={len(values)})" if len(values) > 1 else f"{100 * m:.1f} (n=1)"
-    return f"{m:.3g} ± {s:.2g}"
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def aggregate(records: list[dict[str, Any]], protocol: Protocol) -> dict[tuple, dict[str, list[float]]]:
-    """Cells of the current protocol grouped by configuration without the seed."""
-    out: dict[tuple, dict[str, list[float]]] = {}
-    current = json.loads(json.dumps(protocol.key_dict()))  # tuples become lists, as in the files
-    for r in records:
-        if r["protocol"] != current or r["protocol_version"] != PROTOCOL_VERSION:
-            continue
-        c = r["cell"]
-        clip = c["clip"] if c.get("clip_start") is None else f"{c['clip']}@{c['clip_start']:g}"
-        k = (clip, c["optimizer"], c["sigma_dp"], c["server_lr"], c["n_layers"],
-             c["cohort_size"], c["local_steps"])
-        slot = out.setdefault(k, {"wer": [], "cer": [], "seeds": [], "total_s": []})
-        slot["wer"].append(r["wer"])
-        slot["cer"].append(r["cer"])
-        slot["seeds"].append(c["seed"])
-        slot["total_s"].append(r["total_s"])
-    return out
+def _f(x: float | None, digits: int = 2) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.{digits}f}"
 
 
-PAPER_PARAMS = 255_800_862
-"""Parameters of the paper's model (design notes 2.5)."""
+def _ci(ci: tuple[float, float] | None, digits: int = 2) -> str:
+    return "–" if ci is None else f"[{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
 
 
-def paper_equivalent_sigma(sigma_dp: float, params: int) -> float:
-    """σ_DP giving the paper's 255.8M-parameter model the same noise norm per unit of C
-    (noise norm on the mean = σ_DP · C · √D) as ``sigma_dp`` gives a model of ``params``."""
-    return sigma_dp * math.sqrt(params / PAPER_PARAMS)
+def arm_label(clip: str, opt: str) -> str:
+    return f"{CLIP_LABEL[clip]}, {OPT_LABEL[opt]}"
+
+
+def code_flag(hashes: set[str], parts: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """A warning line when a table's cells come from more than one code version."""
+    hashes = {h for h in hashes if h}
+    if len(hashes) <= 1:
+        return []
+    differing = sorted({k for h in hashes for k in parts.get(h, {})
+                        if len({parts.get(x, {}).get(k) for x in hashes}) > 1})
+    return [f"**Flag:** the cells of this table come from {len(hashes)} code versions "
+            f"({', '.join(sorted(hashes))}; differing: {', '.join(differing) or 'unknown'}).", ""]
 
 
 def _paper_eps(sigma: float) -> dict[str, Any]:
-    entry: dict[str, Any] = {"noise_multiplier": sigma * PAPER_SCALE["cohort_size"]}
+    out: dict[str, Any] = {"noise_multiplier": sigma * PAPER_SCALE["cohort_size"]}
     for acc in ("rdp", "pld"):
         try:
-            entry[acc] = extrapolate(sigma_dp=sigma, accountant=acc, cohort_size=PAPER_SCALE["cohort_size"],
-                                     population=PAPER_SCALE["population"], rounds=int(PAPER_SCALE["rounds"]),
-                                     delta=PAPER_SCALE["delta"]).epsilon
+            out[acc] = extrapolate(sigma_dp=sigma, accountant=acc, cohort_size=PAPER_SCALE["cohort_size"],
+                                   population=PAPER_SCALE["population"], rounds=int(PAPER_SCALE["rounds"]),
+                                   delta=PAPER_SCALE["delta"]).epsilon
         except (ValueError, RuntimeError, OverflowError) as exc:  # report, do not crash
-            entry[acc] = f"failed: {exc}"[:120]
-    return entry
+            out[acc] = f"failed: {exc}"[:120]
+    return out
 
 
-def extrapolated_epsilons(sigmas: Iterable[float], out: Path, params: int) -> dict[str, dict[str, Any]]:
-    """Paper-scale ε (S 204,800, K 69.5M, T 2,034, δ 1e-9) per σ_DP, RDP and PLD, both for the
-    σ_DP itself and for its paper-model equivalent (:func:`paper_equivalent_sigma`); cached."""
+def extrapolated_epsilons(sigmas: Iterable[float], out: Path) -> dict[str, dict[str, Any]]:
+    """Paper-scale ε (S 204,800, K 69.5M, T 2,034, δ 1e-9) of each σ_DP, RDP and PLD (cached)."""
     path = out / "extrapolated_epsilon.json"
-    cache = json.loads(path.read_text()) if path.is_file() else {}
+    cache = _load(path)
     for s in sigmas:
-        key = f"{s:g}@{params}"
-        if s <= 0 or key in cache:
+        if s > 0 and f"{s:g}" not in cache:
+            cache[f"{s:g}"] = _paper_eps(s)
+            _write_json(path, cache)
+    return cache
+
+
+def _eps(v: Any) -> str:
+    return v if isinstance(v, str) else f"{v:.3g}"
+
+
+# --------------------------------------------------------------------------- sections
+def seeds_section(study: Study, statuses: Mapping[int, DepthStatus], seeds: Mapping[str, Any]) -> list[str]:
+    p = study.protocol
+    lines = ["## Seed models and the gate", "",
+             f"A depth enters the study only if its seed model's eval CER is ≤ {100 * p.cer_gate:.0f}% and its "
+             "no-noise cells improve on it (PLAN.md). The diagnostic model is used for update norms and "
+             "clipping fidelity only.", "",
+             "| blocks | parameters D | tensors | seed model | SHA-256 | eval CER % | eval WER % | σ_pe = 0.048/√D |"
+             " no-noise cells, mean CER % | status |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for depth in dict.fromkeys((*p.depths, p.diag_depth)):
+        e = seeds.get(str(depth))
+        cur = e if e and e.get("seed_id") == study.seed_ids[depth] else None
+        st = statuses.get(depth)
+        if depth not in p.depths:
+            status = "diagnostic only"
+        elif st is None or st.seed_cer is None:
+            status = "seed model not loaded yet"
+        else:
+            status = st.no_verdict or "works"
+        src = "–" if cur is None else (f"{cur['source']}: `{cur['checkpoint']}`" if cur["source"] == "shipped"
+                                       else f"{cur['source']} here ({cur['recipe']['steps']} LARS steps, cached)")
+        lines.append(
+            f"| {depth} | {study.params[depth]:,} | {study.tensors[depth]} | {src} | "
+            f"{cur['sha256'][:12] if cur else '–'} | {100 * cur['eval_cer']:.1f} | {100 * cur['eval_wer']:.1f} | "
+            f"{study.sigma_pe(depth):.3g} | "
+            f"{'–' if st is None or st.no_noise_cer is None else f'{100 * st.no_noise_cer:.1f}'} | {status} |"
+            if cur else f"| {depth} | {study.params[depth]:,} | {study.tensors[depth]} | – | – | – | – | "
+                        f"{study.sigma_pe(depth):.3g} | – | {status} |")
+    return lines + [""]
+
+
+def pilot_section(study: Study, cells: Cells, out: Path) -> list[str]:
+    blob = _load(out / "sigma_star.json")
+    lines = ["## Pilot and σ*", "",
+             f"Global clipping, LAMB at LR {study.protocol.pilot_lr():g}, seed 0, {study.protocol.main_depth} "
+             f"blocks; σ* = the level whose eval-CER cost over no noise is closest to "
+             f"{study.protocol.target_cost:g} points, written once to `sigma_star.json`.", ""]
+    rows = blob.get("pilot") or (choose_sigma_star(study, cells.done) or {}).get("pilot")
+    if rows:
+        lines += ["| σ_DP | eval CER % | eval WER % | CER cost (points) |", "|---|---|---|---|"]
+        lines += [f"| {r['sigma_dp']:g} | {100 * r['cer']:.2f} | {100 * r['wer']:.2f} | {r['cost_points']:+.2f} |"
+                  for r in rows]
+        lines.append("")
+    if cells.sigma_star is None:
+        return lines + ["σ* is not chosen yet (pilot unfinished).", ""]
+    lines.append(f"**σ* = {cells.sigma_star:g}** (chosen {blob.get('chosen', '?')}; pilot cost "
+                 f"{blob.get('cost_points', math.nan):+.2f} CER points). Noise norm on the mean σ*·√D: " +
+                 ", ".join(f"{d} blocks {cells.sigma_star * math.sqrt(study.params[d]):.3g}·C"
+                           for d in study.protocol.depths) + f" (the paper: {PAPER_NOISE_NORM}·C).")
+    now = choose_sigma_star(study, cells.done)
+    if now and now["sigma_star"] != cells.sigma_star:
+        lines.append(f"**Flag:** the pilot cells now on disk would choose σ* = {now['sigma_star']:g}; "
+                     "the recorded σ* stands (PLAN.md: fixed once chosen).")
+    return lines + [""]
+
+
+def eps_section(study: Study, cells: Cells, out: Path) -> list[str]:
+    sig = sorted({study.sigma_pe(d) for d in study.protocol.depths}
+                 | ({cells.sigma_star} if cells.sigma_star else set()))
+    eps = extrapolated_epsilons(sig, out)
+    lines = ["## Extrapolated ε (paper scale: S 204,800, K 69.5M, T 2,034, δ 1e-9)", "",
+             "| σ_DP | z at paper scale | ε RDP | ε PLD |", "|---|---|---|---|"]
+    for s in sig:
+        e = eps[f"{s:g}"]
+        lines.append(f"| {s:g} | {e['noise_multiplier']:.4g} | {_eps(e['rdp'])} | {_eps(e['pld'])} |")
+    return lines + [""]
+
+
+def sweeps_section(study: Study, cells: Cells, parts: Mapping[str, Mapping[str, str]]) -> list[str]:
+    p = study.protocol
+    lines = ["## Server learning rates", "",
+             f"Swept per arm at σ* on seeds {', '.join(map(str, p.sweep_seeds))} (mean eval CER %), "
+             f"extended at an end holding the best mean (up to {p.max_lr_extensions} extensions); the "
+             "chosen LR is used at every level of the arm.", "",
+             "| blocks | arm | LR → mean CER % | chosen | interior |", "|---|---|---|---|---|"]
+    if cells.sigma_star is None:
+        return lines[:-3] + ["Not started (σ* not chosen yet).", ""]
+    hashes: set[str] = set()
+    for depth in p.depths:
+        for arm in p.arms(depth):
+            r = sweep_result(study, cells.done, arm, depth, cells.sigma_star)
+            hashes |= {cells.done[k].get("code", {}).get("hash", "?") for k in
+                       (study.key(Cell(*arm, cells.sigma_star, seed, lr, depth))
+                        for lr in r["lrs"] for seed in p.sweep_seeds) if k in cells.done}
+            txt = ", ".join(f"{lr:g} → {'–' if m is None else f'{100 * m:.2f}'}"
+                            for lr, m in zip(r["lrs"], r["mean_cer"], strict=True))
+            interior = "–" if r["chosen"] is None else ("yes" if r["interior"] else "**no** (at an end)")
+            lines.append(f"| {depth} | {arm_label(*arm)} | {txt} | {r['chosen'] if r['chosen'] else '–'} | {interior} |")
+    return lines + [""] + code_flag(hashes, parts)
+
+
+def results_section(study: Study, cells: Cells, parts: Mapping[str, Mapping[str, str]]) -> list[str]:
+    p = study.protocol
+    lines = ["## Results per arm", "", "Eval CER and WER (%) after the last round: mean and 95% t interval "
+             "over seeds (each arm at its tuned LR).", ""]
+    for depth in p.depths:
+        levels = [("σ*", cells.sigma_star), ("σ_pe", study.sigma_pe(depth)), ("0", 0.0)]
+        lines += [f"### {depth} blocks", "", "| arm | level | σ_DP | seeds | CER % | WER % |",
+                  "|---|---|---|---|---|---|"]
+        hashes: set[str] = set()
+        for level, sigma in levels:
+            for arm in p.arms(depth):
+                got = cells.get(depth, *arm, sigma)
+                if not got:
+                    continue
+                hashes |= _hashes(got)
+                cols = []
+                for name in METRICS:
+                    v = values(got, name)
+                    ci = mean_ci(v)
+                    cols.append(f"{statistics.fmean(v):.2f} [{ci[1]:.2f}, {ci[2]:.2f}]" if ci else
+                                f"{statistics.fmean(v):.2f}")
+                lines.append(f"| {arm_label(*arm)} | {level} | {sigma:g} | {len(got)} | {cols[0]} | {cols[1]} |")
+        lines.append("")
+        lines += code_flag(hashes, parts)
+    return lines
+
+
+def _needed(r: ClaimRow) -> str:
+    if r.needed is None or r.verdict not in ("inconclusive",):
+        return "–"
+    unit = " (seeds per depth)" if r.claim == "3" else ""
+    s = "unreachable" if r.needed.sign is None else f"{r.needed.sign}"
+    e = "unreachable" if r.needed.equivalence is None else f"{r.needed.equivalence}"
+    return f"sign {s}, equivalence {e}{unit}"
+
+
+def _stat_cols(r: ClaimRow) -> list[str]:
+    """n, mean d, sd, 95% CI, 90% CI, pairs for/against."""
+    s = r.summary
+    if isinstance(s, Paired):
+        return [str(s.n), _f(s.mean), f"{s.sd:.2f}", _ci(s.ci95), _ci(s.ci90), f"{s.favour[0]}/{s.favour[1]}"]
+    if isinstance(s, Welch):
+        return [f"{s.n[0]}+{s.n[1]}", _f(s.diff), f"se {s.se:.2f}, df {s.df:.1f}", _ci(s.ci95), _ci(s.ci90), "–"]
+    finite = [d for d in r.diffs if math.isfinite(d)]
+    return [str(len(finite)), _f(finite[0]) if len(finite) == 1 else "–", "–", "–", "–", "–"]
+
+
+def verdicts_section(rows: list[ClaimRow]) -> list[str]:
+    """One line per claim and depth: the CER verdict at σ* (and the WER one beside it)."""
+    lines = ["## Verdicts (σ*, CER primary; WER secondary)", "",
+             "| claim | blocks | CER: mean d [95% CI] | verdict (CER) | verdict (WER) |", "|---|---|---|---|---|"]
+    wer = {(r.claim, r.label, r.depth): r.verdict for r in rows if r.metric == "wer" and r.level == "σ*"}
+    for r in rows:
+        if r.metric != "cer" or r.level != "σ*":
             continue
-        eq = paper_equivalent_sigma(s, params)
-        cache[key] = {**_paper_eps(s), "paper_equivalent_sigma": eq, "paper_equivalent": _paper_eps(eq)}
-        _write_json(path, cache)
-    return {k.split("@")[0]: v for k, v in cache.items() if k.endswith(f"@{params}")}
+        s = r.summary
+        mean = s.mean if isinstance(s, Paired) else s.diff if isinstance(s, Welch) else None
+        est = "–" if s is None else f"{mean:+.2f} {_ci(s.ci95)}"
+        lines.append(f"| {r.claim}. {r.label} | {r.depth} | {est} | **{r.verdict}** | "
+                     f"{wer.get((r.claim, r.label, r.depth), '–')} |")
+    return lines + ["", "Positive d favours the paper; details, margins, power and sample sizes below.", ""]
 
 
-def _eps_str(v: Any) -> str:
-    if isinstance(v, str):
-        return v
-    return f"{v:.3g}"
+def claims_section(rows: list[ClaimRow], parts: Mapping[str, Mapping[str, str]]) -> list[str]:
+    head = ("| claim | blocks | metric | n | mean d | sd | 95% CI | 90% CI | margin m | verdict | MDE (80%) |"
+            " pairs needed to decide | pairs for/against | code versions |")
+    sep = "|---" * 14 + "|"
+    lines = ["## Claims (verdicts at σ*)", "",
+             "d = metric(paper's loser) − metric(paper's winner) per seed in points, so **positive favours the "
+             "paper**. Verdict (mechanical, PLAN.md): reproduced if the 95% CI is above 0; reversed if below 0; "
+             "not reproduced if the 90% CI lies inside (−m, +m) with m = 0.25 × the noise cost "
+             "(global, LAMB, σ* − 0) at that depth; else inconclusive. Claim 3 is the Welch interval of "
+             "g(16) − g(4), g = mean d of claim 1 (dim vs global, LAMB), with m = the smaller of the two "
+             "depths' margins. MDE = smallest effect detected with 80% power (two-sided, α 0.05) at the "
+             "observed sd and n. Pairs needed: at the observed mean and sd, for the 95% CI to exclude 0 "
+             "(sign) or the 90% CI to fit inside ±m (equivalence). CER is primary; WER is reported with "
+             "the same rule as a secondary metric. The three claims are reported separately; no "
+             "multiple-comparison correction is applied.", ""]
+    for name, title in (("cer", "CER (primary)"), ("wer", "WER (secondary)")):
+        sel = [r for r in rows if r.metric == name and r.level == "σ*"]
+        lines += [f"### {title}", "", head, sep]
+        for r in sel:
+            n, mean, sd, ci95, ci90, fav = _stat_cols(r)
+            small = " (effect smaller than m)" if _within(r) else ""
+            lines.append(f"| {r.claim}. {r.label} | {r.depth} | {name.upper()} | {n} | {mean} | {sd} | {ci95} | "
+                         f"{ci90} | {_f(r.margin)} | **{r.verdict}**{small} | {_f(r.mde)} | {_needed(r)} | "
+                         f"{fav} | {len(r.codes)}{' ⚠' if len(r.codes) > 1 else ''} |")
+            if r.diverged:
+                lines.append(f"| ↳ {r.diverged} diverged pair(s) (non-finite CER) left out of the statistics |"
+                             + " |" * 13)
+        lines.append("")
+        lines += code_flag(set().union(*(r.codes for r in sel)) if sel else set(), parts)
+    return lines
 
 
-def write_report(protocol: Protocol, out: Path) -> Path:
-    """Markdown tables and PNG plots from whatever cells exist under ``out``."""
+def _within(r: ClaimRow) -> bool:
+    """A reproduced/reversed effect whose 90% CI is also inside ±m (real but small)."""
+    s = r.summary
+    if r.margin is None or s is None or r.verdict not in ("reproduced", "reversed"):
+        return False
+    return -r.margin < s.ci90[0] and s.ci90[1] < r.margin
+
+
+def against_section(rows: list[ClaimRow]) -> list[str]:
+    """Every effect whose direction is against the paper (v1 left a small CER effect for global
+    unreported): significant ones and leanings, at every level."""
+    lines = ["## Effects against the paper's direction", "",
+             "Rows whose mean d is negative (the paper's loser did better), at every level; "
+             "\"significant\" = 95% CI below 0.", ""]
+    hits = []
+    for r in rows:
+        s = r.summary
+        mean = s.mean if isinstance(s, Paired) else s.diff if isinstance(s, Welch) else None
+        if mean is None or mean >= 0:
+            continue
+        sig = s.ci95[1] < 0  # type: ignore[union-attr]
+        fav = f", {s.favour[1]}/{s.n} pairs against" if isinstance(s, Paired) else ""
+        hits.append(f"- {r.claim}. {r.label}, {r.depth} blocks, {r.level}, {r.metric.upper()}: "
+                    f"d = {mean:+.2f} points, 95% CI {_ci(s.ci95)}{fav} — "  # type: ignore[union-attr]
+                    f"{'**significant**' if sig else 'not significant'}")
+    return lines + (hits or ["None so far."]) + [""]
+
+
+def secondary_section(rows: list[ClaimRow]) -> list[str]:
+    lines = ["## The same differences at σ_pe and without noise (statistics only)", "",
+             "| claim | blocks | level | metric | n | mean d | sd | 95% CI | 90% CI | pairs for/against |",
+             "|---" * 10 + "|"]
+    for r in rows:
+        if r.level != "σ*":
+            lines.append(f"| {r.claim}. {r.label} | {r.depth} | {r.level} | {r.metric.upper()} | "
+                         + " | ".join(_stat_cols(r)) + " |")
+    return lines + [""]
+
+
+def later_section(study: Study, cells: Cells, parts: Mapping[str, Mapping[str, str]]) -> list[str]:
+    p = study.protocol
+    depth, s = p.main_depth, cells.sigma_star
+    hashes: set[str] = set()
+    lines = ["## Later questions (σ*, LAMB, main depth)", "",
+             "Cohort size S and local steps (one factor at a time; the other at the protocol's value, "
+             f"S = {p.cohort_size}, {p.local_steps} local steps): eval CER % per clipping mode and the paired "
+             "d = CER(global) − CER(dim).", "",
+             "| setting | global CER % | dim CER % | d mean [95% CI] | n |", "|---|---|---|---|---|"]
+    settings = ([(f"S = {x}", {"cohort": x}) for x in sorted({*p.cohort_sizes, p.cohort_size})]
+                + [(f"{x} local steps", {"local": x}) for x in sorted({*p.local_steps_grid, p.local_steps})])
+    for label, setting in settings:
+        # the protocol's own value is the main cells' (stored as None)
+        cohort = setting.get("cohort")
+        local = setting.get("local")
+        cohort = None if cohort == p.cohort_size else cohort
+        local = None if local == p.local_steps else local
+        g = cells.get(depth, "global", "lamb", s, cohort=cohort, local=local)
+        d = cells.get(depth, "dim", "lamb", s, cohort=cohort, local=local)
+        hashes |= _hashes(g, d)
+        _, diffs = pair(g, d, "cer")
+        ps = paired(diffs)
+        lines.append(f"| {label} | {_mean(g)} | {_mean(d)} | "
+                     f"{f'{ps.mean:+.2f} {_ci(ps.ci95)}' if ps else '–'} | {len(diffs)} |")
+    lines += ["", "Adaptive clipping (target quantile 0.5, η 1, count noise std S/20 per layer) against the "
+              "fixed bound C: d = CER(fixed) − CER(adaptive), positive = adaptive better.", "",
+              "| mode | start | adaptive CER % | fixed CER % | d mean [95% CI] | n |", "|---|---|---|---|---|---|"]
+    for clip, base in (("adaptive-global", "global"), ("adaptive-dim", "dim")):
+        for start in p.adaptive_starts:
+            a = cells.get(depth, clip, "lamb", s, start=start, lr_arm=(base, "lamb"))
+            f = cells.get(depth, base, "lamb", s)
+            hashes |= _hashes(a, f)
+            _, diffs = pair(f, a, "cer")
+            ps = paired(diffs)
+            lines.append(f"| {CLIP_LABEL[clip]} | C×{start:g} | {_mean(a)} | {_mean(f)} | "
+                         f"{f'{ps.mean:+.2f} {_ci(ps.ci95)}' if ps else '–'} | {len(diffs)} |")
+    return lines + [""] + code_flag(hashes, parts)
+
+
+def _hashes(*groups: Mapping[int, Mapping[str, Any]]) -> set[str]:
+    return {r.get("code", {}).get("hash", "?") for g in groups for r in g.values()}
+
+
+def _mean(cells: Mapping[int, Any]) -> str:
+    if not cells:
+        return "–"
+    v = values(cells, "cer")
+    return f"{statistics.fmean(v):.2f} (n={len(v)})"
+
+
+def diagnostics_section(study: Study, out: Path) -> list[str]:
+    norms, fid = _load(out / "update_norms.json"), _load(out / "fidelity.json")
+    lines = ["## Diagnostics: per-layer update norms and clipping fidelity", ""]
+    if not norms and not fid:
+        return lines + ["Not measured yet (`python benchmarks/asr_privacy_utility.py norms fidelity`).", ""]
+    lines += ["Real client updates from each depth's seed model (per-layer dim clipping, LAMB, no noise, "
+              "seed 0; before clipping). Relative per-element RMS = (‖Δ_h‖/√d_h)/(‖Δ‖/√D): under global "
+              "clipping plus noise a tensor's signal-to-noise ratio is proportional to it; per-layer dim "
+              "clipping makes it 1 for every clipped tensor.", "",
+              "| blocks | model | clients | mean update norm / C | relative RMS: min, median, max | span |"
+              " tensors below 0.1 |", "|---|---|---|---|---|---|---|"]
+    for depth, n in sorted(norms.items(), key=lambda kv: int(kv[0])):
+        rel = [a["relative_rms"] for a in n["layers"]]
+        model = (f"diagnostic ({study.protocol.diag_seed_steps} LARS steps, seed CER {100 * n['seed_cer']:.1f}%)"
+                 if n.get("diagnostic_only") else f"study seed model (CER {100 * n['seed_cer']:.1f}%)")
+        lines.append(f"| {depth} | {model} | {n['clients']} | {n['mean_total_norm'] / n['clip_bound']:.3g} | "
+                     f"{min(rel):.3g}, {statistics.median(rel):.3g}, {max(rel):.3g} | ×{n['relative_rms_span']:.3g} | "
+                     f"{sum(r < 0.1 for r in rel)}/{len(rel)} |")
+    lines.append("")
+    if fid:
+        lines += ["Clipping fidelity: cosine between the clipped, noised cohort mean and the unclipped mean "
+                  "(1 = direction kept, 0 = noise), and the mean factor by which clipping shrinks an update.", ""]
+        for depth, f in sorted(fid.items(), key=lambda kv: int(kv[0])):
+            types = ["all", *f["types"]]
+            lines += [f"{depth} blocks ({f['users']} users, {f['draws']} noise draws):", "",
+                      "| clipping | σ_DP | shrink factor | " + " | ".join(types) + " |", "|---" * (len(types) + 3) + "|"]
+            lines += [f"| {r['clip']} | {r['sigma_dp']:g} | {r['mean_norm_factor']:.3g} | "
+                      + " | ".join(f"{r[t]:.3f}" for t in types) + " |" for r in f["rows"]]
+            lines.append("")
+    return lines
+
+
+# --------------------------------------------------------------------------- the report
+def write_report(study: Study, out: Path) -> Path:
+    """``out/README.md`` (and the plots) from the finished cells of ``study``."""
     records = load_cells(out)
-    agg = aggregate(records, protocol)
-    done = {r["key"]: r for r in records}
-    lines = ["# ASR privacy-utility study (DP-FedAvg on the embedded corpus)", "",
-             "Generated by `python benchmarks/asr_privacy_utility.py report` from the cells in "
-             "`cells/` (one JSON per finished cell; mean ± std over seeds, WER/CER in %).", ""]
-    seeds_json = out / "seed_models.json"
-    seeds = json.loads(seeds_json.read_text()) if seeds_json.is_file() else {}
-    lines += ["## Protocol (shared by every cell)", "", "```",
-              json.dumps(protocol.key_dict(), indent=1), "```", ""]
-    for v in seeds.values():
-        lines.append(f"- seed model, {v['n_layers']} blocks ({v['params']:,} parameters): eval WER "
-                     f"{100 * v['wer']:.1f}, CER {100 * v['cer']:.1f}")
-    wall = sum(r["total_s"] for r in records)
-    machines = sorted({r["machine"]["description"] for r in records})
-    lines += ["", f"{len(records)} cells finished; cell wall time in all {wall / 3600:.2f} h "
-              f"(one thread each); mean {wall / max(1, len(records)):.0f} s per cell.",
-              f"Machine(s): {'; '.join(machines) or '–'}", ""]
-
-    sigmas = sorted({k[2] for k in agg} | set(protocol.sigma_levels))
-    params = next((v["params"] for v in seeds.values() if v["n_layers"] == model_config(protocol, None).n_layers), None)
-    eps = extrapolated_epsilons(sigmas, out, params) if params else {}
-    lines += ["## Extrapolated ε of each σ_DP (paper scale: S 204,800, K 69.5M, T 2,034, δ 1e-9)", "",
-              "The noise norm on the mean is σ_DP·C·√D, so a given σ_DP is far noisier relative to C on this "
-              f"{params or 0:,}-parameter model than on the paper's 255.8M-parameter one. The last three columns "
-              "give the paper-model σ_DP with the same noise norm per unit of C (σ_DP·√(D/255.8M)) and its ε: "
-              "the privacy level this utility point corresponds to at the paper's model size. ε below ~0.05 "
-              "is at the accountants' resolution (RDP is floored by its largest order, PLD by its "
-              "discretisation), i.e. effectively 0.", "",
-              "| σ_DP | z = σ_DP·S | ε RDP | ε PLD | paper-model equivalent σ_DP | its ε RDP | its ε PLD |",
-              "|---|---|---|---|---|---|---|"]
-    for s in sigmas:
-        if s > 0 and f"{s:g}" in eps:
-            e = eps[f"{s:g}"]
-            q = e["paper_equivalent"]
-            lines.append(f"| {s:g} | {e['noise_multiplier']:.4g} | {_eps_str(e['rdp'])} | {_eps_str(e['pld'])} | "
-                         f"{e['paper_equivalent_sigma']:.3g} | {_eps_str(q['rdp'])} | {_eps_str(q['pld'])} |")
+    sigma_star = read_sigma_star(study, out)
+    cells = Cells(study, records, sigma_star)
+    seeds = _load(out / "seed_models.json")
+    statuses = {d: depth_status(cells, d, seeds.get(str(d))) for d in study.protocol.depths}
+    rows = claim_rows(cells, statuses)
+    parts = {r["code"]["hash"]: r["code"]["parts"] for r in cells.current if "code" in r}
+    wall = sum(r["total_s"] for r in cells.current)
+    versions: dict[str, list[dict[str, Any]]] = {}
+    for r in cells.current:
+        versions.setdefault(r.get("code", {}).get("hash", "?"), []).append(r)
+    lines = [f"# ASR privacy–utility study, protocol v{PROTOCOL_VERSION}", "",
+             "Generated by `python benchmarks/asr_privacy_utility.py report` from the cells in `cells/` "
+             "(one JSON per finished cell). The analysis follows the pre-registered plan "
+             "[PLAN.md](PLAN.md), written before any v2 cell; protocol v1's cells and report "
+             "(`../cells/`, `../README.md`) are never mixed in.", "",
+             "## Status", "",
+             f"{len(cells.current)} cells of this protocol finished ({cells.stale} other cells in `cells/` "
+             f"not used: another protocol, version or seed model); cell wall time in all {wall / 3600:.2f} h, "
+             f"mean {wall / max(1, len(cells.current)):.0f} s per cell (one thread each).", "",
+             "Protocol (shared by every cell):", "", "```", json.dumps(study.protocol.key_dict()), "```", "",
+             "| code hash | git commit | uncommitted changes | cells | machines |", "|---|---|---|---|---|"]
+    for h, rs in sorted(versions.items(), key=lambda kv: -len(kv[1])):
+        commits = sorted({str(r["code"].get("commit"))[:10] for r in rs if "code" in r})
+        dirty = sorted({str(r["code"].get("dirty")) for r in rs if "code" in r})
+        machines = sorted({r["machine"]["description"] for r in rs})
+        lines.append(f"| {h} | {', '.join(commits)} | {', '.join(dirty)} | {len(rs)} | {'; '.join(machines)} |")
     lines.append("")
-
-    lr = {o: tuned_lr(protocol, done, o) for o in OPTIMIZERS}
-    lines += ["## Server learning rates (sweep: per-layer dim, σ_DP "
-              f"{protocol.lr_sweep_sigma:g}, seed {protocol.seeds[0]}; 3 LRs per optimizer, extended by up to "
-              f"{MAX_LR_EXTENSIONS} more at the end holding the best)", "",
-              "| optimizer | LR → eval WER % | chosen |", "|---|---|---|"]
-    for opt, _ in protocol.lr_grid:
-        grid = sweep_lrs(protocol, done, opt)
-        cells = [done.get(Cell("dim", opt, protocol.lr_sweep_sigma, protocol.seeds[0], x).key(protocol))
-                 for x in grid]
-        txt = ", ".join(f"{x:g} → {100 * c['wer']:.1f}" if c else f"{x:g} → –" for x, c in zip(grid, cells, strict=True))
-        lines.append(f"| {OPT_LABEL[opt]} | {txt} | {lr[opt] if lr[opt] is not None else '–'} |")
-    lines.append("")
-
-    def table(title: str, rows: list[tuple[str, tuple]], note: str = "") -> None:
-        lines.extend([f"## {title}", ""] + ([note, ""] if note else []))
-        lines.extend(["| setting | eval WER % | eval CER % |", "|---|---|---|"])
-        for label, k in rows:
-            slot = agg.get(k)
-            lines.append(f"| {label} | {_fmt(slot['wer'] if slot else None)} | {_fmt(slot['cer'] if slot else None)} |")
-        lines.append("")
-
-    lamb = lr["lamb"]
-    rows = []
-    for s in sigmas:
-        for clip in CLIPS:
-            if (clip, "lamb", s, lamb, None, None, None) in agg or clip in ("global", "dim"):
-                rows.append((f"σ_DP {s:g}, {CLIP_LABEL[clip]}", (clip, "lamb", s, lamb, None, None, None)))
-    table("Clipping mode vs σ_DP (LAMB)", rows)
-    rows = [(f"σ_DP {s:g}, {OPT_LABEL[o]}, {CLIP_LABEL[c]}", (c, o, s, lr[o], None, None, None))
-            for s in sigmas for o in OPTIMIZERS for c in ("global", "dim") if lr[o] is not None]
-    table("Server optimizer comparison", rows)
-    rows = [(f"{d} blocks, σ_DP {s:g}, {CLIP_LABEL[c]}",
-             (c, "lamb", s, lamb, depth_slot(protocol, agg, d, protocol.sigma_depth, lamb), None, None))
-            for d in protocol.depths for s in (0.0, protocol.sigma_depth) for c in ("global", "dim")]
-    table("Depth (LAMB)", rows)
-    rows = [(f"S={s}, {CLIP_LABEL[c]}", (c, "lamb", protocol.sigma_depth, lamb, None,
-                                         None if s == protocol.cohort_size else s, None))
-            for s in (5, 10, 20, 40) for c in ("dim", "global")]
-    table(f"Cohort size at σ_DP {protocol.sigma_depth:g} (fixed extrapolated ε)", rows)
-    rows = [(f"{n} local steps, {CLIP_LABEL[c]}", (c, "lamb", protocol.sigma_depth, lamb, None, None,
-                                                  None if n == protocol.local_steps else n))
-            for n in (1, 5, 10, 20) for c in ("dim", "global")]
-    table(f"Local steps at σ_DP {protocol.sigma_depth:g}", rows)
-    rows = [(f"σ_DP {s:g}, {CLIP_LABEL[c]}" + (f", start C×{x:g}" if x else ""),
-             (f"{c}@{x:g}" if x else c, "lamb", s, lamb, None, None, None))
-            for s in sigmas for c, x in (("global", None), ("dim", None), *(
-                (a, x) for a in ("adaptive-global", "adaptive-dim") for x in ADAPTIVE_STARTS))]
-    table("Adaptive clipping (LAMB; target quantile 0.5, η 1, count noise std S/20 per layer)", rows,
-          "Adaptive cells also release a noised count each round, charged as one Gaussian of "
-          "z_eff⁻² = z⁻² + z_b⁻² (the cell files record z_b and the run's ε). With the count std "
-          "S/20 per layer, z_b = S/(10√H): at the paper's scale (S 204,800, H 296 tensors, "
-          "z_b ≈ 1190) the count leaves the extrapolated ε of each σ_DP unchanged (7.22 at the "
-          "paper's z), so the rows compare utility at equal extrapolated privacy; at this study's "
-          "S = 10 the count itself is very noisy (std 0.5 users per layer), which is part of what "
-          "the adaptive rows measure. The bound trajectories are in bound_trajectories.png.")
-
-    speed = out / "speed.json"
-    if speed.is_file():
-        sp = json.loads(speed.read_text())
-        lines += ["## Vectorized cohort training", "",
-                  f"Seconds per round, sequential {sp['seconds_per_round']['sequential']:.1f}, "
-                  f"`vectorized=True` {sp['seconds_per_round']['vectorized']:.1f}: speed-up "
-                  f"{sp['speedup']:.2f}x (cohort {sp['cohort_size']}, {sp['local_steps']} local steps; "
-                  f"{sp['machine']['description']}; two interleaved repeats, median)."]
-        if sp["fallback_warnings"]:
-            lines.append("The vectorized path fell back to the sequential loop, so both timings are of the "
-                         "same code and their ratio reflects only machine load, not a speed-up: "
-                         + "; ".join(f"`{w}`" for w in sp["fallback_warnings"]))
-        lines.append("")
-    norms = out / "update_norms.json"
-    if norms.is_file():
-        lines += _norms_section(json.loads(norms.read_text()))
-    fidelity = out / "fidelity.json"
-    if fidelity.is_file():
-        lines += _fidelity_section(json.loads(fidelity.read_text()))
-    lines += claims_section(protocol, agg, lr)
-    plots = make_plots(protocol, agg, lr, eps, out)
-    plots += plot_bound_trajectories(protocol, records, out)
+    lines += verdicts_section(rows)
+    lines += seeds_section(study, statuses, seeds)
+    lines += pilot_section(study, cells, out)
+    lines += eps_section(study, cells, out)
+    lines += sweeps_section(study, cells, parts)
+    lines += results_section(study, cells, parts)
+    lines += claims_section(rows, parts)
+    lines += against_section(rows)
+    lines += secondary_section(rows)
+    lines += later_section(study, cells, parts)
+    lines += diagnostics_section(study, out)
+    plots = make_plots(study, cells, statuses, out)
     if plots:
-        lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+        lines += ["## Plots", ""] + [f"![{q.stem}]({q.name})" for q in plots] + [""]
     conclusions = out / "conclusions.md"
     if conclusions.is_file():
         lines += [conclusions.read_text()]
     path = out / "README.md"
     path.write_text("\n".join(lines) + "\n")
+    _write_json(out / "claims.json", [
+        {"claim": r.claim, "label": r.label, "depth": r.depth, "level": r.level, "metric": r.metric,
+         "seeds": r.seeds, "diffs": r.diffs, "margin": r.margin, "verdict": r.verdict, "mde": r.mde,
+         "summary": None if r.summary is None else r.summary.__dict__,
+         "needed": None if r.needed is None else r.needed.__dict__, "code_versions": sorted(r.codes)}
+        for r in rows])
     return path
-
-
-def paired_gap(a: Mapping[str, list[float]] | None, b: Mapping[str, list[float]] | None) -> list[float]:
-    """WER(a) − WER(b) in points for every seed both have finished."""
-    if not a or not b:
-        return []
-    common = sorted(set(a["seeds"]) & set(b["seeds"]))
-    return [100 * (a["wer"][a["seeds"].index(s)] - b["wer"][b["seeds"].index(s)]) for s in common]
-
-
-def verdict(diffs: list[float], *, claim_sign: int = 1) -> str:
-    """Plain verdict on paired WER differences (points; positive supports the claim if
-    ``claim_sign`` is 1): beyond two standard errors and 1 point either way, or not."""
-    if not diffs:
-        return "not yet measured"
-    diffs = [claim_sign * d for d in diffs]
-    if len(diffs) < 2:
-        return f"not yet measured (one seed: {diffs[0]:+.1f} points)"
-    m, sd = _mean_std(diffs)
-    se = sd / math.sqrt(len(diffs))
-    text = f"{m:+.1f} ± {sd:.1f} points over {len(diffs)} seeds"
-    if m > max(1.0, 2 * se):
-        return f"reproduced ({text})"
-    if m < -max(1.0, 2 * se):
-        return f"reversed ({text})"
-    return f"not reproduced: no clear difference ({text})"
-
-
-def claims_section(protocol: Protocol, agg: Mapping[tuple, Mapping[str, list[float]]],
-                   lr: Mapping[str, float | None]) -> list[str]:
-    """Automatic per-claim verdicts from paired seeds (re-derived whenever the report is built)."""
-    lamb, adam = lr["lamb"], lr["adam"]
-    lines = ["## Claims (automatic verdicts from paired seeds)", "",
-             "A claim counts as reproduced at a σ_DP when the paired WER difference exceeds both 1 point "
-             "and two standard errors; reversed when it does so the other way.", "",
-             "| claim | σ_DP | verdict |", "|---|---|---|"]
-    for s in sorted(protocol.sigma_levels):
-        g = agg.get(("global", "lamb", s, lamb, None, None, None))
-        d = agg.get(("dim", "lamb", s, lamb, None, None, None))
-        lines.append(f"| 1. per-layer dim beats global clipping (LAMB) | {s:g} | {verdict(paired_gap(g, d))} |")
-    for s in sorted(protocol.sigma_levels):
-        for clip in ("dim", "global"):
-            a = agg.get((clip, "adam", s, adam, None, None, None))
-            b = agg.get((clip, "lamb", s, lamb, None, None, None))
-            lines.append(f"| 2. LAMB beats Adam ({clip} clipping) | {s:g} | {verdict(paired_gap(a, b))} |")
-    for depth in protocol.depths:
-        nl = depth_slot(protocol, agg, depth, protocol.sigma_depth, lamb)
-        g = agg.get(("global", "lamb", protocol.sigma_depth, lamb, nl, None, None))
-        d = agg.get(("dim", "lamb", protocol.sigma_depth, lamb, nl, None, None))
-        lines.append(f"| 3. clipping gap at {depth} blocks (grows with depth?) | {protocol.sigma_depth:g} | "
-                     f"{verdict(paired_gap(g, d))} |")
-    return lines + [""]
-
-
-def _norms_section(n: dict[str, Any]) -> list[str]:
-    by_type: dict[str, dict[str, float]] = {}
-    for layer in n["layers"]:
-        t = by_type.setdefault(layer["type"], {"share": 0.0, "numel": 0, "count": 0, "norms": []})  # type: ignore[dict-item]
-        t["share"] += layer["share_of_squared_norm"]
-        t["numel"] += layer["numel"]
-        t["count"] += 1
-        t["norms"].append(layer["norm"])  # type: ignore[attr-defined]
-    total = sum(t["numel"] for t in by_type.values())
-    lines = ["## Per-layer update norms of real clients", "",
-             f"{n['clients']} client updates from the first {n['rounds']} rounds of the FL run (no noise, "
-             f"before clipping); mean total norm {n['mean_total_norm']:.3g} (C = {n['protocol']['clip_bound']:g}).", "",
-             "| layer type | tensors | share of parameters | share of squared update norm | median tensor norm |"
-             " relative per-element RMS (median, min–max) |",
-             "|---|---|---|---|---|---|"]
-    for name, t in sorted(by_type.items(), key=lambda kv: -kv[1]["share"]):
-        rel = [_relative_rms(x, n) for x in n["layers"] if x["type"] == name]
-        lines.append(f"| {name} | {t['count']} | {100 * t['numel'] / total:.2f}% | {100 * t['share']:.1f}% | "
-                     f"{statistics.median(t['norms']):.3g} | {statistics.median(rel):.2f} ({min(rel):.2f}–{max(rel):.2f}) |")  # type: ignore[arg-type]
-    lines += ["", "Relative per-element RMS = (‖Δ_h‖/√d_h)/(‖Δ‖/√D). Under global clipping plus noise a "
-              "layer's signal-to-noise ratio is proportional to it; per-layer dim clipping equalises it to 1 "
-              "for every clipped layer. Layer types well below 1 are the ones global clipping drowns."]
-    return lines + [""]
-
-
-def _fidelity_section(f: dict[str, Any]) -> list[str]:
-    types = ["all"] + f["types"]
-    lines = ["## Direction kept by the noised mean, per layer type", "",
-             f"Cosine between the clipped, noised cohort mean and the unclipped mean of {f['users']} real client "
-             f"updates (mean over {f['draws']} noise draws; 1 = direction kept, 0 = pure noise).", "",
-             "| clipping | σ_DP | " + " | ".join(types) + " |", "|---" * (len(types) + 2) + "|"]
-    for r in f["rows"]:
-        lines.append(f"| {r['clip']} | {r['sigma_dp']:g} | " + " | ".join(f"{r[t]:.3f}" for t in types) + " |")
-    return lines + [""]

@@ -42,8 +42,13 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def _eps(x: float) -> str:
-    return "∞ (no noise)" if math.isinf(x) else f"{x:.3g}"
+def _eps(x: float | str, z: float = 0.0) -> str:
+    x = float(x)
+    if not math.isinf(x):
+        return f"{x:.3g}"
+    # z > 0 and still no finite ε: below z ~ 0.15 the noise sampler's ceiling alone costs more
+    # than δ (docs/privacy.md, "noise ceiling in δ"), on top of a Gaussian ε in the 1e5s
+    return "∞ (no noise)" if not z else "∞ (z too small for any ε at this δ)"
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -66,7 +71,7 @@ def format_table(results: dict[str, Any]) -> str:
         r = results[name]
         noise = f" σ_DP={r['sigma_dp']:.3g}, z={r['noise_multiplier']:.3g}," if r["noise_multiplier"] else ""
         what = f"{label} ({r['rounds']} rounds, S={r['cohort_size']},{noise} C={r['clip_bound']:g} {r['clip']})"
-        eps = _eps(r["epsilon"])
+        eps = _eps(r["epsilon"], r["noise_multiplier"])
         if r.get("audit"):
             a = r["audit"]
             eps += f" (empirical {a['empirical_epsilon']:.3g}, {a['num_canaries']} canaries)"

@@ -1,15 +1,20 @@
-"""Argument validation shared by dpfl's public constructors and functions.
+"""Argument validation shared by dpfl's public constructors and functions, and warnings.
 
 Every helper raises ``ValueError`` (or ``TypeError``) with a message that names the offending
 argument and says what would be accepted, so a user can fix the call without reading the source.
+``warn_at_caller`` issues a warning located at the user's line.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import sys
+import warnings
 from numbers import Real
 
 __all__ = [
+    "warn_at_caller",
     "require_finite",
     "require_int",
     "require_non_negative",
@@ -73,3 +78,27 @@ def require_int(name: str, value: object, *, minimum: int = 0) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_at_caller(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` located at the first frame outside dpfl and torch: the user's line.
+
+    A fixed ``stacklevel`` points into torch's ``no_grad`` wrapper or into dpfl's own loop,
+    depending on the path that led to the warning; this walks the stack instead.
+    """
+    skipped = [_PACKAGE_DIR]
+    torch_file = getattr(sys.modules.get("torch"), "__file__", None)
+    if torch_file:
+        skipped.append(os.path.dirname(os.path.abspath(torch_file)) + os.sep)
+    prefixes = tuple(skipped)
+    frame = sys._getframe(1)
+    level = 2  # stacklevel 2 is the caller of this function
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+        prefixes
+    ):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)

@@ -1,4 +1,5 @@
-"""Norm and scaling kernels with stated error bounds, shared by the clippers in :mod:`dpfl.clip`.
+"""Norm and scaling kernels with stated error bounds, shared by the clippers in
+[`dpfl.clip`][dpfl.clip].
 
 The clippers guarantee that a clipped update, measured exactly, never exceeds its bound, for any
 finite input of any length and dtype (float16, bfloat16, float32, float64). That needs norms whose
@@ -13,10 +14,10 @@ not depend on how torch orders its reductions. All bounds are stated to first or
 used in the code is at least twice its first-order value, which covers the second-order terms as
 long as each is below ``2^-10`` (true for fewer than ``2^40`` elements per layer).
 
-**Norms** (:func:`tensor_norms` returns each tensor's norm ``N̂`` and a bound ``e`` with
+**Norms** (``tensor_norms`` returns each tensor's norm ``N̂`` and a bound ``e`` with
 ``|N̂ − N| <= e·N``):
 
-* *float64 pass* (float64 tensors, tensors of fewer than :data:`SMALL` elements, row tails and
+* *float64 pass* (float64 tensors, tensors of fewer than ``SMALL`` elements, row tails and
   non-contiguous tensors): ``torch._foreach_norm(..., dtype=torch.float64)``, which accumulates in
   float64 (the tests check this on 10⁷ elements). For ``n`` elements the sum of squares is off by
   ``(n + 1) u64`` (squares of float16/bfloat16/float32 values are exact in float64; float64 squares
@@ -25,7 +26,7 @@ long as each is below ``2^-10`` (true for fewer than ``2^40`` elements per layer
   lost (at most ``2^-1022`` each), which is below ``u64`` of the sum once the computed norm squared
   exceeds ``n · 2^-968``; smaller or non-finite results are recomputed on ``x / max|x|``
   (``e = (n + 8) u64``).
-* *float32 row pass* (contiguous float32/float16/bfloat16 tensors of :data:`SMALL` or more
+* *float32 row pass* (contiguous float32/float16/bfloat16 tensors of ``SMALL`` or more
   elements): the first ``m·K`` elements (``K = ROW``) are viewed as ``m`` rows of ``K`` and
   ``torch.linalg.vector_norm(rows, dim=1)`` gives each row's norm in float32 (sum of ``K`` squares:
   ``K u32``; square root: ``u32``); the ``m`` row norms square exactly in float64 and are summed by
@@ -39,7 +40,7 @@ long as each is below ``2^-10`` (true for fewer than ``2^40`` elements per layer
 
 **Decision**: a layer with bound ``C`` is kept if ``N̂ (1 + 2e + 4 u64) <= C`` (then ``N <= C``), clipped
 if ``N̂ (1 − 2e − 4 u64) > C`` (then ``N > C``), and otherwise its norms are recomputed by the float64
-pass (:func:`precise_norms`, ``e_p = (n + 8) u64`` for a layer of ``n`` elements) and decided
+pass (``precise_norms``, ``e_p = (n + 8) u64`` for a layer of ``n`` elements) and decided
 again; still undecided (``N`` within about ``n · 2^-52`` of ``C``) it is clipped.
 
 **Scale and output rounding**: the scale ``s = C / N̂ · (1 − μ)`` is formed in float64 (``2 u64``).
@@ -56,7 +57,7 @@ An output element is ``y = x · s`` rounded to the output dtype ``o``:
 
 Hence ``‖y‖ <= C (1 − μ)(1 + e + ρ + 4 u64)`` to first order, and the margin
 
-``μ = 2 (e + ρ + 4 u64) + 4 e_p``   (:func:`margin`)
+``μ = 2 (e + ρ + 4 u64) + 4 e_p``   (``margin``)
 
 keeps ``‖y‖ <= C (1 − (e + ρ + 4 u64) − 4 e_p) < C``; the ``4 e_p`` term leaves a clipped update
 decidedly inside the bound, so clipping it again keeps it unchanged. For float32 updates
@@ -70,8 +71,8 @@ Per-layer bounds ``C_h`` are computed from ``C`` with a few roundings (``Σ C_h�
 each clipped layer keeps a slack of at least ``(e + ρ + 4 u64) >= 13 u64`` of ``C_h``, so the whole
 update stays within ``C`` as well.
 
-A computed norm that stays non-finite means the tensor holds inf/NaN: :class:`NonFiniteUpdateError`
-names it.
+A computed norm that stays non-finite means the tensor holds inf/NaN:
+[`NonFiniteUpdateError`][dpfl.clip.NonFiniteUpdateError] names it.
 
 References: Pelikan et al., arXiv 2310.00098 (clipping bounds user-level sensitivity); Higham,
 *Accuracy and Stability of Numerical Algorithms* (SIAM, 2002), chapters 2-4 (error of summation).
@@ -84,6 +85,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from dpfl._errors import DPFLError
 
 __all__ = [
     "ROW",
@@ -120,8 +123,15 @@ _WIDER = {  # output dtype -> input dtypes it holds exactly
 }
 
 
-class NonFiniteUpdateError(ValueError):
-    """A tensor of a model update holds inf or NaN. ``tensor`` is the offending key."""
+class NonFiniteUpdateError(ValueError, DPFLError):
+    """A tensor of a model update holds inf or NaN (a ``ValueError``).
+
+    Args:
+        tensor: The key of the offending tensor in the update.
+
+    Attributes:
+        tensor: The key of the offending tensor in the update.
+    """
 
     def __init__(self, tensor: str) -> None:
         super().__init__(
@@ -230,7 +240,7 @@ def tensor_norms(
 def precise_norms(
     names: Sequence[str], tensors: Sequence[Tensor]
 ) -> tuple[list[float], list[float]]:
-    """Norms by the float64 pass only (error ``(n + 8) u64`` at most); see :func:`tensor_norms`."""
+    """Norms by the float64 pass only (error ``(n + 8) u64`` at most); see ``tensor_norms``."""
     k = len(tensors)
     norms, errs = [0.0] * k, [0.0] * k
     parts = [(i, t.detach()) for i, t in enumerate(tensors) if t.numel() > 0]
@@ -249,7 +259,7 @@ def combine_errors(errs: Sequence[float]) -> float:
 
 
 def precise_error(numel: int) -> float:
-    """Error bound of :func:`precise_norms` for a layer of ``numel`` elements."""
+    """Error bound of ``precise_norms`` for a layer of ``numel`` elements."""
     return (numel + 8) * U64 + 2 * U64
 
 
@@ -319,7 +329,7 @@ def scaled_copy(
 
     With ``exact=True`` the product is formed in float64 and rounded toward zero (never larger
     than the exact product); otherwise it is computed natively (the caller checked
-    :func:`fast_path_ok` or :func:`keep_natively`).
+    ``fast_path_ok`` or ``keep_natively``).
     """
     dtype = x.dtype if dtype is None else dtype
     x = x.detach()

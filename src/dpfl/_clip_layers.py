@@ -1,4 +1,5 @@
-"""Layer grouping and per-layer bound allocation for :class:`dpfl.clip.PerLayerClip`.
+"""Layer grouping and per-layer bound allocation for
+[`dpfl.clip.PerLayerClip`][dpfl.clip.PerLayerClip].
 
 References: Pelikan et al., arXiv 2310.00098, section 2 (per-layer clipping: uniform and
 dimension-proportional allocations with ``Σ_h C_h² = C²``).

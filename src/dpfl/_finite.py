@@ -1,12 +1,12 @@
 """Finiteness of tensors in one read pass: the check the aggregator and the optimizers share.
 
-:func:`first_non_finite` reads each tensor once (through ``torch._foreach_norm``, one kernel
+``first_non_finite`` reads each tensor once (through ``torch._foreach_norm``, one kernel
 per device and dtype) and confirms a non-finite norm with an exact ``isfinite`` test, because a
-norm also overflows for huge *finite* entries. :func:`divide_` is the division of a release by
+norm also overflows for huge *finite* entries. ``divide_`` is the division of a release by
 its fixed denominator followed by that check. Both are plain torch: no compiler, any device.
 
-This module sits on the lowest floor beside :mod:`dpfl._checks` (which stays torch-free so that
-:mod:`dpfl.accounting` imports no torch).
+This module sits on the lowest floor beside ``_checks`` (which stays torch-free so that
+[`dpfl.accounting`][dpfl.accounting] imports no torch).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def divide_(tensors: Sequence[Tensor], denominator: float) -> bool:
     """Divide every tensor by ``denominator`` in place; return whether all quotients are finite.
 
     The quotients are IEEE divisions, bit for bit those of ``Tensor.div_``; the finiteness test
-    is :func:`first_non_finite` over the results (one extra read pass).
+    is ``first_non_finite`` over the results (one extra read pass).
 
     Examples:
         >>> x = [torch.tensor([2.0, 4.0])]

@@ -1,4 +1,4 @@
-"""Gaussian noise sampler behind :class:`dpfl.noise.GaussianMechanism`.
+"""Gaussian noise sampler behind [`dpfl.noise.GaussianMechanism`][dpfl.noise.GaussianMechanism].
 
 Three stages, each small enough to check on its own:
 
@@ -8,7 +8,7 @@ Three stages, each small enough to check on its own:
    (both 8 bytes, big-endian; a block is two 64-bit words); on other devices a
    ``torch.Generator`` of the device, seeded per piece with a keyed BLAKE2b hash of
    ``(release, offset)``.
-2. **Transform.** :func:`box_muller_` turns ``p`` radius words ``b1`` (int64), ``p`` fine
+2. **Transform.** ``box_muller_`` turns ``p`` radius words ``b1`` (int64), ``p`` fine
    words ``b3`` (int64) and ``p`` angle words ``b2`` (int32 for float32 output, int64 for
    float64) into ``2p`` standard normals. With ``k`` and ``j`` the low 63 bits of ``b1`` and
    ``b3`` (each uniform on ``[0, 2^63)``),
@@ -19,18 +19,18 @@ Three stages, each small enough to check on its own:
    significant bits over their whole range, so small values are exact): ``u1`` keeps a relative
    precision of ``2^-24`` (float32) down to ``2^-126``, so the radius follows the Rayleigh tail
    ``P(r > s) = exp(-s²/2)`` at that resolution up to the largest attainable ``|draw|``,
-   ``sqrt(252 ln 2) ≈ 13.216`` (:data:`MAX_ABS_NORMAL`, at ``u1 = 2^-126``, the smallest normal
+   ``sqrt(252 ln 2) ≈ 13.216`` (``MAX_ABS_NORMAL``, at ``u1 = 2^-126``, the smallest normal
    float32), against ``sqrt(128 ln 2) ≈ 9.419`` for one 64-bit word per radius and
    ``sqrt(48 ln 2) ≈ 5.77`` for 24-bit uniforms (torch's float32 ``normal_``). The transform
    runs in float64 for float64 targets and in float32 otherwise; its constants and every
    nonzero intermediate are normal floats, so flush-to-zero modes change nothing.
-3. **Add.** Each tensor is cut into fixed pieces (:data:`PIECE` elements on the CPU); a piece's
+3. **Add.** Each tensor is cut into fixed pieces (``PIECE`` elements on the CPU); a piece's
    words sit at a fixed offset of the release's stream, so the noise does not depend on how
    pieces are shared among threads. ``target += scale · normals`` from reused per-thread
    scratch buffers: no allocation per tensor or per piece.
 
-Secure mode sums :data:`SECURE_DRAWS` (4) normals from four different Box–Muller pairs per
-coordinate and halves the sum (Holohan & Braghin, arXiv 2107.10138).
+Secure mode sums [`SECURE_DRAWS`][dpfl.noise.SECURE_DRAWS] (4) normals from four different
+Box–Muller pairs per coordinate and halves the sum (Holohan & Braghin, arXiv 2107.10138).
 
 References: Box & Muller, Ann. Math. Statist. 29 (1958) 610; Holohan & Braghin,
 arXiv 2107.10138; NIST SP 800-38A (counter mode).
@@ -59,12 +59,12 @@ __all__ = [
     "max_abs_draw",
 ]
 
-#: Smallest radius uniform of :func:`box_muller_` (the smallest normal float32).
+#: Smallest radius uniform of ``box_muller_`` (the smallest normal float32).
 U1_MIN = 2.0**-126
 #: The low 63 bits of a word: ``b & LOW63`` is uniform on ``[0, 2^63)`` for a uniform ``b``.
 LOW63 = 2**63 - 1
-#: Largest attainable ``|draw|`` of :func:`box_muller_`: ``sqrt(-2 ln 2^-126) = sqrt(252 ln 2)``.
-#: :data:`dpfl.accounting.NOISE_CEILING` is the same number (the accountants add its δ).
+#: Largest attainable ``|draw|`` of ``box_muller_``: ``sqrt(-2 ln 2^-126) = sqrt(252 ln 2)``.
+#: ``NOISE_CEILING`` is the same number (the accountants add its δ).
 MAX_ABS_NORMAL = math.sqrt(-2.0 * math.log(U1_MIN))
 #: Normals summed per coordinate in secure mode (each from its own Box–Muller pair).
 SECURE_DRAWS = 4
@@ -87,7 +87,8 @@ _CONST: dict[str, Tensor] = {
 
 
 def max_abs_draw(secure: bool) -> float:
-    """Largest attainable ``|noise| / std``: :data:`MAX_ABS_NORMAL` (secure: the sum of four
+    """Largest attainable ``|noise| / std``: [`MAX_ABS_NORMAL`][dpfl.noise.MAX_ABS_NORMAL] (secure:
+    the sum of four
     such draws, halved, i.e. twice as much)."""
     return MAX_ABS_NORMAL * (math.sqrt(SECURE_DRAWS) if secure else 1.0)
 
@@ -140,7 +141,7 @@ def _box_muller(
     radius: Tensor,
     angle: Tensor,
 ) -> None:
-    """:func:`box_muller_` on words whose sign bits are already cleared, and views made once:
+    """``box_muller_`` on words whose sign bits are already cleared, and views made once:
     ``cos``/``sin`` are ``out[:p]``/``out[p:]``, ``rows`` is ``out.view(2, p)`` (a view costs
     about as much as a small op)."""
     unit = _CONST["2pi/2^32"] if angle_bits.dtype == torch.int32 else _CONST["2pi/2^64"]

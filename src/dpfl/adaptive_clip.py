@@ -1,8 +1,8 @@
 """Adaptive clipping: a clip bound that tracks a quantile of the users' update norms, privately.
 
-:class:`AdaptiveClip` wraps a :class:`~dpfl.clip.GlobalClip` (one bound) or a
-:class:`~dpfl.clip.PerLayerClip` (one bound per layer) and moves its bound(s) between rounds by
-geometric updates driven by a *noised* count (Andrew et al., NeurIPS 2021):
+[`AdaptiveClip`][dpfl.adaptive_clip.AdaptiveClip] wraps a [`GlobalClip`][dpfl.clip.GlobalClip] (one
+bound) or a [`PerLayerClip`][dpfl.clip.PerLayerClip] (one bound per layer) and moves its bound(s)
+between rounds by geometric updates driven by a *noised* count (Andrew et al., NeurIPS 2021):
 
 1. Round ``t`` clips with the bounds ``C_h`` fixed before the round. Each user also reports,
    per layer ``h``, the centred bit ``b_h − ½`` with ``b_h = 1[‖Δ_h‖ ≤ C_h]`` (global: one bit,
@@ -21,9 +21,10 @@ would have ``√H``; centring halves it, as in TF Privacy's quantile estimator).
 (``count_noise_multiplier``) is the count's noise std over that sensitivity, so the count is a
 Gaussian mechanism of multiplier ``z_b`` whatever ``H`` is, and with the update sum (multiplier
 ``z``) one round is one Gaussian of multiplier ``z_eff`` with ``z_eff⁻² = z⁻² + z_b⁻²``
-(:func:`dpfl.accounting.effective_noise_multiplier`). The count's *std per layer* grows as
-``√H``: with hundreds of layers each layer's estimate is noisier, so per-layer adaptation needs
-a larger cohort (or ``η`` smaller) than global adaptation for the same ``z_b``.
+([`dpfl.accounting.effective_noise_multiplier`][dpfl.accounting.effective_noise_multiplier]). The
+count's *std per layer* grows as ``√H``: with hundreds of layers each layer's estimate is noisier,
+so per-layer adaptation needs a larger cohort (or ``η`` smaller) than global adaptation for the same
+``z_b``.
 
 Users dropped for non-finite updates (``DPAggregator(drop_nonfinite=True)``) contribute neither
 update nor bits: a user's contribution to both releases is either both or nothing, so the
@@ -48,8 +49,13 @@ from dpfl.clip import ClipStats, GlobalClip, PerLayerClip
 
 __all__ = ["COUNT_STREAM", "AdaptiveClip"]
 
-#: Name of the noise stream of the count release (see ``GaussianMechanism.add_side_noise_``).
 COUNT_STREAM = "adaptive-clip-count"
+"""Name of the noise stream of the adaptive count's release.
+
+[`DPAggregator`][dpfl.aggregate.DPAggregator] noises the count with
+[`add_side_noise_`][dpfl.noise.GaussianMechanism.add_side_noise_] on this stream: independent
+of the update's noise, and never repeated across releases.
+"""
 _MIN_BOUND, _MAX_BOUND = 1e-150, 1e150  # squares (Σ C_h²) stay finite and non-zero
 
 
@@ -58,11 +64,12 @@ class AdaptiveClip:
 
     Use it wherever a clipper goes (``DPAggregator``, ``Privacy``): it clips like the clipper
     of the current bounds and reports each user's centred bits; ``DPAggregator.release`` noises
-    their sum with the count multiplier and calls :meth:`update_`.
+    their sum with the count multiplier and calls
+    [`update_`][dpfl.adaptive_clip.AdaptiveClip.update_].
 
     Args:
-        clipper: The starting point: a :class:`~dpfl.clip.GlobalClip` (global adaptive
-            clipping) or a :class:`~dpfl.clip.PerLayerClip` (per-layer; its allocation gives
+        clipper: The starting point: a [`GlobalClip`][dpfl.clip.GlobalClip] (global adaptive
+            clipping) or a [`PerLayerClip`][dpfl.clip.PerLayerClip] (per-layer; its allocation gives
             the initial ``C_h``, its ``layers`` the grouping; not ``normalize=True``). Finite
             bound.
         count_noise_multiplier: ``z_b > 0``, the count's noise std over its sensitivity
@@ -72,6 +79,13 @@ class AdaptiveClip:
         learning_rate: ``η > 0`` of the geometric update (Andrew et al. use 0.2).
         fix_total: Per layer only: keep ``Σ C_h² = C²`` at the initial total ``C`` (only the
             allocation adapts); ``False`` lets every ``C_h`` and so ``C`` adapt.
+
+    Attributes:
+        base: The clipper passed in (its bounds are the starting point; it is never changed).
+        per_layer: Whether the bounds are per layer (``clipper`` is a ``PerLayerClip``).
+        initial_bound: The total bound ``C`` at the start.
+        step: The number of [`update_`][dpfl.adaptive_clip.AdaptiveClip.update_] calls so far
+            (checkpointed).
 
     Raises:
         TypeError: if ``clipper`` is not a GlobalClip or PerLayerClip.
@@ -160,13 +174,13 @@ class AdaptiveClip:
 
     @property
     def sensitivity(self) -> float:
-        """L2 sensitivity of this round's sum of clipped updates: the current :attr:`bound`."""
+        """L2 sensitivity of this round's sum of clipped updates: the current [`bound`][dpfl.adaptive_clip.AdaptiveClip.bound]."""
         return self.bound
 
     @property
     def bounds(self) -> dict[str, float] | None:
         """The current bound of every layer (``{"__all__": C}`` globally); ``None`` per layer
-        until the first update (or :meth:`layer_bounds`) fixes the layers."""
+        until the first update (or [`layer_bounds`][dpfl.adaptive_clip.AdaptiveClip.layer_bounds]) fixes the layers."""
         return None if self._bounds is None else dict(self._bounds)
 
     @property
@@ -193,7 +207,12 @@ class AdaptiveClip:
         return self.count_noise_multiplier * self.count_sensitivity
 
     def layer_bounds(self, update: Mapping[str, Tensor]) -> dict[str, float]:
-        """The bound of every layer of ``update`` this round (fixes the layers on first use)."""
+        """The bound of every layer of ``update`` this round (fixes the layers on first use).
+
+        Args:
+            update: An update; on first use its layers (per ``clipper.layers``) become the
+                adapted layers.
+        """
         if self._bounds is None:
             self._bounds = dict(self.base.layer_bounds(update))
         return dict(self._bounds)
@@ -211,19 +230,41 @@ class AdaptiveClip:
 
     # ----------------------------------------------------------------- clipping
     def clip(self, update: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], ClipStats]:
-        """Clip a copy with the current bounds (see :meth:`dpfl.clip.GlobalClip.clip`)."""
+        """Clip a copy with the current bounds (see [`GlobalClip.clip`][dpfl.clip.GlobalClip.clip]).
+
+        Args:
+            update: One user's update, a ``dict[str, Tensor]`` (unchanged).
+
+        Returns:
+            The clipped copy and its [`ClipStats`][dpfl.clip.ClipStats].
+        """
         self.layer_bounds(update)
         return self.clipper().clip(update)
 
     def clip_(self, update: dict[str, Tensor]) -> ClipStats:
-        """Clip in place with the current bounds."""
+        """Clip in place with the current bounds.
+
+        Args:
+            update: One user's update, clipped in place.
+
+        Returns:
+            The [`ClipStats`][dpfl.clip.ClipStats] of the update.
+        """
         self.layer_bounds(update)
         return self.clipper().clip_(update)
 
     def clip_and_accumulate_(
         self, update: Mapping[str, Tensor], accumulator: dict[str, Tensor]
     ) -> ClipStats:
-        """Add the update clipped with the current bounds into ``accumulator``."""
+        """Add the update clipped with the current bounds into ``accumulator``.
+
+        Args:
+            update: One user's update (unchanged).
+            accumulator: The running sum, same keys and shapes, updated in place.
+
+        Returns:
+            The [`ClipStats`][dpfl.clip.ClipStats] of the update.
+        """
         self.layer_bounds(update)
         return self.clipper().clip_and_accumulate_(update, accumulator)
 
@@ -233,6 +274,10 @@ class AdaptiveClip:
         Any deterministic function of the user's update into ``{−½, +½}^H`` keeps the count's
         sensitivity at ``√H / 2``; this one compares the clipper's norm estimates with the
         bounds.
+
+        Args:
+            stats: The user's [`ClipStats`][dpfl.clip.ClipStats] from clipping with the current
+                bounds.
         """
         assert self._bounds is not None
         if not self.per_layer:
@@ -250,7 +295,8 @@ class AdaptiveClip:
         to the initial total with ``fix_total``); bounds are kept within [1e-150, 1e150] so that ``Σ C_h²`` stays finite.
 
         Args:
-            noised_sums: One noised sum per layer, in the order of :attr:`bounds`.
+            noised_sums: One noised sum per layer, in the order of
+                [`bounds`][dpfl.adaptive_clip.AdaptiveClip.bounds].
             expected_cohort_size: ``S``, the fixed denominator (never the realised count).
 
         Raises:
@@ -285,7 +331,11 @@ class AdaptiveClip:
         self._current = None
 
     def set_bounds_(self, values: Sequence[float]) -> None:
-        """Overwrite the bounds (layer order of :attr:`bounds`), e.g. with rank 0's values.
+        """Overwrite the bounds, e.g. with rank 0's values.
+
+        Args:
+            values: One bound per layer, in the order of
+                [`bounds`][dpfl.adaptive_clip.AdaptiveClip.bounds].
 
         Raises:
             ValueError: wrong length or a bound not > 0 and finite; nothing changes then.
@@ -301,7 +351,10 @@ class AdaptiveClip:
         return {"config": self.config(), "bounds": self.bounds, "step": self.step}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the configuration must match.
+        """Restore a [`state_dict`][dpfl.adaptive_clip.AdaptiveClip.state_dict].
+
+        Args:
+            state: The dict from ``state_dict()`` of an identically configured ``AdaptiveClip``.
 
         Raises:
             ValueError: another configuration, or malformed bounds or step; nothing changes.

@@ -1,7 +1,7 @@
 """Streaming DP aggregation: clip each user's update, sum, add noise once, divide by a fixed size.
 
-:class:`DPAggregator` composes a clipper (:mod:`dpfl.clip`) and a Gaussian mechanism
-(:mod:`dpfl.noise`) into the server side of one DP-FedAvg round:
+[`DPAggregator`][dpfl.aggregate.DPAggregator] composes a clipper ([`dpfl.clip`][dpfl.clip]) and a
+Gaussian mechanism ([`dpfl.noise`][dpfl.noise]) into the server side of one DP-FedAvg round:
 
 1. ``add(update)`` validates one user's update, clips it and adds it into a running sum
    (O(model) memory, one norm pass plus one fused scaled-add pass per user);
@@ -38,10 +38,11 @@ class ReleaseStats:
         fraction_clipped: Fraction of ``num_users`` whose update was scaled down (0 if none).
         mean_norm: Mean pre-clip global norm over ``num_users`` (0 if none).
         mean_finite: Whether every coordinate of the released (noised) mean is finite, tested
-            by :meth:`DPAggregator.release` right after the division by the fixed denominator
-            (one read pass, plain torch, any dtype and device); ``None`` only for statistics
-            not made by a release. A property of the DP output itself, unlike the fields above;
-            ``run_rounds`` uses it to skip ``server_step``'s own finiteness pass.
+            by [`DPAggregator.release`][dpfl.aggregate.DPAggregator.release] right after the
+            division by the fixed denominator (one read pass, plain torch, any dtype and device);
+            ``None`` only for statistics not made by a release. A property of the DP output itself,
+            unlike the fields above; ``run_rounds`` uses it to skip ``server_step``'s own finiteness
+            pass.
 
     Warning:
         These statistics are computed from raw user updates and are **not** differentially
@@ -58,20 +59,20 @@ class ReleaseStats:
 class DPAggregator:
     """Clip, sum, noise and average user updates with a fixed denominator.
 
-    With an :class:`~dpfl.adaptive_clip.AdaptiveClip` the aggregator also sums each user's
+    With an [`AdaptiveClip`][dpfl.adaptive_clip.AdaptiveClip] the aggregator also sums each user's
     centred bits; ``release`` adds noise of multiplier ``clipper.count_noise_multiplier`` to
     that count from an independent stream of the same mechanism
-    (:meth:`~dpfl.noise.GaussianMechanism.add_side_noise_`), noises the update sum with the
-    round's bound as sensitivity, then moves the bounds with the noised count
-    (:meth:`~dpfl.adaptive_clip.AdaptiveClip.update_`, expected cohort size as denominator).
+    ([`add_side_noise_`][dpfl.noise.GaussianMechanism.add_side_noise_]), noises the update sum with
+    the round's bound as sensitivity, then moves the bounds with the noised count
+    ([`update_`][dpfl.adaptive_clip.AdaptiveClip.update_], expected cohort size as denominator).
     Charge such a round with ``count_noise_multiplier`` in its round spec.
 
     Args:
-        clipper: A :class:`~dpfl.clip.GlobalClip`, :class:`~dpfl.clip.PerLayerClip` or
-            :class:`~dpfl.adaptive_clip.AdaptiveClip`.
-        mechanism: A :class:`~dpfl.noise.GaussianMechanism`; its ``sensitivity`` must equal the
-            clipper's (for an ``AdaptiveClip``: its ``initial_bound``; each release then uses
-            the round's bound).
+        clipper: A [`GlobalClip`][dpfl.clip.GlobalClip], [`PerLayerClip`][dpfl.clip.PerLayerClip] or
+            [`AdaptiveClip`][dpfl.adaptive_clip.AdaptiveClip].
+        mechanism: A [`GaussianMechanism`][dpfl.noise.GaussianMechanism]; its ``sensitivity`` must
+            equal the clipper's (for an ``AdaptiveClip``: its ``initial_bound``; each release then
+            uses the round's bound).
         expected_cohort_size: The fixed denominator ``S >= 1`` (Poisson: ``q·K``; fixed cohort:
             the cohort size).
         accumulate_dtype: ``torch.float32`` (default) or ``torch.float64`` for the running sum
@@ -198,8 +199,11 @@ class DPAggregator:
     def add(self, update: Mapping[str, Tensor]) -> ClipStats | None:
         """Clip one user's update and add it to the running sum.
 
+        Args:
+            update: The user's model update ``θ_user − θ``, a ``dict[str, Tensor]`` (unchanged).
+
         Returns:
-            The user's :class:`~dpfl.clip.ClipStats`, or ``None`` if the user was dropped for
+            The user's [`ClipStats`][dpfl.clip.ClipStats], or ``None`` if the user was dropped for
             non-finite values (``drop_nonfinite=True``).
 
         Raises:

@@ -2,7 +2,7 @@
 
 Top-level commands are argparse subcommands; each registers itself through an ``add_*`` function
 so more can be added without touching the others: ``dpfl privacy`` (below) and ``dpfl audit``
-(empirical ε from saved canary cosines or in/out trial counts, :mod:`dpfl.audit`).
+(empirical ε from saved canary cosines or in/out trial counts, [`dpfl.audit`][dpfl.audit]).
 ``dpfl privacy`` answers the accounting questions of a DP-FL run::
 
     dpfl privacy epsilon --noise-multiplier 0.6144 --sample-rate 0.002947 --rounds 2034 --delta 1e-9
@@ -30,6 +30,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from dpfl import __version__
 from dpfl._checks import require_int, require_probability
 from dpfl.accounting.accountants import PLDAccountant, RDPAccountant
 from dpfl.accounting.calibration import calibrate_noise_multiplier
@@ -105,6 +106,7 @@ def _interval(text: str) -> float | None:
 def build_parser() -> argparse.ArgumentParser:
     """Return the ``dpfl`` argument parser with every top-level command registered."""
     parser = _Parser(prog="dpfl", description="Differential-privacy federated-learning tools.")
+    parser.add_argument("--version", action="version", version=f"dpfl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_privacy_command(commands)
     add_audit_parser(commands)
@@ -112,7 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``dpfl`` command line and return its exit status (0 ok, 2 bad arguments)."""
+    """Run the ``dpfl`` command line and return its exit status (0 ok, 2 bad arguments).
+
+    Args:
+        argv: The arguments after ``dpfl`` (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status; errors are reported on stderr, never as a traceback.
+    """
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -4,13 +4,16 @@ A model update is a ``dict[str, Tensor]`` (``Δ = θ_user − θ_server``). Clip
 bounds the influence of one user on the sum of updates, which is the sensitivity ``C`` that the
 Gaussian mechanism is calibrated to under add/remove-one-user adjacency.
 
-* :class:`GlobalClip` clips the concatenation of all tensors: ``Δ · min(1, C / ‖Δ‖)``.
-* :class:`PerLayerClip` splits Δ into layers ``h`` (one per tensor by default) and clips each to
-  its own bound ``C_h`` with ``Σ_h C_h² = C²``, so the whole update still has norm ``≤ C``.
+* [`GlobalClip`][dpfl.clip.GlobalClip] clips the concatenation of all tensors: ``Δ · min(1, C /
+  ‖Δ‖)``.
+* [`PerLayerClip`][dpfl.clip.PerLayerClip] splits Δ into layers ``h`` (one per tensor by default)
+  and clips each to its own bound ``C_h`` with ``Σ_h C_h² = C²``, so the whole update still has norm
+  ``≤ C``.
 
 Every clipper offers ``clip`` (returns a clipped copy), ``clip_`` (in place) and
 ``clip_and_accumulate_`` (adds the clipped update into an accumulator without materialising the
-clipped copy: one norm pass plus one fused scaled-add pass). All three return :class:`ClipStats`.
+clipped copy: one norm pass plus one fused scaled-add pass). All three return
+[`ClipStats`][dpfl.clip.ClipStats].
 
 Guarantee: for finite inputs of any length, magnitude and dtype (float16, bfloat16, float32,
 float64), the clipped output measured exactly never exceeds the bound, globally and per layer (in
@@ -21,13 +24,15 @@ dtype). Norms that decide clipping come with a stated error bound
 (a float32 pass over 128-element rows combined in float64, or a float64 pass; relative error below
 8e-6 for a tensor of any length), and each scale factor is shrunk by a margin *derived* from that
 bound and from the rounding of the scale and the output (about 1.6e-5 for float32 updates, about
-``6 n 2^-53`` for float64 ones); see :mod:`dpfl._clip_kernels` for the derivation. An update
+``6 n 2^-53`` for float64 ones); the derivation is in
+[the norm kernels' source](https://github.com/dpfl-dev/dpfl/blob/main/src/dpfl/_clip_kernels.py). An update
 whose norm is within the bound is returned unchanged; only when its norm lies within the float64
 error bound (about ``n 2^-52`` relative) of the bound is it scaled down by that much. A kept
 update narrowed into a smaller accumulator dtype is rounded toward zero where rounding to nearest
 could push it past the bound. Inputs with inf/NaN raise ``ValueError``
-(:class:`~dpfl._clip_kernels.NonFiniteUpdateError`) naming the tensor. Tested by
-``tests/test_clip.py`` and ``tests/test_clip_long.py`` (10⁷ and 3·10⁷ elements by default,
+([`NonFiniteUpdateError`][dpfl.clip.NonFiniteUpdateError]) naming the tensor. Tested by
+[test_clip.py](https://github.com/dpfl-dev/dpfl/blob/main/tests/test_clip.py) and
+[test_clip_long.py](https://github.com/dpfl-dev/dpfl/blob/main/tests/test_clip_long.py) (10⁷ and 3·10⁷ elements by default,
 10⁸ elements and the paper-shaped update with ``-m slow``), measuring outputs exactly.
 
 References: Pelikan et al., "Enabling Differentially Private Federated Learning for Speech
@@ -75,7 +80,7 @@ class ClipStats:
     Attributes:
         norm: Global L2 norm of the update before clipping.
         layer_norms: L2 norm of each layer before clipping (layer name -> norm); ``{"__all__": norm}``
-            for :class:`GlobalClip`.
+            for [`GlobalClip`][dpfl.clip.GlobalClip].
         clipped: Whether any scaling < 1 was applied (in normalize mode: whether any rescale was).
     """
 
@@ -122,9 +127,9 @@ class _Plan:
 class _Groups:
     """Norms of groups of tensors (layers, or the whole update) with error bounds.
 
-    Tensor norms come from the fast pass of :func:`~dpfl._clip_kernels.tensor_norms`; a group
+    Tensor norms come from the fast pass of ``tensor_norms``; a group
     whose norm is too close to its bound to decide is recomputed by the float64 pass
-    (:func:`~dpfl._clip_kernels.precise_norms`) before deciding again (see ``_clip_kernels``).
+    (``precise_norms``) before deciding again.
     """
 
     def __init__(self, names: list[str], tensors: list[Tensor]) -> None:
@@ -205,7 +210,8 @@ class _Clipper:
         raise NotImplementedError
 
     def clip(self, update: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], ClipStats]:
-        """Return a clipped copy of ``update`` and its :class:`ClipStats`; ``update`` is unchanged.
+        """Return a clipped copy of ``update`` and its [`ClipStats`][dpfl.clip.ClipStats];
+        ``update`` is unchanged.
 
         Raises:
             ValueError: if ``update`` is empty, a tensor holds inf/NaN (the message names it)
@@ -221,7 +227,7 @@ class _Clipper:
         return out, stats
 
     def clip_(self, update: dict[str, Tensor]) -> ClipStats:
-        """Clip ``update`` in place and return its :class:`ClipStats` (same errors as ``clip``)."""
+        """Clip ``update`` in place and return its [`ClipStats`][dpfl.clip.ClipStats] (same errors as ``clip``)."""
         names, tensors = _validate_update(update)
         plan, stats = self._plan(names, tensors, [t.dtype for t in tensors])
         scale_(tensors, plan.scales, plan.exact)
@@ -294,7 +300,11 @@ class GlobalClip(_Clipper):
         return {"type": "GlobalClip", "version": CONFIG_VERSION, "bound": self.bound}
 
     def layer_bounds(self, update: Mapping[str, Tensor]) -> dict[str, float]:
-        """Return ``{"__all__": bound}``: the whole update is one layer."""
+        """Return ``{"__all__": bound}``: the whole update is one layer.
+
+        Args:
+            update: The update (its layers do not matter for a global bound).
+        """
         return {"__all__": self.bound}
 
     def _plan(
@@ -325,7 +335,8 @@ class PerLayerClip(_Clipper):
     * a mapping layer name -> ``C_h``: explicit bounds. They are *validated, not silently
       rescaled*: ``Σ C_h²`` must equal ``bound²`` to relative 1e-9 (the tiny rounding residue is
       then normalised away), and an update must have exactly these layers. Use
-      :meth:`from_layer_bounds` to derive ``bound`` from the mapping instead.
+      [`from_layer_bounds`][dpfl.clip.PerLayerClip.from_layer_bounds] to derive ``bound`` from the
+      mapping instead.
 
     By default each layer is min-clipped: ``Δ_h · min(1, C_h / ‖Δ_h‖)``. With ``normalize=True``
     the reference code's behaviour is reproduced: if ``‖Δ‖ ≤ bound`` the update is untouched,
@@ -340,6 +351,11 @@ class PerLayerClip(_Clipper):
         allocation: ``"uniform"``, ``"dim"`` (default) or a mapping layer name -> bound.
         layers: Tensor name -> layer name; default one layer per tensor.
         normalize: Reproduce the reference code's rescale-every-layer mode.
+
+    Attributes:
+        explicit: The validated explicit bounds (layer -> ``C_h``), or ``None`` when
+            ``allocation`` is ``"uniform"`` or ``"dim"`` (then ``allocation`` is that string;
+            with a mapping it is ``"explicit"``).
 
     Raises:
         ValueError: if ``bound`` is not > 0, ``allocation`` is unknown, or explicit bounds are
@@ -388,7 +404,18 @@ class PerLayerClip(_Clipper):
         layers: Callable[[str], str] | None = None,
         normalize: bool = False,
     ) -> PerLayerClip:
-        """Build a clipper from explicit per-layer bounds; ``bound = √(Σ C_h²)``."""
+        """Build a clipper from explicit per-layer bounds; ``bound = √(Σ C_h²)``.
+
+        Args:
+            layer_bounds: Layer name -> ``C_h`` (each > 0 and finite); an update must have
+                exactly these layers.
+            layers: Tensor name -> layer name, as for the constructor.
+            normalize: Reproduce the reference code's rescale-every-layer mode.
+
+        Raises:
+            ValueError: if the mapping is empty or a bound is not > 0 and finite.
+            TypeError: if a key is not a str.
+        """
         checked = _validate_explicit(layer_bounds, None)
         bound = math.sqrt(math.fsum(b * b for b in checked.values()))
         return cls(bound, allocation=checked, layers=layers, normalize=normalize)
@@ -434,7 +461,15 @@ class PerLayerClip(_Clipper):
         return plan
 
     def layer_bounds(self, update: Mapping[str, Tensor]) -> dict[str, float]:
-        """Return the bound ``C_h`` of every layer of ``update`` (``Σ C_h² == bound²``)."""
+        """Return the bound ``C_h`` of every layer of ``update`` (``Σ C_h² == bound²``).
+
+        Args:
+            update: An update (only its tensor names and sizes are read).
+
+        Raises:
+            TypeError: if ``update`` is not a mapping of names to floating-point tensors.
+            ValueError: with explicit bounds, if the update's layers differ from the mapping's.
+        """
         names, tensors = _validate_update(update)
         return dict(self._layer_plan(names, tensors).bounds)
 

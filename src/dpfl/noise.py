@@ -4,10 +4,10 @@ With the sum of clipped updates having L2 sensitivity ``C`` (add/remove one user
 independent Gaussian noise of standard deviation ``z·C`` to every coordinate is the Gaussian
 mechanism with noise multiplier ``z``; its privacy loss is described by
 ``dp_accounting.GaussianDpEvent(z)`` and composed by an accountant. The guarantee assumes the
-noise is Gaussian in the tail that small ``δ`` depends on; the sampler (:mod:`dpfl._sampler`)
+noise is Gaussian in the tail that small ``δ`` depends on; the sampler
 is Gaussian up to ``sqrt(252 ln 2) ≈ 13.216`` standard deviations and never beyond (torch's
 float32 ``normal_`` stops at ``5.77``); dpfl's accountants add the δ of that ceiling
-(:mod:`dpfl.accounting.ceiling`).
+([`ceiling_delta`][dpfl.accounting.ceiling_delta]).
 
 References: Pelikan et al., arXiv 2310.00098, section 2 (DP-FedAvg, noise on the sum, z = σ_DP·S);
 Box & Muller (1958); Holohan & Braghin, "Secure Random Sampling in Differential Privacy",
@@ -26,10 +26,28 @@ import dp_accounting
 import torch
 from torch import Tensor
 
+from dpfl import _sampler
 from dpfl._checks import require_int, require_non_negative, require_positive
-from dpfl._sampler import MAX_ABS_NORMAL, SECURE_DRAWS, add_gaussian_, max_abs_draw
+from dpfl._sampler import add_gaussian_, max_abs_draw
 
 __all__ = ["MAX_ABS_NORMAL", "SECURE_DRAWS", "GaussianMechanism"]
+
+MAX_ABS_NORMAL: float = _sampler.MAX_ABS_NORMAL
+"""Largest ``|Z|`` one standard normal draw can take: ``sqrt(-2 ln 2⁻⁶⁴) = sqrt(128 ln 2) ≈ 9.419``.
+
+Each normal comes from Box–Muller on 64-bit uniform words, so its tail is exact up to this value
+and empty beyond it (0.1.0's float32 sampler stopped at 5.77). The noise added to one coordinate
+is at most ``MAX_ABS_NORMAL · z · C`` in magnitude, up to rounding (secure mode: ``2 ×`` that, see
+[`SECURE_DRAWS`][dpfl.noise.SECURE_DRAWS]).
+"""
+
+SECURE_DRAWS: int = _sampler.SECURE_DRAWS
+"""Standard normals summed per coordinate in secure mode (``GaussianMechanism(secure=True)``).
+
+Each comes from its own Box–Muller pair and the sum is scaled by ``1/sqrt(SECURE_DRAWS)``; the
+sum fills in the lattice of representable values that a single floating-point sample leaves,
+the defence against floating-point attacks on the Gaussian mechanism.
+"""
 
 _STATE_MAGIC = b"dpfl-aes256ctr-1"  # 16 bytes: format of state_dict()['generator']
 _STATE_BYTES = len(_STATE_MAGIC) + 32 + 8
@@ -47,9 +65,9 @@ class GaussianMechanism:
     words: ``u1 = 2^-126 (2^63 k + j + 1)`` (``k``, ``j``: the words' low 63 bits) is the
     uniform rounded up to the grid ``2^-126`` and keeps float precision down to ``2^-126``, so
     the radius is Rayleigh (``Z`` Gaussian) up to the largest attainable ``|Z|``,
-    ``sqrt(252 ln 2) ≈ 13.216`` (:data:`MAX_ABS_NORMAL`; secure mode: ``2 × 13.216``). A
+    ``sqrt(252 ln 2) ≈ 13.216`` ([`MAX_ABS_NORMAL`][dpfl.noise.MAX_ABS_NORMAL]; secure mode: ``2 × 13.216``). A
     release with a user can land beyond that from the neighbour's sum where none without can;
-    the accountants add that probability to δ (:func:`dpfl.accounting.ceiling_delta`,
+    the accountants add that probability to δ ([`ceiling_delta`][dpfl.accounting.ceiling_delta],
     ``exp(-(13.216 - 1/z)²/2)`` per participation: ``2e-21`` at ``z = 0.6144``). (torch's
     float32 ``normal_``, used in dpfl 0.1.0, is Box–Muller on 24-bit uniforms and never exceeds
     5.77σ; one 64-bit word per radius stopped at 9.419σ, which at ``z = 0.2`` gave δ ≥ 3e-6.)
@@ -63,8 +81,10 @@ class GaussianMechanism:
     piece from the key, release and position). With ``seed`` the key is derived from the seed
     (``seed=0`` is a seed like any other), so the noise is reproducible, identical for any
     ``num_threads``; without it the key comes from the OS CSPRNG (``os.urandom``).
-    :meth:`state_dict` / :meth:`load_state_dict` save and restore key and counter so that a
-    resumed run continues with the same noise. Noise never touches the global torch RNG.
+    [`state_dict`][dpfl.noise.GaussianMechanism.state_dict] /
+    [`load_state_dict`][dpfl.noise.GaussianMechanism.load_state_dict] save and restore key and
+    counter so that a resumed run continues with the same noise. Noise never touches the global
+    torch RNG.
 
     **Secure mode** (``secure=True``) defends against an observer of the releases (and of any
     checkpoint) who tries to predict, reproduce or subtract the noise, or to tell two
@@ -75,10 +95,10 @@ class GaussianMechanism:
       host and copied to the device), so earlier releases, seeds and checkpoints say nothing
       about the noise;
     * each coordinate is ``(Z1 + Z2 + Z3 + Z4) / 2`` from four different Box–Muller pairs
-      (:data:`SECURE_DRAWS`): the sum fills in the lattice of representable single samples that
-      floating-point attacks on textbook samplers exploit (Holohan & Braghin, arXiv
-      2107.10138); it costs about four times the sampling of plain mode;
-    * :meth:`state_dict` carries no key.
+      ([`SECURE_DRAWS`][dpfl.noise.SECURE_DRAWS]): the sum fills in the lattice of representable
+      single samples that floating-point attacks on textbook samplers exploit (Holohan & Braghin,
+      arXiv 2107.10138); it costs about four times the sampling of plain mode;
+    * [`state_dict`][dpfl.noise.GaussianMechanism.state_dict] carries no key.
 
     It does **not** protect the key, the noise or the pre-noise sum while they are in process
     memory (or on a GPU), remove the rounding of the final ``value + noise`` addition in the
@@ -168,8 +188,11 @@ class GaussianMechanism:
         The round loop keys each release on the privacy journal's charge index, so a round
         re-run after a crash (charged again) never repeats the noise of its first release.
 
+        Args:
+            release: index of the next release (its words' counter), ``>= release_index``.
+
         Raises:
-            ValueError: if ``release`` is below :attr:`release_index` (an index is never
+            ValueError: if ``release`` is below ``release_index`` (an index is never
                 reused: two releases with the same noise leak their difference) or not in
                 ``[0, 2**64)``.
         """
@@ -210,7 +233,8 @@ class GaussianMechanism:
         """Add independent noise to every tensor in place (none when ``noise_multiplier == 0``).
 
         Every call is one release: it advances the release counter (even without noise, so that
-        a side stream of the next release, :meth:`add_side_noise_`, gets fresh words).
+        a side stream of the next release,
+        [`add_side_noise_`][dpfl.noise.GaussianMechanism.add_side_noise_], gets fresh words).
 
         Tensors are noised in the mapping's iteration order (it fixes which stream words each
         coordinate gets); each on its own device.
@@ -246,11 +270,22 @@ class GaussianMechanism:
         but words from another key: ``SHA-256(tag, stream, key)`` at the current release index
         in plain mode (so seeded runs stay reproducible and resume exactly), a fresh
         ``os.urandom`` key in secure mode. It never reuses the main stream's words. Call it at
-        most once per ``stream`` per release, before :meth:`add_noise_` (which advances the
-        release counter); it changes no state of its own.
+        most once per ``stream`` per release, before
+        [`add_noise_`][dpfl.noise.GaussianMechanism.add_noise_] (which advances the release
+        counter); it changes no state of its own.
+
+        Args:
+            tensors: The side release's tensors, noised in place.
+            stream: A non-empty name of the side release (adaptive clipping uses
+                [`COUNT_STREAM`][dpfl.adaptive_clip.COUNT_STREAM]).
+            noise_multiplier: Its noise multiplier ``z_b >= 0`` (0: no noise).
+            sensitivity: Its L2 sensitivity (> 0 and finite); the std is
+                ``noise_multiplier * sensitivity``.
 
         Raises:
-            TypeError, ValueError: as :meth:`add_noise_`; ``stream`` must be a non-empty str.
+            TypeError: as [`add_noise_`][dpfl.noise.GaussianMechanism.add_noise_].
+            ValueError: as [`add_noise_`][dpfl.noise.GaussianMechanism.add_noise_], or if
+                ``stream`` is not a non-empty str.
         """
         if not isinstance(stream, str) or not stream:
             raise ValueError(
@@ -299,7 +334,15 @@ class GaussianMechanism:
         return True
 
     def add_noise(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Return noised copies of ``tensors`` (inputs unchanged); see :meth:`add_noise_`."""
+        """Return noised copies of ``tensors`` (inputs unchanged).
+
+        Args:
+            tensors: The tensors to noise, as for
+                [`add_noise_`][dpfl.noise.GaussianMechanism.add_noise_] (one release).
+
+        Returns:
+            A new dict of noised copies.
+        """
         _check_tensors(tensors)
         out = {k: v.detach().clone() for k, v in tensors.items()}
         self.add_noise_(out)
@@ -327,7 +370,11 @@ class GaussianMechanism:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the hyperparameters and mode must match.
+        """Restore a [`state_dict`][dpfl.noise.GaussianMechanism.state_dict].
+
+        Args:
+            state: The dict from ``state_dict()`` of a mechanism with the same noise
+                multiplier, sensitivity and mode.
 
         Raises:
             ValueError: if ``state`` comes from a mechanism with another noise multiplier,

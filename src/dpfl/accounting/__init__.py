@@ -1,13 +1,16 @@
 """Privacy accounting for DP federated learning, built on Google's ``dp_accounting``.
 
-Round specifications (:class:`PoissonRound`, :class:`FixedCohortRound`), ledger accountants
-(:class:`RDPAccountant`, :class:`PLDAccountant`) with an optional :class:`PrivacyBudget`, noise
-calibration and population extrapolation. This package imports neither torch nor model code.
+Round specifications ([`PoissonRound`][dpfl.accounting.PoissonRound],
+[`FixedCohortRound`][dpfl.accounting.FixedCohortRound]), ledger accountants
+([`RDPAccountant`][dpfl.accounting.RDPAccountant], [`PLDAccountant`][dpfl.accounting.PLDAccountant])
+with an optional [`PrivacyBudget`][dpfl.accounting.PrivacyBudget], noise calibration and population
+extrapolation. This package imports neither torch nor model code.
 
 References:
     Pelikan et al., arXiv 2310.00098, section 2.4.
 """
 
+from dpfl.accounting._pld import PLDTooLargeError
 from dpfl.accounting.accountants import (
     DEFAULT_VALUE_DISCRETIZATION_INTERVAL,
     PLDAccountant,
@@ -38,6 +41,7 @@ __all__ = [
     "Extrapolation",
     "FixedCohortRound",
     "PLDAccountant",
+    "PLDTooLargeError",
     "PoissonRound",
     "PrivacyBudget",
     "RDPAccountant",

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import dp_accounting
 
 from dpfl._checks import require_int, require_non_negative, require_probability
+from dpfl.accounting._dp_events import rounds_of_event
 from dpfl.accounting.budget import BudgetExceededError, PrivacyBudget
 from dpfl.accounting.ceiling import NOISE_CEILING, ledger_ceiling_delta
 from dpfl.accounting.events import (
@@ -70,24 +71,34 @@ class _LedgerAccountant(abc.ABC):
     @property
     def ceiling_delta(self) -> float:
         """The δ that the noise sampler's ceiling adds to this ledger (already in every ε and δ
-        this accountant reports; see :mod:`dpfl.accounting.ceiling`)."""
+        this accountant reports; see [`ceiling_delta`][dpfl.accounting.ceiling_delta])."""
         return ledger_ceiling_delta(self._ledger)
 
     # ----------------------------------------------------------------- composition
-    def add_rounds(self, round: Round, count: int = 1) -> None:
+    def add_rounds(self, round: Round | dp_accounting.DpEvent, count: int = 1) -> None:
         """Compose ``count`` identical rounds into the ledger.
 
         Args:
-            round: a :class:`PoissonRound` or :class:`FixedCohortRound` whose adjacency matches
-                this accountant's.
-            count: number of rounds, an integer >= 0 (0 is a no-op).
+            round: a [`PoissonRound`][dpfl.accounting.PoissonRound] or
+                [`FixedCohortRound`][dpfl.accounting.FixedCohortRound] whose adjacency matches
+                this accountant's, or a dp_accounting ``DpEvent`` describing such rounds: a
+                ``PoissonSampledDpEvent`` (add/remove-one) or ``SampledWithoutReplacementDpEvent``
+                (replace-one; its Gaussian's multiplier is relative to the replace-one
+                sensitivity ``2C``) of a ``GaussianDpEvent``, an unsampled ``GaussianDpEvent``
+                (a round that includes everyone), and ``SelfComposedDpEvent`` /
+                ``ComposedDpEvent`` of these, such as another accountant's
+                [`dp_event`][dpfl.accounting.RDPAccountant.dp_event]. The event is charged as
+                those rounds, with every check below.
+            count: number of times to compose ``round``, an integer >= 0 (0 is a no-op).
 
         Raises:
             BudgetExceededError: if a budget is set and the new ledger's ε at ``budget.delta`` would
                 exceed ``budget.epsilon``; the ledger is left unchanged.
-            ValueError: if the round cannot be accounted by this accountant (wrong adjacency or an
-                unsupported round type); the ledger is left unchanged.
-            TypeError: if ``round`` is not a round spec or ``count`` is not an integer.
+            ValueError: if the round cannot be accounted by this accountant (wrong adjacency, an
+                unsupported round type or a ``DpEvent`` of another mechanism); the ledger is left
+                unchanged.
+            TypeError: if ``round`` is neither a round spec nor a ``DpEvent``, or ``count`` is not
+                an integer.
         """
         candidate = self._extended(round, count)
         if self._budget is not None and candidate != self._ledger:
@@ -101,11 +112,15 @@ class _LedgerAccountant(abc.ABC):
                 )
         self._ledger = candidate
 
-    def would_exceed(self, round: Round, count: int = 1) -> bool:
+    def would_exceed(self, round: Round | dp_accounting.DpEvent, count: int = 1) -> bool:
         """Whether ``add_rounds(round, count)`` would exceed the budget (``False`` with no budget).
 
+        Args:
+            round: a round spec or a ``DpEvent``, as for ``add_rounds``.
+            count: number of times to compose it, an integer >= 0.
+
         Raises:
-            ValueError, TypeError: as :meth:`add_rounds` for an invalid round or count.
+            ValueError, TypeError: as ``add_rounds`` for an invalid round or count.
         """
         candidate = self._extended(round, count)
         if self._budget is None:
@@ -115,7 +130,7 @@ class _LedgerAccountant(abc.ABC):
     def epsilon(self, delta: float) -> float:
         """Return the ε of all rounds composed so far at the given δ.
 
-        The δ includes the noise sampler's ceiling (:attr:`ceiling_delta`): the Gaussian ε is
+        The δ includes the noise sampler's ceiling (``ceiling_delta``): the Gaussian ε is
         taken at ``delta - ceiling_delta``, so ``(ε, delta)`` holds for dpfl's sampler.
 
         Args:
@@ -134,7 +149,7 @@ class _LedgerAccountant(abc.ABC):
     def delta(self, epsilon: float) -> float:
         """Return the δ of all rounds composed so far at the given ε.
 
-        Includes the noise sampler's ceiling (:attr:`ceiling_delta`), capped at 1.
+        Includes the noise sampler's ceiling (``ceiling_delta``), capped at 1.
 
         Args:
             epsilon: the target ε, >= 0 and finite.
@@ -153,14 +168,16 @@ class _LedgerAccountant(abc.ABC):
         """The ledger as a ``ComposedDpEvent`` of ``SelfComposedDpEvent(round.dp_event(), count)``.
 
         Feed it to any dp_accounting accountant (constructed with the same neighbouring relation)
-        to reproduce or cross-check this accountant's numbers (for a :class:`PLDAccountant`, at the
-        grid :meth:`PLDAccountant.discretization_interval` reports).
+        to reproduce or cross-check this accountant's numbers (for a
+        [`PLDAccountant`][dpfl.accounting.PLDAccountant], at the grid
+        [`PLDAccountant.discretization_interval`][dpfl.accounting.PLDAccountant.discretization_interval]
+        reports).
         """
         return _ledger_event(self._ledger)
 
     # ----------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """Return the privacy history as a JSON-able plain dict (see :meth:`load_state_dict`)."""
+        """Return the privacy history as a JSON-able plain dict (see ``load_state_dict``)."""
         return {
             "format": _FORMAT,
             "accountant": self.kind,
@@ -171,7 +188,7 @@ class _LedgerAccountant(abc.ABC):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Replace the ledger and budget with those of ``state`` (from :meth:`state_dict`).
+        """Replace the ledger and budget with those of ``state`` (from ``state_dict``).
 
         The state is validated in full before anything changes: it must come from the same kind
         of accountant with the same adjacency and backend options, and every round must be valid.
@@ -224,12 +241,29 @@ class _LedgerAccountant(abc.ABC):
         return math.inf if rest is None else self._epsilon_of(ledger, rest)
 
     def _extended(
-        self, round: Round, count: Any, *, ledger: Ledger | None = None, minimum: int = 0
+        self,
+        round: Round | dp_accounting.DpEvent,
+        count: Any,
+        *,
+        ledger: Ledger | None = None,
+        minimum: int = 0,
     ) -> Ledger:
         """Validate ``(round, count)`` and return the ledger with it appended (merged)."""
+        if isinstance(round, dp_accounting.DpEvent):
+            count = require_int("count", count, minimum=minimum)
+            entries = rounds_of_event(round)
+            if len({rnd for rnd, _ in entries}) == 1:
+                entries = [(entries[0][0], count * sum(c for _, c in entries))]
+            else:
+                entries = entries * count
+            extended = self._ledger if ledger is None else ledger
+            for rnd, times in entries:
+                extended = self._extended(rnd, times, ledger=extended)
+            return extended
         if not isinstance(round, PoissonRound | FixedCohortRound):
             raise TypeError(
-                f"round must be a PoissonRound or FixedCohortRound, got {type(round).__name__}"
+                "round must be a PoissonRound, a FixedCohortRound or a dp_accounting DpEvent, "
+                f"got {type(round).__name__}"
             )
         count = require_int("count", count, minimum=minimum)
         self._check_supported(round)

@@ -6,16 +6,16 @@ point (tens of microseconds a point), and the Chernoff truncation bounds of the 
 (80 ``scipy.special.logsumexp`` calls, ~50 ms whatever the size). This module computes the *same*
 objects with numpy array operations:
 
-* :func:`gaussian_pld` — the connect-the-dots PLD of one round, built from dp_accounting's own
+* ``gaussian_pld`` — the connect-the-dots PLD of one round, built from dp_accounting's own
   ``GaussianPrivacyLoss`` (CDFs, truncation, connect-dots bounds) and
   ``create_pmf_pessimistic_connect_dots_fixed_gap``; only the inverse privacy loss is evaluated as
   an array expression (the closed form dp_accounting evaluates point by point).
-* :func:`self_compose` — the same Chernoff bounds, FFT length and truncation as dp_accounting's
+* ``self_compose`` — the same Chernoff bounds, FFT length and truncation as dp_accounting's
   ``DensePLDPmf.self_compose``.
 
 Both are checked against dp_accounting in ``tests/test_accounting_pld_internals.py`` (identical
 probabilities to 1e-12). Both check the size of the arrays they would allocate first and raise
-:class:`PLDTooLargeError` instead of exhausting memory.
+[`PLDTooLargeError`][dpfl.accounting.PLDTooLargeError] instead of exhausting memory.
 
 References:
     Doroshenko, Ghazi, Kamath, Kumar, Manurangsi, "Connect the Dots: Tighter Discrete
@@ -35,6 +35,8 @@ from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.pld import privacy_loss_mechanism as mechanism
 from scipy import fft, special
 
+from dpfl._errors import DPFLError
+
 __all__ = ["MAX_POINTS", "PLDTooLargeError", "gaussian_pld", "round_points", "self_compose"]
 
 #: Most grid points one privacy-loss array may have (per direction). 2**24 float64 values are
@@ -47,8 +49,20 @@ _TAIL_MASS_TRUNCATION = 1e-15
 _ORDERS = np.concatenate((np.arange(-20, 0), np.arange(1, 21))).astype(np.float64)
 
 
-class PLDTooLargeError(ValueError):
-    """A PLD computation would need more than :data:`MAX_POINTS` grid points."""
+class PLDTooLargeError(ValueError, DPFLError):
+    """A PLD computation would need more than 2²⁴ grid points (a ``ValueError``).
+
+    Raised before any memory is allocated; the message says how many points and how much memory
+    the computation would need. Use a coarser ``value_discretization_interval``, fewer rounds or
+    the RDP accountant.
+
+    Args:
+        message: What would be too large, with the estimated size.
+        points: The estimated number of grid points.
+
+    Attributes:
+        points: The estimated number of grid points.
+    """
 
     def __init__(self, message: str, points: float) -> None:
         self.points = points
@@ -123,7 +137,7 @@ def gaussian_pld(z: float, q: float, interval: float) -> pld_lib.PrivacyLossDist
     truncation -50, add/remove adjacency), same result, array-evaluated.
 
     Raises:
-        PLDTooLargeError: if a direction would need more than :data:`MAX_POINTS` points.
+        PLDTooLargeError: if a direction would need more than ``MAX_POINTS`` points.
     """
     pmfs = []
     for loss in _losses(z, q):
@@ -212,7 +226,7 @@ def self_compose(
     """``pld.self_compose(count)`` (tail mass truncation 1e-15), with array-evaluated bounds.
 
     Raises:
-        PLDTooLargeError: if the composed distribution would need more than :data:`MAX_POINTS`.
+        PLDTooLargeError: if the composed distribution would need more than ``MAX_POINTS``.
     """
     remove = _self_compose_pmf(pld._pmf_remove, count)  # noqa: SLF001
     if pld._symmetric:  # noqa: SLF001

@@ -25,12 +25,15 @@ from dpfl.accounting.events import (
 
 __all__ = ["DEFAULT_VALUE_DISCRETIZATION_INTERVAL", "PLDAccountant"]
 
-#: Default PLD grid step: ``None`` = automatic. The grid starts at 4x the privacy-loss scale of one
-#: round (q·sqrt(exp(1/z²) - 1), rounded down to a power of two) and is halved until ε changes by
-#: at most 1%; every grid's ε is an upper bound (dp_accounting discretises pessimistically) and the
-#: smallest is reported. Within 3% of dp_accounting's default grid (1e-4) on any configuration,
-#: often tighter; see :class:`PLDAccountant` and benchmarks/results/accounting.md.
 DEFAULT_VALUE_DISCRETIZATION_INTERVAL: float | None = None
+"""Default PLD grid step of [`PLDAccountant`][dpfl.accounting.PLDAccountant]: ``None``, automatic.
+
+The grid starts at 4x the privacy-loss scale of one round (``q·sqrt(exp(1/z²) - 1)``, rounded
+down to a power of two) and is halved until ε changes by at most 1%; every grid's ε is an upper
+bound (dp_accounting discretises pessimistically) and the smallest is reported. Within 3% of
+dp_accounting's default grid (1e-4) on any configuration, often tighter (measured in
+[the accounting benchmark](https://github.com/dpfl-dev/dpfl/blob/main/benchmarks/results/accounting.md)).
+"""
 
 _AUTO_RTOL = 0.01  # stop halving the grid once ε changes by at most this fraction
 _AUTO_DELTA_RTOL = 0.1  # the same for δ(ε) (δ moves ~10x more than ε for the same grid error)
@@ -59,25 +62,28 @@ class PLDAccountant(_LedgerAccountant):
     Each grid's ε is an upper bound, so the smallest one is reported; it is within 3% of
     dp_accounting's default grid (1e-4)
     on any configuration and tighter where that grid is too coarse (small ε).
-    :meth:`discretization_interval` says which grid was used. An explicit float gives exactly
-    dp_accounting's result at that grid.
+    [`discretization_interval`][dpfl.accounting.PLDAccountant.discretization_interval] says which
+    grid was used. An explicit float gives exactly dp_accounting's result at that grid.
 
     **Cost.** One round's PLD is built once per (round, grid) and ``count`` identical rounds are
     composed by one FFT self-composition, so accounting one round at a time (as ``run_rounds``
     does) never recomposes the ledger's history and its memory stays flat in the round count. The
     cost of one round grows only with the width of the composed distribution on the chosen grid,
     far slower than the round count (q = 0.5, z = 1: about 2-5x more per round at round 1,000
-    than at round 10; benchmarks/accounting.py ``--section rounds``). The composed PLDs of the
+    than at round 10; [the accounting benchmark](https://github.com/dpfl-dev/dpfl/blob/main/benchmarks/accounting.py),
+    ``--section rounds``). The composed PLDs of the
     last few ledgers are kept, so a ledger that grows by one entry composes one entry. Work that
     would need more than 2²⁴ grid points is refused up front with a ``ValueError`` (never a
     memory error).
 
-    Only add/remove-one adjacency with :class:`PoissonRound` is supported: dp_accounting's PLD
-    cannot account sampling without replacement, so a :class:`FixedCohortRound` raises
-    ``ValueError`` telling you to use :class:`RDPAccountant` with ``adjacency="replace_one"``.
+    Only add/remove-one adjacency with [`PoissonRound`][dpfl.accounting.PoissonRound] is supported:
+    dp_accounting's PLD cannot account sampling without replacement, so a
+    [`FixedCohortRound`][dpfl.accounting.FixedCohortRound] raises ``ValueError`` telling you to use
+    [`RDPAccountant`][dpfl.accounting.RDPAccountant] with ``adjacency="replace_one"``.
 
     Args:
-        budget: optional :class:`PrivacyBudget` enforced by :meth:`add_rounds`.
+        budget: optional [`PrivacyBudget`][dpfl.accounting.PrivacyBudget] enforced by
+            [`add_rounds`][dpfl.accounting.PLDAccountant.add_rounds].
         adjacency: must be ``"add_or_remove_one"``.
         value_discretization_interval: PLD grid step, > 0, or ``None`` (default) for the
             automatic grid described above.
@@ -97,6 +103,7 @@ class PLDAccountant(_LedgerAccountant):
     """
 
     kind = "pld"
+    """The accountant's name in [`state_dict`][dpfl.accounting.PLDAccountant.state_dict]."""
 
     def __init__(
         self,
@@ -126,7 +133,13 @@ class PLDAccountant(_LedgerAccountant):
         return self._interval
 
     def discretization_interval(self, delta: float) -> float:
-        """The grid step that :meth:`epsilon` settles on for this ``delta`` and the current ledger.
+        """The grid step that [`epsilon`][dpfl.accounting.PLDAccountant.epsilon] settles on.
+
+        Args:
+            delta: The δ of the ε query, in (0, 1); the grid depends on it and on the ledger.
+
+        Returns:
+            The grid step (the constructor's, when one was given).
 
         Raises:
             ValueError: if ``delta`` is outside (0, 1).

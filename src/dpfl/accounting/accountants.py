@@ -3,7 +3,7 @@
 Both accountants keep the same ledger: a list of ``(round, count)`` entries where consecutive
 identical rounds are merged, so 20,000 identical rounds cost one entry. ε and δ are a function of
 the ledger alone (caches only avoid recomputing the same thing), so an accountant restored from
-:meth:`state_dict` gives exactly the numbers of the original, whatever the sequence of
+``state_dict`` gives exactly the numbers of the original, whatever the sequence of
 ``add_rounds`` calls was.
 
 References:
@@ -44,16 +44,19 @@ class RDPAccountant(_LedgerAccountant):
     arXiv 2004.00010, Prop. 12), the same as ``RdpAccountant.get_epsilon``.
 
     Args:
-        budget: optional :class:`PrivacyBudget` enforced by :meth:`add_rounds`.
-        adjacency: ``"add_or_remove_one"`` (default; accepts :class:`PoissonRound`) or
-            ``"replace_one"`` (accepts :class:`FixedCohortRound`). One accountant, one relation:
-            a round of the other relation raises ``ValueError``.
+        budget: optional [`PrivacyBudget`][dpfl.accounting.PrivacyBudget] enforced by
+            [`add_rounds`][dpfl.accounting.RDPAccountant.add_rounds].
+        adjacency: ``"add_or_remove_one"`` (default; accepts
+            [`PoissonRound`][dpfl.accounting.PoissonRound]) or ``"replace_one"`` (accepts
+            [`FixedCohortRound`][dpfl.accounting.FixedCohortRound]). One accountant, one relation: a
+            round of the other relation raises ``ValueError``.
         orders: RDP orders (all > 1); default dp_accounting's ``DEFAULT_RDP_ORDERS``.
 
     Raises:
         ValueError: if ``adjacency`` or ``orders`` is invalid.
 
     Examples:
+        >>> from dpfl.accounting import PoissonRound
         >>> acc = RDPAccountant()
         >>> acc.add_rounds(PoissonRound(noise_multiplier=0.6144, sample_rate=0.002947), 2034)
         >>> round(acc.epsilon(1e-9), 1)
@@ -64,6 +67,7 @@ class RDPAccountant(_LedgerAccountant):
     """
 
     kind = "rdp"
+    """The accountant's name in [`state_dict`][dpfl.accounting.RDPAccountant.state_dict]."""
 
     def __init__(
         self,
@@ -87,11 +91,23 @@ class RDPAccountant(_LedgerAccountant):
         return self._orders.copy()
 
     def rdp(self) -> np.ndarray:
-        """The composed RDP guarantee at each of :attr:`orders` (a copy)."""
+        """The composed RDP guarantee at each of [`orders`][dpfl.accounting.RDPAccountant.orders] (a copy)."""
         return self._rdp_of(self._ledger)
 
     def round_rdp(self, round: Round) -> np.ndarray:
-        """The RDP curve of one round at :attr:`orders`, computed by dp_accounting (cached)."""
+        """The RDP curve of one round at [`orders`][dpfl.accounting.RDPAccountant.orders].
+
+        Computed by dp_accounting once per distinct round and cached.
+
+        Args:
+            round: A round this accountant accepts (same adjacency).
+
+        Returns:
+            The RDP ε at each order (a copy).
+
+        Raises:
+            ValueError: if the round's adjacency is not this accountant's.
+        """
         self._extended(round, 1)  # validates the round for this accountant
         curve = self._curves.get(round)
         if curve is None and round.noise_multiplier == 0 and round.sample_rate > 0:
@@ -122,10 +138,14 @@ class RDPAccountant(_LedgerAccountant):
         return tuple(float(a) for a in self._orders[np.isinf(rdp)])
 
     def epsilon_order(self, delta: float) -> float:
-        """The RDP order at which :meth:`epsilon` is attained for this ``delta``.
+        """The RDP order at which [`epsilon`][dpfl.accounting.RDPAccountant.epsilon] is attained.
+
+        Args:
+            delta: The target δ, in (0, 1).
 
         Returns:
-            The order (one of :attr:`orders`); ``nan`` when ε is infinite or no round was composed.
+            The order (one of [`orders`][dpfl.accounting.RDPAccountant.orders]); ``nan`` when ε is
+            infinite or no round was composed.
 
         Raises:
             ValueError: if ``delta`` is outside (0, 1).

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from dpfl._checks import require_positive, require_probability
+from dpfl._errors import DPFLError
 
 __all__ = ["BudgetExceededError", "PrivacyBudget"]
 
 
-class BudgetExceededError(RuntimeError):
+class BudgetExceededError(RuntimeError, DPFLError):
     """Raised by ``add_rounds`` when the new rounds would push ε past the budget.
 
     The accountant's ledger is left unchanged when this is raised, so training can stop cleanly
@@ -51,7 +52,14 @@ class PrivacyBudget:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PrivacyBudget:
-        """Rebuild a budget from :meth:`to_dict` output, validating both fields."""
+        """Rebuild a budget from [`to_dict`][dpfl.accounting.PrivacyBudget.to_dict] output.
+
+        Args:
+            data: The dict from ``to_dict()`` (keys ``"epsilon"`` and ``"delta"``), validated.
+
+        Raises:
+            ValueError: if a key is missing or a value is out of range.
+        """
         if not isinstance(data, Mapping) or set(data) != {"epsilon", "delta"}:
             raise ValueError(f"budget must be a dict with keys 'epsilon' and 'delta', got {data!r}")
         return cls(epsilon=data["epsilon"], delta=data["delta"])

@@ -51,7 +51,7 @@ def epsilon_for(
         accountant: ``"rdp"`` or ``"pld"``.
         orders: RDP orders (RDP only); default dp_accounting's.
         value_discretization_interval: PLD grid step (PLD only); ``None`` (default) for
-            the automatic grid of :class:`PLDAccountant`.
+            the automatic grid of [`PLDAccountant`][dpfl.accounting.PLDAccountant].
         count_noise_multiplier: ``z_b`` of an adaptive-clipping count released in every round
             (each round is then one Gaussian of ``z_eff⁻² = z⁻² + z_b⁻²``), or ``None``.
 
@@ -114,12 +114,12 @@ def calibrate_noise_multiplier(
         max_noise_multiplier: give up above this z (default 1e4).
         orders: RDP orders (RDP only); default dp_accounting's.
         value_discretization_interval: PLD grid step (PLD only); ``None`` (default) for
-            the automatic grid of :class:`PLDAccountant`.
+            the automatic grid of [`PLDAccountant`][dpfl.accounting.PLDAccountant].
         count_noise_multiplier: ``z_b`` of an adaptive-clipping count released in every round.
             The overall (effective) multiplier ``z_eff`` is calibrated as above and the update's
             share returned: ``z`` with ``z⁻² = z_eff⁻² − z_b⁻²``
-            (:func:`~dpfl.accounting.split_noise_multiplier`), rounded up so that the composed
-            round still meets the target.
+            ([`split_noise_multiplier`][dpfl.accounting.split_noise_multiplier]), rounded up so that
+            the composed round still meets the target.
 
     Returns:
         The noise multiplier z (of the update sum, with a count).

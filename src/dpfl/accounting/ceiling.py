@@ -1,11 +1,11 @@
 """The noise sampler's ceiling, accounted in δ.
 
-dpfl's sampler (:mod:`dpfl._sampler`) never draws a standard normal beyond
-:data:`NOISE_CEILING` ``M = sqrt(252 ln 2) ≈ 13.216``: every Box–Muller pair has radius
+dpfl's sampler never draws a standard normal beyond
+[`NOISE_CEILING`][dpfl.accounting.NOISE_CEILING] ``M = sqrt(252 ln 2) ≈ 13.216``: every Box–Muller pair has radius
 ``r <= M`` (its radius uniform is at least ``2^-126``). Without the user, a release therefore
 never lies further than ``M·σ`` (per pair) from the neighbour's noiseless sum; with the user it
 can, and such a release reveals the user with certainty. No Gaussian accountant sees this, so
-the accountants add the probability of it to δ (:func:`ledger_ceiling_delta`): the ε they report
+the accountants add the probability of it to δ (``ledger_ceiling_delta``): the ε they report
 at δ is the Gaussian ε at ``δ - ceiling δ``, and ``∞`` when the ceiling δ reaches δ.
 
 **Model.** Inside radius ``M`` the sampler is taken to be the Gaussian (its radius uniform is
@@ -41,7 +41,7 @@ no part in, at most ``κ`` each.
 revealed without changing the Gaussian accounting; the user's own participations ``J`` are
 what amplification hides), the events above compose by a union bound over the releases, in
 expectation over ``J``: ``δ_ceiling <= Σ_rounds (q·(exp(-(M - B)²/2) + κ) + κ)``. Replace-one
-rounds (:class:`FixedCohortRound`) shift by ``2C``: ``B = 2/z``; a round with a count
+rounds ([`FixedCohortRound`][dpfl.accounting.FixedCohortRound]) shift by ``2C``: ``B = 2/z``; a round with a count
 (adaptive clipping) is one Gaussian query of ``z_eff`` on the concatenated query: ``B = 1/z_eff``.
 
 Negligible for every practical ``z``: at the paper's ``z = 0.6144`` the per-participation term
@@ -65,19 +65,20 @@ from dpfl.accounting.events import (
 
 __all__ = ["CEILING_SLACK", "NOISE_CEILING", "ceiling_delta", "ledger_ceiling_delta"]
 
-#: The largest ``|draw|`` (in standard deviations) of dpfl's noise sampler on every path:
-#: ``sqrt(-2 ln 2^-126) = sqrt(252 ln 2)`` (``dpfl._sampler.MAX_ABS_NORMAL``; secure mode sums
-#: four such draws, but its δ is bounded through the pairs, see the module docstring).
 NOISE_CEILING = math.sqrt(252.0 * math.log(2.0))
-#: ``κ``: the sampler's moved mass per release plus the small-shift pairs' share, for releases of
-#: at most ``2^52`` Box–Muller pairs: ``(e² + 2)·2^52·2^-126 < 2^-70``.
+"""The largest ``|draw|`` (in standard deviations) of dpfl's noise sampler on every path:
+``sqrt(-2 ln 2^-126) = sqrt(252 ln 2) ≈ 13.216`` (the same number as
+[`MAX_ABS_NORMAL`][dpfl.noise.MAX_ABS_NORMAL]; secure mode sums four such draws, but its δ is
+bounded through the pairs, see the module docstring)."""
 CEILING_SLACK = 2.0**-70
+"""``κ``: the sampler's moved mass per release plus the small-shift pairs' share, for releases of
+at most ``2^52`` Box–Muller pairs: ``(e² + 2)·2^52·2^-126 < 2^-70``."""
 
 
 def ceiling_delta(noise_multiplier: float) -> float:
     """δ that the sampler's ceiling adds per participation in a Gaussian release.
 
-    ``exp(-(M - 1/z)²/2) + κ`` (``M`` = :data:`NOISE_CEILING`, ``κ`` = :data:`CEILING_SLACK`),
+    ``exp(-(M - 1/z)²/2) + κ`` (``M`` = [`NOISE_CEILING`][dpfl.accounting.NOISE_CEILING], ``κ`` = ``CEILING_SLACK``),
     and ``1`` where ``1/z > M - 2`` (the bound needs the shift 2σ short of the ceiling).
 
     Args:
@@ -108,6 +109,12 @@ def ledger_ceiling_delta(ledger: Iterable[tuple[Round, int]]) -> float:
     ``Σ count · (q · ceiling_delta(z) + κ)``, with ``z`` the round's accounted multiplier (halved
     for a replace-one round: its shift is ``2C``) and ``q`` its sampling rate; capped at ``1``.
     Rounds without noise (``z = 0``) are left out: their ε is already infinite.
+
+    Args:
+        ledger: ``(round, count)`` pairs, e.g. an accountant's charged rounds.
+
+    Returns:
+        The δ floor of the whole ledger (a union bound over its participations), at most 1.
     """
     total = 0.0
     for rnd, count in ledger:

@@ -4,19 +4,23 @@ A round is one release of a noised sum of clipped user updates (sensitivity C pe
 N(0, (z·C)²)) over a sampled cohort. How the cohort is sampled decides both the amplification and the
 neighbouring relation under which the guarantee holds:
 
-* :class:`PoissonRound` — every user joins independently with probability ``sample_rate``
-  (dp_accounting's ``PoissonSampledDpEvent``); valid under **add/remove-one-user** adjacency.
-* :class:`FixedCohortRound` — exactly ``cohort_size`` users drawn without replacement from a known
-  ``population`` (dp_accounting's ``SampledWithoutReplacementDpEvent``); valid under
-  **replace-one-user** adjacency only, the only relation dp_accounting accounts it under.
+* [`PoissonRound`][dpfl.accounting.PoissonRound] — every user joins independently with probability
+  ``sample_rate`` (dp_accounting's ``PoissonSampledDpEvent``); valid under **add/remove-one-user**
+  adjacency.
+* [`FixedCohortRound`][dpfl.accounting.FixedCohortRound] — exactly ``cohort_size`` users drawn
+  without replacement from a known ``population`` (dp_accounting's
+  ``SampledWithoutReplacementDpEvent``); valid under **replace-one-user** adjacency only, the only
+  relation dp_accounting accounts it under.
 
 Either round may carry a second Gaussian release on the same cohort, the noised count of
-adaptive clipping (:class:`dpfl.adaptive_clip.AdaptiveClip`): ``count_noise_multiplier`` ``z_b``
-is its noise std over its own sensitivity. Two Gaussian queries on one sampled cohort compose
-exactly into one Gaussian of multiplier ``z_eff`` with ``z_eff⁻² = z⁻² + z_b⁻²``
-(:func:`effective_noise_multiplier`); the accountants charge one round of ``z_eff`` and
-:meth:`PoissonRound.dp_event` states the round as the ``ComposedDpEvent`` of both Gaussians
-inside the sampling event, which dp_accounting's RDP accountant reduces by the same identity.
+adaptive clipping ([`dpfl.adaptive_clip.AdaptiveClip`][dpfl.adaptive_clip.AdaptiveClip]):
+``count_noise_multiplier`` ``z_b`` is its noise std over its own sensitivity. Two Gaussian queries
+on one sampled cohort compose exactly into one Gaussian of multiplier ``z_eff`` with ``z_eff⁻² = z⁻²
++ z_b⁻²`` ([`effective_noise_multiplier`][dpfl.accounting.effective_noise_multiplier]); the
+accountants charge one round of ``z_eff`` and
+[`PoissonRound.dp_event`][dpfl.accounting.PoissonRound.dp_event] states the round as the
+``ComposedDpEvent`` of both Gaussians inside the sampling event, which dp_accounting's RDP
+accountant reduces by the same identity.
 
 References:
     Pelikan et al., "Enabling Differentially Private Federated Learning for Speech Recognition:
@@ -51,13 +55,28 @@ __all__ = [
 ]
 
 Adjacency = Literal["add_or_remove_one", "replace_one"]
-ADD_OR_REMOVE_ONE: Adjacency = "add_or_remove_one"
-REPLACE_ONE: Adjacency = "replace_one"
 
-#: Noise multipliers above this are accounted as this value. ε never increases with z, so the
-#: reported ε stays an upper bound (below ~1e-5 per round at the cap); dp_accounting itself
-#: overflows (``z**2``) beyond ~1.3e154 and loses precision long before.
+ADD_OR_REMOVE_ONE: Adjacency = "add_or_remove_one"
+"""Add/remove-one-user adjacency: neighbouring datasets differ by one user's presence.
+
+The relation of Poisson sampling ([`PoissonRound`][dpfl.accounting.PoissonRound]) and of the
+paper's ε; the accountants' default. The sum of updates clipped to ``C`` moves by at most ``C``.
+"""
+
+REPLACE_ONE: Adjacency = "replace_one"
+"""Replace-one-user adjacency: neighbouring datasets differ in one user's data, same size.
+
+The only relation under which a fixed-size cohort
+([`FixedCohortRound`][dpfl.accounting.FixedCohortRound]) is accounted; the sum of updates clipped
+to ``C`` moves by up to ``2C``. Its ε does not compare with an add/remove-one ε.
+"""
+
 NOISE_MULTIPLIER_CAP = 1e6
+"""Noise multipliers above this are accounted as this value.
+
+ε never increases with z, so the reported ε stays an upper bound (below ~1e-5 per round at the
+cap); dp_accounting itself overflows (``z**2``) beyond ~1.3e154 and loses precision long before.
+"""
 
 
 @dataclass(frozen=True)
@@ -91,6 +110,7 @@ class PoissonRound:
     sample_rate: float
     count_noise_multiplier: float | None = None
     adjacency: ClassVar[Adjacency] = ADD_OR_REMOVE_ONE
+    """The relation this round is valid under: [`ADD_OR_REMOVE_ONE`][dpfl.accounting.ADD_OR_REMOVE_ONE]."""
 
     def __post_init__(self) -> None:
         z = require_non_negative("noise_multiplier", self.noise_multiplier)
@@ -107,15 +127,17 @@ class PoissonRound:
     def dp_event(self) -> dp_accounting.DpEvent:
         """Return ``PoissonSampledDpEvent(sample_rate, GaussianDpEvent(z))``.
 
-        ``z`` is :func:`accounted_noise_multiplier`: the noise multiplier, capped at
-        :data:`NOISE_MULTIPLIER_CAP` (conservative; dp_accounting overflows on huge values).
-        With a count, the inner event is ``ComposedDpEvent([GaussianDpEvent(z),
-        GaussianDpEvent(z_b)])`` (each capped), the two releases of the round.
+        ``z`` is ``accounted_noise_multiplier``: the noise multiplier, capped at
+        [`NOISE_MULTIPLIER_CAP`][dpfl.accounting.NOISE_MULTIPLIER_CAP] (conservative; dp_accounting
+        overflows on huge values). With a count, the inner event is
+        ``ComposedDpEvent([GaussianDpEvent(z), GaussianDpEvent(z_b)])`` (each capped), the two
+        releases of the round.
         """
         return dp_accounting.PoissonSampledDpEvent(self.sample_rate, _inner_event(self, 1.0))
 
     def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-able dict that :func:`round_from_dict` turns back into this round.
+        """Return a JSON-able dict that [`round_from_dict`][dpfl.accounting.round_from_dict] turns
+        back into this round.
 
         ``"count_noise_multiplier"`` is present only for a round with a count.
         """
@@ -128,7 +150,14 @@ class PoissonRound:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PoissonRound:
-        """Rebuild a round from :meth:`to_dict` output, validating every field."""
+        """Rebuild a round from [`to_dict`][dpfl.accounting.PoissonRound.to_dict] output.
+
+        Args:
+            data: The dict from ``to_dict()``; every field is validated.
+
+        Raises:
+            ValueError: if a key is missing or unknown, or a field is out of range.
+        """
         _check_keys(data, "poisson", ("noise_multiplier", "sample_rate"))
         return cls(
             noise_multiplier=data["noise_multiplier"],
@@ -143,12 +172,13 @@ class FixedCohortRound:
 
     Valid under **replace-one-user** adjacency only (the population size is public). Under that
     relation the sum of updates clipped to C changes by up to ``2C`` when one user's data is
-    replaced, so :meth:`dp_event` gives dp_accounting a Gaussian with noise multiplier ``z / 2``
-    (noise std over the replace-one sensitivity).
+    replaced, so [`dp_event`][dpfl.accounting.FixedCohortRound.dp_event] gives dp_accounting a
+    Gaussian with noise multiplier ``z / 2`` (noise std over the replace-one sensitivity).
 
     Warning:
         The guarantee of this round is a replace-one guarantee; it is not comparable with the
-        add/remove-one ε of :class:`PoissonRound` and cannot be composed with it in one accountant.
+        add/remove-one ε of [`PoissonRound`][dpfl.accounting.PoissonRound] and cannot be composed
+        with it in one accountant.
         PLD accounting of fixed cohorts is not supported by dp_accounting: use ``RDPAccountant``.
 
     Args:
@@ -177,6 +207,7 @@ class FixedCohortRound:
     population: int
     count_noise_multiplier: float | None = None
     adjacency: ClassVar[Adjacency] = REPLACE_ONE
+    """The relation this round is valid under: [`REPLACE_ONE`][dpfl.accounting.REPLACE_ONE]."""
 
     def __post_init__(self) -> None:
         z = require_non_negative("noise_multiplier", self.noise_multiplier)
@@ -206,7 +237,7 @@ class FixedCohortRound:
         """Return ``SampledWithoutReplacementDpEvent(population, cohort_size, GaussianDpEvent(z/2))``.
 
         The halved noise multiplier accounts for the replace-one sensitivity ``2C`` of the sum;
-        ``z`` is capped first (:func:`accounted_noise_multiplier`). With a count, the inner event
+        ``z`` is capped first (``accounted_noise_multiplier``). With a count, the inner event
         is the ``ComposedDpEvent`` of both halved Gaussians.
         """
         return dp_accounting.SampledWithoutReplacementDpEvent(
@@ -216,7 +247,7 @@ class FixedCohortRound:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-able dict that :func:`round_from_dict` turns back into this round."""
+        """Return a JSON-able dict that [`round_from_dict`][dpfl.accounting.round_from_dict] turns back into this round."""
         data: dict[str, Any] = {
             "type": "fixed_cohort",
             "noise_multiplier": self.noise_multiplier,
@@ -227,7 +258,14 @@ class FixedCohortRound:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FixedCohortRound:
-        """Rebuild a round from :meth:`to_dict` output, validating every field."""
+        """Rebuild a round from [`to_dict`][dpfl.accounting.FixedCohortRound.to_dict] output.
+
+        Args:
+            data: The dict from ``to_dict()``; every field is validated.
+
+        Raises:
+            ValueError: if a key is missing or unknown, or a field is out of range.
+        """
         _check_keys(data, "fixed_cohort", ("noise_multiplier", "cohort_size", "population"))
         return cls(
             noise_multiplier=data["noise_multiplier"],
@@ -246,7 +284,8 @@ def accounted_noise_multiplier(round: Round) -> float:
     Capping is conservative (a round with more noise is at least as private as one at the cap)
     and keeps dp_accounting's arithmetic finite: it computes ``z**2``, which overflows beyond
     ~1.3e154, and its privacy-loss grids lose precision long before. With a count, both
-    multipliers are capped and the result is their :func:`effective_noise_multiplier`.
+    multipliers are capped and the result is their
+    [`effective_noise_multiplier`][dpfl.accounting.effective_noise_multiplier].
     """
     return effective_noise_multiplier(*_capped(round))
 
@@ -287,8 +326,8 @@ def split_noise_multiplier(noise_multiplier: float, *, count_noise_multiplier: f
 
     Solves ``z_eff⁻² = z⁻² + z_b⁻²`` for ``z``: ``z = (z_eff⁻² − z_b⁻²)^(-1/2)``. A user who
     calibrated one overall multiplier ``z_eff`` (e.g. with
-    :func:`~dpfl.accounting.calibrate_noise_multiplier`) and spends part of it on the count
-    noises the update sum with this ``z`` (larger than ``z_eff``).
+    [`calibrate_noise_multiplier`][dpfl.accounting.calibrate_noise_multiplier]) and spends part of
+    it on the count noises the update sum with this ``z`` (larger than ``z_eff``).
 
     Args:
         noise_multiplier: The overall (effective) multiplier ``z_eff > 0``.
@@ -346,7 +385,11 @@ def _with_count(round: Round, data: dict[str, Any]) -> dict[str, Any]:
 
 
 def round_from_dict(data: Mapping[str, Any]) -> Round:
-    """Rebuild a :class:`PoissonRound` or :class:`FixedCohortRound` from its ``to_dict()``.
+    """Rebuild a [`PoissonRound`][dpfl.accounting.PoissonRound] or
+    [`FixedCohortRound`][dpfl.accounting.FixedCohortRound] from its ``to_dict()``.
+
+    Args:
+        data: A round's ``to_dict()``; its ``"type"`` picks the class.
 
     Raises:
         ValueError: if ``data`` is not a mapping with a known ``"type"`` and valid fields.

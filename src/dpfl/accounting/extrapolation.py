@@ -21,7 +21,7 @@ __all__ = ["Extrapolation", "extrapolate"]
 
 @dataclass(frozen=True)
 class Extrapolation:
-    """The result of :func:`extrapolate`: inputs, derived z and q, and ε.
+    """The result of [`extrapolate`][dpfl.accounting.extrapolate]: inputs, derived z and q, and ε.
 
     Attributes:
         sigma_dp: noise std on the mean update per unit of clipping bound.
@@ -66,7 +66,7 @@ def extrapolate(
         accountant: ``"rdp"`` (as the paper reports) or ``"pld"`` (tighter).
 
     Returns:
-        An :class:`Extrapolation` with z = σ_DP·S, q = S/K and ε.
+        An [`Extrapolation`][dpfl.accounting.Extrapolation] with z = σ_DP·S, q = S/K and ε.
 
     Raises:
         ValueError: if an argument is out of range (the message names it).

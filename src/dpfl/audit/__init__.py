@@ -1,15 +1,18 @@
 """Empirical privacy auditing: one-shot canary estimation of a run, mechanism lower bounds.
 
-* :class:`CanaryAudit` — insert ``k`` random canary clients into a DP-FedAvg run and estimate
-  the ε that the cosine attack achieves (Andrew et al., ICLR 2024); :func:`estimate_from_cosines`
-  re-estimates from saved cosines.
-* :func:`audit_gaussian_mechanism`, :func:`audit_aggregator` — canary in/out trials of a release
-  with a threshold test and Clopper–Pearson intervals: an ε lower bound with stated confidence
-  (:class:`ThresholdAudit`, :class:`AuditBound`).
-* :func:`gaussian_epsilon`, :func:`gaussian_delta` — the exact (ε, δ) curve of μ-GDP.
+* [`CanaryAudit`][dpfl.audit.CanaryAudit] — insert ``k`` random canary clients into a DP-FedAvg run
+  and estimate the ε that the cosine attack achieves (Andrew et al., ICLR 2024);
+  [`estimate_from_cosines`][dpfl.audit.estimate_from_cosines] re-estimates from saved cosines.
+* [`audit_gaussian_mechanism`][dpfl.audit.audit_gaussian_mechanism],
+  [`audit_aggregator`][dpfl.audit.audit_aggregator] — canary in/out trials of a release with a
+  threshold test and Clopper–Pearson intervals: an ε lower bound with stated confidence
+  ([`ThresholdAudit`][dpfl.audit.ThresholdAudit], [`AuditBound`][dpfl.audit.AuditBound]).
+* [`gaussian_epsilon`][dpfl.audit.gaussian_epsilon], [`gaussian_delta`][dpfl.audit.gaussian_delta] —
+  the exact (ε, δ) curve of μ-GDP.
 
 An empirical ε is what one attack achieves, not a guarantee; an honest implementation keeps it
-below the accountant's ε, and an estimate above it means a bug. See ``docs/audit.md``.
+below the accountant's ε, and an estimate above it means a bug. See
+[Empirical auditing](https://dpfl-dev.github.io/dpfl/audit/).
 
 References:
     Andrew et al., "One-shot Empirical Privacy Estimation for Federated Learning", arXiv 2302.03098.

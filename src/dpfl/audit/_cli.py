@@ -1,13 +1,14 @@
 """``dpfl audit``: empirical ε from saved canary cosines or from in/out trial counts.
 
-Wired into the ``dpfl`` command by :func:`add_audit_parser`::
+Wired into the ``dpfl`` command by ``add_audit_parser``::
 
     dpfl audit estimate --cosines run_cosines.json --delta 1e-5 [--json]
     dpfl audit bound --false-positives 0 --trials-out 1000000 --false-negatives 990000 \\
         --trials-in 1000000 --delta 1e-5 --confidence 0.95 [--json]
 
-``--cosines`` reads the JSON written from :meth:`dpfl.audit.CanaryAudit.cosines` (keys ``final``
-and optionally ``all_iterates``, each ``{"canary": [...], "unseen": [...]}``).
+``--cosines`` reads the JSON written from
+[`dpfl.audit.CanaryAudit.cosines`][dpfl.audit.CanaryAudit.cosines] (keys ``final`` and optionally
+``all_iterates``, each ``{"canary": [...], "unseen": [...]}``).
 
 Handlers return a dict; ``dpfl.cli.main`` prints it (``--json``) or formats it with the
 parser's ``formatter`` default. Importing this module does not import torch (handlers import

@@ -12,7 +12,8 @@ so ``ε >= log((1 − δ − FNR) / FPR)`` and ``ε >= log((1 − δ − FPR) / 
 trials the rates are replaced by one-sided Clopper–Pearson upper bounds; the resulting ε is a lower
 bound on the mechanism's true ε(δ) holding with the stated confidence.
 
-:class:`ThresholdAudit` streams scores into counts at a grid of thresholds fixed *before* the
+[`ThresholdAudit`][dpfl.audit.ThresholdAudit] streams scores into counts at a grid of thresholds
+fixed *before* the
 trials (no threshold is picked after seeing the data, so no split is needed): every one of the
 ``2m`` rate bounds of ``m`` thresholds gets ``(1 − confidence) / (2m)`` (Bonferroni), and the bound
 is the best over the grid. A grid that reaches into the far tail of the *out* scores detects a
@@ -75,6 +76,11 @@ def epsilon_from_rates(
 
     Returns ``max(0, log((1−δ−FNR)/FPR), log((1−δ−FPR)/FNR))``, ``inf`` when a rate is 0 and the
     other leaves room (a test that never errs on one side).
+
+    Args:
+        false_positive_rate: The test's FPR (canary out, test says in), in [0, 1].
+        false_negative_rate: The test's FNR (canary in, test says out), in [0, 1].
+        delta: The δ at which ε is stated, in (0, 1].
 
     Raises:
         ValueError: if a rate is outside [0, 1] or ``delta`` outside (0, 1].
@@ -171,6 +177,10 @@ class ThresholdAudit:
     def observe(self, scores: torch.Tensor | np.ndarray | Sequence[float], *, canary: bool) -> None:
         """Count a batch of scores of trials with the canary in (``canary=True``) or out.
 
+        Args:
+            scores: One score per trial (any shape, flattened).
+            canary: ``True`` for trials with the canary in, ``False`` for trials without it.
+
         Raises:
             ValueError: if a score is NaN (nothing is counted then).
         """
@@ -192,11 +202,20 @@ class ThresholdAudit:
         self._n[bool(canary)] += n
 
     def counts_above(self, *, canary: bool) -> list[int]:
-        """Number of scores strictly above each threshold, for in (``True``) or out trials."""
+        """Number of scores strictly above each threshold, for in (``True``) or out trials.
+
+        Args:
+            canary: ``True`` for the trials with the canary in, ``False`` for those without.
+        """
         return [int(c) for c in self._above[bool(canary)]]
 
     def bound(self, delta: float, *, confidence: float = 0.95) -> AuditBound:
         """The ε lower bound at ``delta``, valid with probability ``confidence``.
+
+        Args:
+            delta: The δ of the bound, in (0, 1).
+            confidence: The probability that the bound holds, in (0, 1); split over the
+                thresholds (Bonferroni) and the two error rates.
 
         Raises:
             ValueError: if ``delta`` or ``confidence`` is outside (0, 1), or no trial of one kind

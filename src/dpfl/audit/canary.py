@@ -1,12 +1,12 @@
 """One-shot empirical privacy estimation of a federated run with random canary clients.
 
-:class:`CanaryAudit` follows Andrew et al. (ICLR 2024): ``k`` canary clients, each of whose update
-is a fixed random direction at the clip bound, take part in the run like users — sampled at the
-run's rate, clipped, summed and noised by the same aggregator. At the end, the cosine between the
-model's total change and each canary direction is compared with the cosines of ``k`` random
-directions that were never inserted; Gaussians fitted to the two samples give
-``μ = (canary mean − unseen mean) / pooled std`` (0 if negative) and the estimate is the ε of μ-GDP at δ
-(:func:`~dpfl.audit.gaussian.gaussian_epsilon`). With every released iterate observed, the
+[`CanaryAudit`][dpfl.audit.CanaryAudit] follows Andrew et al. (ICLR 2024): ``k`` canary clients,
+each of whose update is a fixed random direction at the clip bound, take part in the run like users
+— sampled at the run's rate, clipped, summed and noised by the same aggregator. At the end, the
+cosine between the model's total change and each canary direction is compared with the cosines of
+``k`` random directions that were never inserted; Gaussians fitted to the two samples give ``μ =
+(canary mean − unseen mean) / pooled std`` (0 if negative) and the estimate is the ε of μ-GDP at δ
+([`gaussian_epsilon`][dpfl.audit.gaussian_epsilon]). With every released iterate observed, the
 statistic of a direction is its largest cosine with any one round's model change.
 
 What the estimate is: the ε that this particular attack (cosine with the model change) achieves
@@ -84,6 +84,12 @@ def canary_update(
     global norm is just below ``clipper.sensitivity``. Shapes, dtypes and devices follow
     ``template``.
 
+    Args:
+        template: Name -> tensor giving the update's shapes, dtypes and devices (values unused).
+        clipper: The run's [`GlobalClip`][dpfl.clip.GlobalClip] or
+            [`PerLayerClip`][dpfl.clip.PerLayerClip]; its bounds set each layer's norm.
+        generator: The source of the random directions.
+
     Raises:
         TypeError: if ``clipper`` is not a GlobalClip/PerLayerClip or ``template`` is not a
             mapping of floating-point tensors.
@@ -118,8 +124,10 @@ class CosineEstimate:
     Attributes:
         epsilon: ε of μ-GDP at ``delta`` with ``mu``.
         mu: ``max(0, canary_mean − unseen_mean) / pooled std``.
-        canary_mean, canary_std: Fit of the inserted canaries' statistics.
-        unseen_mean, unseen_std: Fit of the unseen directions' statistics.
+        canary_mean: Mean of the inserted canaries' statistics.
+        canary_std: Standard deviation (unbiased) of the canaries' statistics.
+        unseen_mean: Mean of the unseen directions' statistics.
+        unseen_std: Standard deviation (unbiased) of the unseen directions' statistics.
         count: Number of canaries (and of unseen directions).
     """
 
@@ -179,7 +187,7 @@ def _sample(name: str, values: Sequence[float] | np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class CanaryEstimate:
-    """Result of :meth:`CanaryAudit.result`.
+    """Result of [`CanaryAudit.result`][dpfl.audit.CanaryAudit.result].
 
     Attributes:
         delta: The δ of the estimates.
@@ -187,7 +195,7 @@ class CanaryEstimate:
         all_iterates: Estimate from every observed release (largest per-round cosine), or
             ``None`` if fewer than 2 rounds were observed.
         num_canaries: ``k``.
-        rounds_observed: Releases passed to :meth:`CanaryAudit.observe`.
+        rounds_observed: Releases passed to [`CanaryAudit.observe`][dpfl.audit.CanaryAudit.observe].
         mean_participations: Average number of rounds a canary took part in.
     """
 
@@ -224,10 +232,13 @@ class CanaryAudit:
     """Insert ``k`` canary clients into a DP-FedAvg run and estimate its ε in one shot.
 
     Everything random (canary and unseen directions, canary membership per round) derives from
-    ``seed``; the round loop calls :meth:`begin`, :meth:`sample`, :meth:`update`,
-    :meth:`observe` and finally :meth:`result` (see the module docstring for where).
-    :meth:`state_dict`/:meth:`load_state_dict` checkpoint it (call :meth:`begin` first on
-    resume; directions are regenerated, not stored).
+    ``seed``; the round loop calls [`begin`][dpfl.audit.CanaryAudit.begin],
+    [`sample`][dpfl.audit.CanaryAudit.sample], [`update`][dpfl.audit.CanaryAudit.update],
+    [`observe`][dpfl.audit.CanaryAudit.observe] and finally
+    [`result`][dpfl.audit.CanaryAudit.result] (see the module docstring for where).
+    [`state_dict`][dpfl.audit.CanaryAudit.state_dict]/[`load_state_dict`][dpfl.audit.CanaryAudit.load_state_dict]
+    checkpoint it (call [`begin`][dpfl.audit.CanaryAudit.begin] first on resume; directions are
+    regenerated, not stored).
 
     Memory: ``2k`` flattened directions in float32 (``8·k·D`` bytes for ``D`` parameters) plus
     two float64 vectors of ``D``.
@@ -269,7 +280,7 @@ class CanaryAudit:
 
     @property
     def rounds_observed(self) -> int:
-        """Released iterates passed to :meth:`observe` so far."""
+        """Released iterates passed to [`observe`][dpfl.audit.CanaryAudit.observe] so far."""
         return self._rounds_observed
 
     def _reset_progress(self) -> None:
@@ -291,7 +302,8 @@ class CanaryAudit:
             clipper: the run's clipper; each canary layer is scaled to just below its bound.
 
         Raises:
-            TypeError, ValueError: as :func:`canary_update` (nothing changes then).
+            TypeError, ValueError: as [`canary_update`][dpfl.audit.canary_update] (nothing changes
+                then).
         """
         rows = []
         for kind in (_CANARY, _UNSEEN):
@@ -314,8 +326,15 @@ class CanaryAudit:
         Use the run's Poisson rate ``q`` (for fixed cohorts, ``cohort_size / population``, the
         per-round inclusion probability of a user). Advances the audit's round counter.
 
+        Args:
+            sample_rate: Each canary's inclusion probability this round, in [0, 1].
+
+        Returns:
+            The indices of the canaries in this round's cohort.
+
         Raises:
-            ValueError: if ``sample_rate`` is outside [0, 1]. RuntimeError: before :meth:`begin`.
+            ValueError: if ``sample_rate`` is outside [0, 1].
+            RuntimeError: before [`begin`][dpfl.audit.CanaryAudit.begin].
         """
         q = require_probability("sample_rate", sample_rate, low_open=False)
         self._require_begun()
@@ -328,8 +347,12 @@ class CanaryAudit:
     def update(self, index: int) -> dict[str, Tensor]:
         """Canary ``index``'s update (the same every round), shaped like the template.
 
+        Args:
+            index: The canary, in ``[0, num_canaries)``.
+
         Raises:
-            ValueError: if ``index`` is not in ``[0, k)``. RuntimeError: before :meth:`begin`.
+            ValueError: if ``index`` is not in ``[0, num_canaries)``.
+            RuntimeError: before [`begin`][dpfl.audit.CanaryAudit.begin].
         """
         rows = self._require_begun()
         i = require_int("index", index, minimum=0)
@@ -360,9 +383,13 @@ class CanaryAudit:
     def observe(self, before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> None:
         """Record one released iterate: the model (parameters) before and after the round.
 
+        Args:
+            before: The model's parameters before the round (name -> tensor, as the template).
+            after: The released parameters after the round.
+
         Raises:
             ValueError: if a mapping does not match the template (nothing is recorded).
-            RuntimeError: before :meth:`begin`.
+            RuntimeError: before [`begin`][dpfl.audit.CanaryAudit.begin].
         """
         rows = self._require_begun()
         change = self._flatten("after", after) - self._flatten("before", before)
@@ -372,14 +399,15 @@ class CanaryAudit:
         self._rounds_observed += 1
 
     def cosines(self) -> dict[str, Any]:
-        """The raw statistics, JSON-able, for :func:`estimate_from_cosines` or ``dpfl audit``.
+        """The raw statistics, JSON-able, for
+        [`estimate_from_cosines`][dpfl.audit.estimate_from_cosines] or ``dpfl audit``.
 
         Returns:
             ``{"final": {"canary": [...], "unseen": [...]}, "all_iterates": {...} or None,
             "rounds_observed": int}``.
 
         Raises:
-            RuntimeError: before any :meth:`observe`.
+            RuntimeError: before any [`observe`][dpfl.audit.CanaryAudit.observe].
         """
         rows = self._require_begun()
         if self._total is None or self._max_cos is None:
@@ -398,8 +426,12 @@ class CanaryAudit:
     def result(self, delta: float) -> CanaryEstimate:
         """The empirical ε estimates at ``delta`` (final model, and every iterate).
 
+        Args:
+            delta: The δ of the estimates, in (0, 1].
+
         Raises:
-            ValueError: if ``delta`` is outside (0, 1]. RuntimeError: before any :meth:`observe`.
+            ValueError: if ``delta`` is outside (0, 1].
+            RuntimeError: before any [`observe`][dpfl.audit.CanaryAudit.observe].
         """
         delta = require_probability("delta", delta)
         cos = self.cosines()
@@ -418,7 +450,8 @@ class CanaryAudit:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume (directions are regenerated by :meth:`begin`).
+        """Everything needed to resume (directions are regenerated by
+        [`begin`][dpfl.audit.CanaryAudit.begin]).
 
         Warning:
             Holds the audit's seed: whoever has it knows the canary directions.
@@ -434,11 +467,16 @@ class CanaryAudit:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output after :meth:`begin` with the same template.
+        """Restore [`state_dict`][dpfl.audit.CanaryAudit.state_dict] output.
+
+        Call it after [`begin`][dpfl.audit.CanaryAudit.begin] with the same template and clipper.
+
+        Args:
+            state: The dict from ``state_dict()`` of an audit with the same canaries and seed.
 
         Raises:
             ValueError: if ``state`` does not match this audit (nothing changes then).
-            RuntimeError: before :meth:`begin`.
+            RuntimeError: before [`begin`][dpfl.audit.CanaryAudit.begin].
         """
         rows = self._require_begun()
         keys = ("num_canaries", "entropy", "round", "participations", "rounds_observed")

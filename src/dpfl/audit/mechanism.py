@@ -1,19 +1,20 @@
 """Mechanism-level audits: canary in/out trials of a Gaussian release or a whole DP aggregator.
 
-* :func:`audit_gaussian_mechanism` audits the noise of a :class:`~dpfl.noise.GaussianMechanism`
-  (or any object with ``add_noise`` and ``sensitivity``): the canary is the value ``C``
-  (the sensitivity) added to one coordinate, out trials release ``0``. Every coordinate of one
-  ``add_noise`` call is one trial, which is valid because the mechanism must add independent
-  noise to every coordinate (a property :mod:`dpfl.noise` is tested for); billions of trials
-  cost seconds per 10⁸.
-* :func:`audit_aggregator` audits one :class:`~dpfl.aggregate.DPAggregator` release end to end
-  (validation, clipping with any clipper, accumulation, noise, fixed denominator): one release per
-  trial, the canary is a random update at the clip bound, the score its projection.
+* [`audit_gaussian_mechanism`][dpfl.audit.audit_gaussian_mechanism] audits the noise of a
+  [`GaussianMechanism`][dpfl.noise.GaussianMechanism] (or any object with ``add_noise`` and
+  ``sensitivity``): the canary is the value ``C`` (the sensitivity) added to one coordinate, out
+  trials release ``0``. Every coordinate of one ``add_noise`` call is one trial, which is valid
+  because the mechanism must add independent noise to every coordinate (a property
+  [`dpfl.noise`][dpfl.noise] is tested for); billions of trials cost seconds per 10⁸.
+* [`audit_aggregator`][dpfl.audit.audit_aggregator] audits one
+  [`DPAggregator`][dpfl.aggregate.DPAggregator] release end to end (validation, clipping with any
+  clipper, accumulation, noise, fixed denominator): one release per trial, the canary is a random
+  update at the clip bound, the score its projection.
 
 Both score trials in units of the sensitivity (in-trials centre on 1, out-trials on 0) and bound
-ε with :class:`~dpfl.audit.bounds.ThresholdAudit` over a grid from :func:`tail_thresholds` that
-reaches ~9 claimed standard deviations into the tail, so a sampler whose tail is cut short of
-that shows up once enough trials land past the cut.
+ε with [`ThresholdAudit`][dpfl.audit.ThresholdAudit] over a grid from
+[`tail_thresholds`][dpfl.audit.tail_thresholds] that reaches ~9 claimed standard deviations into the
+tail, so a sampler whose tail is cut short of that shows up once enough trials land past the cut.
 
 References:
     Jagielski, Ullman & Oprea, arXiv 2006.07709; Nasr et al., arXiv 2101.04535.
@@ -45,12 +46,20 @@ __all__ = [
 
 
 class NoiseRelease(Protocol):
-    """What :func:`audit_gaussian_mechanism` needs: a sensitivity and ``add_noise``."""
+    """What [`audit_gaussian_mechanism`][dpfl.audit.audit_gaussian_mechanism] needs.
+
+    A sensitivity and ``add_noise``, as [`GaussianMechanism`][dpfl.noise.GaussianMechanism] has.
+    """
 
     sensitivity: float
+    """The L2 sensitivity the mechanism claims to be calibrated for."""
 
     def add_noise(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Return noised copies of ``tensors`` (one release of the mechanism under audit)."""
+        """Return noised copies of ``tensors`` (one release of the mechanism under audit).
+
+        Args:
+            tensors: Name -> tensor to noise (left unchanged).
+        """
         ...
 
 
@@ -62,6 +71,11 @@ def tail_thresholds(
     Scores are in units of the sensitivity (out ~ N(0, z²), in ~ N(1, z²) for an honest release);
     the grid is ``0.5`` (the midpoint) and ``z · k`` for ``k = 0, step, …, max_sigmas``. Fix it
     from the *accounted* multiplier, never from the trials.
+
+    Args:
+        noise_multiplier: The claimed noise multiplier ``z >= 0``.
+        max_sigmas: The largest threshold, in multiples of ``z`` (default 9).
+        step: The grid step, in multiples of ``z`` (default 0.25).
 
     Raises:
         ValueError: if an argument is negative or ``step`` is not > 0.
@@ -87,14 +101,15 @@ def gaussian_mechanism_trials(
     Out trials release ``add_noise(0)``, in trials ``add_noise(C)`` with ``C =
     mechanism.sensitivity``; the score is the released value divided by ``C`` (out ~ N(0, z²),
     in ~ N(1, z²) for an honest mechanism). Every coordinate of one ``add_noise`` call is one
-    trial. Call :meth:`~dpfl.audit.bounds.ThresholdAudit.bound` on the result, or read its
+    trial. Call [`bound`][dpfl.audit.ThresholdAudit.bound] on the result, or read its
     counts (e.g. for a tail test of the sampler).
 
     Args:
-        mechanism: a :class:`~dpfl.noise.GaussianMechanism` or any :class:`NoiseRelease`.
+        mechanism: a [`GaussianMechanism`][dpfl.noise.GaussianMechanism] or any
+            [`NoiseRelease`][dpfl.audit.NoiseRelease].
         trials: number of out trials (the false-positive side, which the far tail needs most).
         trials_in: number of in trials (default ``trials``).
-        thresholds: score grid; default :func:`tail_thresholds` of
+        thresholds: score grid; default [`tail_thresholds`][dpfl.audit.tail_thresholds] of
             ``mechanism.noise_multiplier`` (the claimed multiplier).
         batch_size: trials per ``add_noise`` call (memory: ~12 bytes per trial).
 
@@ -135,17 +150,23 @@ def audit_gaussian_mechanism(
 ) -> AuditBound:
     """Empirical ε lower bound of a Gaussian release from canary in/out trials.
 
-    Runs :func:`gaussian_mechanism_trials` and bounds ε at ``delta`` with probability
-    ``confidence``. An honest mechanism's bound stays below the accountant's ε (but for the
-    ``1 − confidence`` chance of a false alarm); noise smaller than accounted, or a sampler whose
-    tail is cut short of the grid, pushes it above once there are enough trials.
+    Runs [`gaussian_mechanism_trials`][dpfl.audit.gaussian_mechanism_trials] and bounds ε at
+    ``delta`` with probability ``confidence``. An honest mechanism's bound stays below the
+    accountant's ε (but for the ``1 − confidence`` chance of a false alarm); noise smaller than
+    accounted, or a sampler whose tail is cut short of the grid, pushes it above once there are
+    enough trials.
 
     Args:
-        mechanism: the release under audit (as in :func:`gaussian_mechanism_trials`).
-        trials: number of out-trials (as in :func:`gaussian_mechanism_trials`).
-        trials_in: number of in-trials (as in :func:`gaussian_mechanism_trials`).
-        thresholds: the score thresholds (as in :func:`gaussian_mechanism_trials`).
-        batch_size: trials per release (as in :func:`gaussian_mechanism_trials`).
+        mechanism: the release under audit (as in
+            [`gaussian_mechanism_trials`][dpfl.audit.gaussian_mechanism_trials]).
+        trials: number of out-trials (as in
+            [`gaussian_mechanism_trials`][dpfl.audit.gaussian_mechanism_trials]).
+        trials_in: number of in-trials (as in
+            [`gaussian_mechanism_trials`][dpfl.audit.gaussian_mechanism_trials]).
+        thresholds: the score thresholds (as in
+            [`gaussian_mechanism_trials`][dpfl.audit.gaussian_mechanism_trials]).
+        batch_size: trials per release (as in
+            [`gaussian_mechanism_trials`][dpfl.audit.gaussian_mechanism_trials]).
         delta: δ of the bound, in (0, 1).
         confidence: probability that the returned ε is a valid lower bound.
 
@@ -173,7 +194,7 @@ def audit_aggregator(
     background: Sequence[Mapping[str, Tensor]] = (),
     seed: int | None = None,
 ) -> AuditBound:
-    """Empirical ε lower bound of one :class:`~dpfl.aggregate.DPAggregator` release.
+    """Empirical ε lower bound of one [`DPAggregator`][dpfl.aggregate.DPAggregator] release.
 
     Trial ``i`` adds the ``background`` updates (the same every trial) and, for even ``i``, the
     canary; then ``release(allow_empty=True)``. The canary is a random direction (from ``seed``)
@@ -186,7 +207,8 @@ def audit_aggregator(
         aggregator: the aggregator under audit, with no pending users.
         template: an update fixing names, shapes, dtypes and devices.
         trials: number of releases; half with the canary in.
-        delta: δ of the bound, in (0, 1) (as in :func:`audit_gaussian_mechanism`).
+        delta: δ of the bound, in (0, 1) (as in
+            [`audit_gaussian_mechanism`][dpfl.audit.audit_gaussian_mechanism]).
         confidence: probability that the returned ε is a valid lower bound.
         thresholds: score thresholds (default: a grid from
             ``aggregator.mechanism.noise_multiplier``).

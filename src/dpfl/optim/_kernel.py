@@ -7,7 +7,7 @@ LAMB needs the norm of each tensor's Adam direction ``r_h`` *before* it can upda
 eager torch operation computes ``‖m̂/(√v̂+eps) + λθ‖`` without materializing the direction. This
 kernel does one tensor's whole step in one call: a pass that updates the moments and accumulates
 ``Σr²`` and ``Σθ²`` in float64, the trust ratio, and the parameter update pass, which runs while
-the tensor is still in the CPU cache (see :mod:`dpfl.optim._lamb_fused`). A second function tests
+the tensor is still in the CPU cache (see ``_lamb_fused``). A second function tests
 a tensor for NaN/inf in one read pass.
 
 **Build.** The C source (about 80 lines) is compiled with ``$CC`` (else ``cc``/``gcc``/``clang``)
@@ -22,10 +22,10 @@ else ``$DPFL_CACHE``, else ``$XDG_CACHE_HOME/dpfl``, else ``~/.cache/dpfl``. Ent
 hash of the source, flags, compiler path and machine; each build writes the library under a name
 carrying its SHA-256 and a JSON record of that digest beside it.
 
-**Load.** Through :class:`~dpfl.optim._kernel_store.PrivateStore`: the directory and both files are
+**Load.** Through ``PrivateStore``: the directory and both files are
 opened without following symbolic links and checked (owner, mode, type) on their descriptors, the
 library's SHA-256 must equal the recorded one, and the library is loaded through its checked
-descriptor. Anything else raises :class:`~dpfl.optim._kernel_store.KernelError` naming the file.
+descriptor. Anything else raises ``KernelError`` naming the file.
 """
 
 from __future__ import annotations
@@ -348,7 +348,7 @@ _loaded: dict[str, Kernel] = {}
 
 
 def load(cache_dir: str | os.PathLike[str] | None = None) -> Kernel:
-    """The kernel cached in :func:`kernel_dir` ``(cache_dir)``, built there on first use.
+    """The kernel cached in ``kernel_dir`` ``(cache_dir)``, built there on first use.
 
     A kernel loaded once is reused for that directory for the rest of the process.
 

@@ -1,7 +1,7 @@
 """The on-disk store of the compiled LAMB kernel: nothing in it runs before it is checked.
 
 Loading a shared library runs its code (constructors first), so the cache directory that holds
-the fused kernel (:mod:`dpfl.optim._kernel`) is treated as hostile until proven otherwise:
+the fused kernel (``_kernel``) is treated as hostile until proven otherwise:
 
 * **The directory** is opened once with ``O_NOFOLLOW | O_DIRECTORY`` (a symbolic link as the
   last component is refused) and checked with ``fstat`` on that descriptor: owned by this
@@ -23,7 +23,7 @@ Files are written atomically (a temporary name, ``fsync``, then ``rename`` withi
 descriptor); a library is stored under a name that carries its digest and the record is written
 after it, so concurrent builders never leave a record that names another builder's library.
 
-Every refusal raises :class:`KernelError`, naming the file and what to do. Linux only (it needs
+Every refusal raises ``KernelError``, naming the file and what to do. Linux only (it needs
 ``/proc/self/fd``); elsewhere the store refuses to load anything.
 """
 

@@ -1,19 +1,19 @@
-"""The fused CPU path of :class:`~dpfl.optim.LAMB`: one C call per tensor, two passes over it.
+"""The fused CPU path of [`LAMB`][dpfl.optim.LAMB]: one C call per tensor, two passes over it.
 
 For each tensor h the step is ``θ_h ← θ_h − lr·φ_h·r_h`` with ``r_h = m̂_h/(√v̂_h+eps) + λθ_h`` and
 ``φ_h = ‖θ_h‖/‖r_h‖``, and ``φ_h`` needs the whole of ``r_h`` before any element of ``θ_h`` may
-change. The C kernel (:mod:`dpfl.optim._kernel`) therefore runs, per tensor and in one call:
+change. The C kernel (``_kernel``) therefore runs, per tensor and in one call:
 
 1. a pass over ``θ, g, m, v`` that stores the new moments and accumulates ``Σr²`` and ``Σθ²`` in
    float64,
-2. the trust ratio (the definition of :func:`~dpfl.optim.trust_ratio`, clip included),
+2. the trust ratio (the definition of [`trust_ratio`][dpfl.optim.trust_ratio], clip included),
 3. the update pass, which reads ``θ, m, v`` and writes ``θ``; it walks each thread's slice
    backwards, so it starts on the data the first pass touched last, which is still in the cache.
 
 Doing both passes of one tensor back to back (rather than all norms, then all updates) is what
 makes the second pass cheap: the memory traffic approaches a single Adam step's. The price is
 that a tensor is updated before the next one's gradient has been read, so the finiteness check
-(``check_finite``) is a separate read-only pass over the gradients (:func:`first_non_finite`)
+(``check_finite``) is a separate read-only pass over the gradients (``first_non_finite``)
 that runs before any tensor changes. For ``trust_ratio=False`` groups only the update pass runs.
 
 References:
@@ -67,7 +67,7 @@ def step(
     """One LAMB step of every tensor, in place on ``params``, ``exp_avgs``, ``exp_avg_sqs``.
 
     ``steps`` are the step counts *after* this step; every tensor must be contiguous, on CPU,
-    of its parameter's dtype and shape (:class:`~dpfl.optim.LAMB` guarantees it).
+    of its parameter's dtype and shape ([`LAMB`][dpfl.optim.LAMB] guarantees it).
 
     Returns:
         A ``(len(params), 3)`` float64 tensor: ``Σr²``, ``Σθ²`` and the trust ratio used per

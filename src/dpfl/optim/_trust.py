@@ -4,17 +4,17 @@
 server, one ratio per parameter tensor h: the step for tensor h is rescaled so that its size is set
 by ``‖θ_h‖`` rather than by the scale of the (noisy, clipped) pseudo-gradient. This module holds:
 
-* :func:`trust_ratio`, the vectorized kernel (ratio taken as 1 when either norm is 0, optionally
-  clipped from above),
-* :func:`trust_ratio_groups`, a helper that builds parameter groups excluding some named tensors
-  (e.g. biases and LayerNorm parameters) from the ratio,
-* ``_LayerwiseOptimizer``, the ``torch.optim.Optimizer`` base class of :class:`~dpfl.optim.LAMB`
-  and :class:`~dpfl.optim.LARS` (group validation, ``exclude_from_trust`` splitting, the choice
+* [`trust_ratio`][dpfl.optim.trust_ratio], the vectorized kernel (ratio taken as 1 when either norm
+  is 0, optionally clipped from above),
+* [`trust_ratio_groups`][dpfl.optim.trust_ratio_groups], a helper that builds parameter groups
+  excluding some named tensors (e.g. biases and LayerNorm parameters) from the ratio,
+* ``_LayerwiseOptimizer``, the ``torch.optim.Optimizer`` base class of [`LAMB`][dpfl.optim.LAMB]
+  and [`LARS`][dpfl.optim.LARS] (group validation, ``exclude_from_trust`` splitting, the choice
   between the ``torch._foreach_*`` fast path and the per-tensor reference path; LAMB adds a
   fused CPU path),
-* :class:`NonFiniteGradientError`, raised by ``step(check_finite=True)`` and
-  :func:`~dpfl.optim.server_step`, whose finiteness check is :func:`dpfl._finite.first_non_finite`
-  (re-exported here).
+* [`NonFiniteGradientError`][dpfl.optim.NonFiniteGradientError], raised by
+  ``step(check_finite=True)`` and [`server_step`][dpfl.optim.server_step], whose finiteness
+  check is ``first_non_finite`` (re-exported here).
 
 References:
     Pelikan et al., "Enabling Differentially Private Federated Learning for Speech Recognition:
@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dpfl._checks import require_positive
+from dpfl._checks import require_non_negative, require_positive
+from dpfl._errors import DPFLError
 from dpfl._finite import first_non_finite, group_by_device_and_dtype
 
 __all__ = [
@@ -45,8 +46,14 @@ __all__ = [
 _FOREACH_DEVICES = ("cpu", "cuda")
 
 
-class NonFiniteGradientError(ValueError):
+class NonFiniteGradientError(ValueError, DPFLError):
     """A gradient holds NaN or ±inf; raised by ``step(check_finite=True)`` before any change.
+
+    A ``ValueError``, raised before any parameter or optimizer state changes.
+
+    Args:
+        message: What is wrong, naming the parameter group and index.
+        param: The parameter tensor whose ``.grad`` is not finite.
 
     Attributes:
         param: The parameter tensor whose ``.grad`` is not finite (callers map it to a name).
@@ -110,7 +117,7 @@ def trust_ratio_groups(
             ``lambda n, p: "norm" in n``.
 
     Returns:
-        Parameter groups for :class:`~dpfl.optim.LAMB` / :class:`~dpfl.optim.LARS`: first the
+        Parameter groups for [`LAMB`][dpfl.optim.LAMB] / [`LARS`][dpfl.optim.LARS]: first the
         included tensors, then the excluded ones with ``"trust_ratio": False``. Empty groups are
         omitted.
 
@@ -137,6 +144,29 @@ def trust_ratio_groups(
     if excluded:
         groups.append({"params": excluded, "trust_ratio": False})
     return groups
+
+
+def check_lr(lr: Any) -> float:
+    """The learning rate as a float: a real number or a one-element floating-point Tensor, >= 0.
+
+    A Tensor ``lr`` (as ``torch.optim`` accepts, e.g. updated in place by a scheduler) is read
+    with ``.item()`` at each step.
+    """
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(
+                "lr as a Tensor must hold exactly one floating-point value, got "
+                f"shape {tuple(lr.shape)} and dtype {lr.dtype}"
+            )
+        lr = lr.item()
+    return require_non_negative("lr", lr)
+
+
+def with_float_lr(group: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``group`` itself, or a copy with a Tensor ``lr`` read as a float (validated)."""
+    if isinstance(group["lr"], Tensor):
+        return {**group, "lr": check_lr(group["lr"])}
+    return group
 
 
 def validate_common(group: Mapping[str, Any]) -> None:

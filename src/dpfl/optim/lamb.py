@@ -35,10 +35,12 @@ from dpfl.optim import _kernel, _lamb_fused
 from dpfl.optim._trust import (
     NonFiniteGradientError,
     _LayerwiseOptimizer,
+    check_lr,
     first_non_finite,
     group_by_device_and_dtype,
     trust_ratio,
     validate_common,
+    with_float_lr,
 )
 
 __all__ = ["LAMB", "layerwise_adam"]
@@ -50,7 +52,8 @@ class LAMB(_LayerwiseOptimizer):
     Args:
         params: Parameters or parameter groups (dicts may override any option below, including
             ``trust_ratio=False`` to exclude e.g. biases and LayerNorm from the ratio).
-        lr: Learning rate η (>= 0). Works with ``torch.optim.lr_scheduler``.
+        lr: Learning rate η (>= 0): a float, or a one-element Tensor as ``torch.optim``
+            accepts (read with ``.item()`` at each step). Works with ``torch.optim.lr_scheduler``.
         betas: ``(β1, β2)``, each in [0, 1).
         eps: ξ added to ``√v̂`` (>= 0). Default 1e-6 as in the paper.
         weight_decay: λ, added to the direction before the trust ratio (>= 0).
@@ -59,9 +62,10 @@ class LAMB(_LayerwiseOptimizer):
         exclude_from_trust: Optional predicate ``param -> bool``; matching tensors of every
             trust-ratio group are moved into a sibling group with ``trust_ratio=False``
             (e.g. ``lambda p: p.ndim <= 1``). For name-based rules use
-            :func:`~dpfl.optim.trust_ratio_groups`.
+            [`trust_ratio_groups`][dpfl.optim.trust_ratio_groups].
         maximize: Use ``−g`` as the gradient (as in ``torch.optim.Adam``); default False.
-            :func:`~dpfl.optim.server_step` sets it to pass the update ``Δ = −g`` without copying.
+            [`server_step`][dpfl.optim.server_step] sets it to pass the update ``Δ = −g`` without
+            copying.
         foreach: With ``fused`` not True: None picks the ``torch._foreach_*`` path when all
             tensors are dense and on CPU/CUDA; True/False forces the ``foreach`` path or the
             per-tensor reference path.
@@ -70,8 +74,9 @@ class LAMB(_LayerwiseOptimizer):
             group must be a contiguous float32/float64 CPU tensor, and the C kernel is compiled
             once with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``; Linux) into
             ``<cache_dir>/kernels`` and loaded only after its owner, mode and SHA-256 are checked
-            (see :mod:`dpfl.optim._kernel`); ``RuntimeError`` naming the reason where it cannot
-            run. None (default) and False never use it: no compiler ever runs.
+            (see [the kernel's source](https://github.com/dpfl-dev/dpfl/blob/main/src/dpfl/optim/_kernel.py));
+            ``RuntimeError`` naming the reason where it cannot run. None (default) and False
+            never use it: no compiler ever runs.
         cache_dir: With ``fused=True``, the cache root for the compiled kernel (default
             ``$DPFL_CACHE``, else ``$XDG_CACHE_HOME/dpfl``, else ``~/.cache/dpfl``). It must
             be owned by this user and not writable by others.
@@ -95,7 +100,7 @@ class LAMB(_LayerwiseOptimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float,
+        lr: float | Tensor,
         *,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
@@ -126,9 +131,10 @@ class LAMB(_LayerwiseOptimizer):
 
     @contextlib.contextmanager
     def checking_finite(self) -> Iterator[None]:
-        """Within the block every :meth:`step` checks finiteness as with ``check_finite=True``.
+        """Within the block every [`step`][dpfl.optim.LAMB.step] checks finiteness as with
+        ``check_finite=True``.
 
-        :func:`~dpfl.optim.server_step` uses it, so a subclass whose ``step(closure)`` calls
+        [`server_step`][dpfl.optim.server_step] uses it, so a subclass whose ``step(closure)`` calls
         ``super().step(closure)`` keeps the check.
 
         Examples:
@@ -138,7 +144,7 @@ class LAMB(_LayerwiseOptimizer):
             >>> with opt.checking_finite():
             ...     opt.step()  # doctest: +IGNORE_EXCEPTION_DETAIL
             Traceback (most recent call last):
-            dpfl.optim._trust.NonFiniteGradientError: ...
+            NonFiniteGradientError: ...
         """
         previous = getattr(self, "_finite_scope", False)
         self._finite_scope = True
@@ -148,7 +154,7 @@ class LAMB(_LayerwiseOptimizer):
             self._finite_scope = previous
 
     def _validate_group(self, group: Mapping[str, Any]) -> None:
-        require_non_negative("lr", group["lr"])
+        check_lr(group["lr"])
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
@@ -168,6 +174,9 @@ class LAMB(_LayerwiseOptimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validate and register a group; with ``fused=True`` also check that it can run fused
         (building or loading the kernel if this process has not yet).
+
+        Args:
+            param_group: A dict with ``"params"`` and any option of the constructor to override.
 
         Raises:
             ValueError: If an option is out of range (the message names it); no group is added.
@@ -213,9 +222,10 @@ class LAMB(_LayerwiseOptimizer):
 
         Args:
             closure: Optional closure re-evaluating the model and returning the loss.
-            check_finite: Raise :class:`~dpfl.optim.NonFiniteGradientError` if any gradient
-                holds NaN/inf (always on inside :meth:`checking_finite`). Costs one read pass
-                over the gradients, before any tensor changes.
+            check_finite: Raise [`NonFiniteGradientError`][dpfl.optim.NonFiniteGradientError] if any
+                gradient holds NaN/inf (always on inside
+                [`checking_finite`][dpfl.optim.LAMB.checking_finite]). Costs one read pass over the
+                gradients, before any tensor changes.
 
         Returns:
             The closure's loss, or None.
@@ -226,7 +236,8 @@ class LAMB(_LayerwiseOptimizer):
         """
         loss = self._evaluate(closure)
         work = []
-        for index, group in enumerate(self.param_groups):
+        for index, raw_group in enumerate(self.param_groups):
+            group = with_float_lr(raw_group)  # a Tensor lr is read (and checked) once per step
             pairs = self._params_with_grad(group)
             if pairs:
                 params = [p for p, _ in pairs]
@@ -401,7 +412,7 @@ def _lamb_foreach(
 
 def layerwise_adam(
     params: Iterable[Tensor] | Iterable[dict[str, Any]],
-    lr: float,
+    lr: float | Tensor,
     *,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-6,
@@ -413,9 +424,10 @@ def layerwise_adam(
 ) -> LAMB:
     """Layer-wise-normalized Adam: Adam's update rescaled by the per-tensor trust ratio.
 
-    This is a composition, not a new class: it returns :class:`LAMB` with ``weight_decay=0`` and
-    ``trust_ratio=True``, i.e. ``θ_h ← θ_h − lr · (‖θ_h‖/‖a_h‖) · a_h`` with Adam's direction
-    ``a_h = m̂_h / (√v̂_h + eps)``. Use ``torch.optim.Adam`` as the unnormalized baseline.
+    This is a composition, not a new class: it returns [`LAMB`][dpfl.optim.LAMB] with
+    ``weight_decay=0`` and ``trust_ratio=True``, i.e. ``θ_h ← θ_h − lr · (‖θ_h‖/‖a_h‖) · a_h`` with
+    Adam's direction ``a_h = m̂_h / (√v̂_h + eps)``. Use ``torch.optim.Adam`` as the unnormalized
+    baseline.
 
     Args:
         params: Parameters or parameter groups.
@@ -424,12 +436,12 @@ def layerwise_adam(
         eps: Added to ``√v̂`` (>= 0).
         trust_clip: Optional upper bound on the trust ratio.
         exclude_from_trust: Optional predicate ``param -> bool`` excluding tensors from the ratio.
-        foreach: Fast-path selection, as in :class:`LAMB`.
-        fused: The opt-in fused CPU path, as in :class:`LAMB` (only ``True`` uses it).
-        cache_dir: The kernel's cache root with ``fused=True``, as in :class:`LAMB`.
+        foreach: Fast-path selection, as in [`LAMB`][dpfl.optim.LAMB].
+        fused: The opt-in fused CPU path, as in [`LAMB`][dpfl.optim.LAMB] (only ``True`` uses it).
+        cache_dir: The kernel's cache root with ``fused=True``, as in [`LAMB`][dpfl.optim.LAMB].
 
     Returns:
-        A configured :class:`LAMB` optimizer.
+        A configured [`LAMB`][dpfl.optim.LAMB] optimizer.
 
     Raises:
         ValueError: If an option is out of range (the message names it).

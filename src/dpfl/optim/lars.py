@@ -34,9 +34,11 @@ from torch import Tensor
 from dpfl._checks import require_non_negative, require_positive, require_probability
 from dpfl.optim._trust import (
     _LayerwiseOptimizer,
+    check_lr,
     group_by_device_and_dtype,
     trust_ratio,
     validate_common,
+    with_float_lr,
 )
 
 __all__ = ["LARS"]
@@ -48,7 +50,8 @@ class LARS(_LayerwiseOptimizer):
     Args:
         params: Parameters or parameter groups (dicts may override any option below, including
             ``trust_ratio=False`` to exclude e.g. biases and LayerNorm from the ratio).
-        lr: Global learning rate (>= 0). Works with ``torch.optim.lr_scheduler``.
+        lr: Global learning rate (>= 0): a float, or a one-element Tensor as ``torch.optim``
+            accepts (read with ``.item()`` at each step). Works with ``torch.optim.lr_scheduler``.
         momentum: μ in [0, 1). Default 0.9.
         trust_coefficient: Multiplies the ratio ``‖θ‖/(‖g‖+λ‖θ‖+eps)`` (> 0). Default 0.001.
         weight_decay: λ (>= 0), added to the gradient as ``λ·θ``.
@@ -77,7 +80,7 @@ class LARS(_LayerwiseOptimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float,
+        lr: float | Tensor,
         *,
         momentum: float = 0.9,
         trust_coefficient: float = 0.001,
@@ -102,7 +105,7 @@ class LARS(_LayerwiseOptimizer):
         super().__init__(params, defaults, exclude_from_trust=exclude_from_trust)
 
     def _validate_group(self, group: Mapping[str, Any]) -> None:
-        require_non_negative("lr", group["lr"])
+        check_lr(group["lr"])
         require_probability("momentum", group["momentum"], low_open=False, high_open=True)
         require_positive("trust_coefficient", group["trust_coefficient"])
         require_non_negative("weight_decay", group["weight_decay"])
@@ -123,7 +126,8 @@ class LARS(_LayerwiseOptimizer):
             RuntimeError: If a gradient is sparse.
         """
         loss = self._evaluate(closure)
-        for group in self.param_groups:
+        groups = [with_float_lr(g) for g in self.param_groups]  # a Tensor lr: checked up front
+        for group in groups:
             params, grads, bufs = [], [], []
             for p, grad in self._params_with_grad(group):
                 params.append(p)

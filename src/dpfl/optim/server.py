@@ -1,8 +1,9 @@
 """Apply a released mean model update to the server model as one optimizer step.
 
 dpfl's sign convention for a model update is ``Δ = θ_user − θ_server``, so the server optimizer's
-pseudo-gradient is ``g = −Δ``: with plain SGD at ``lr=1`` one :func:`server_step` gives ``θ + Δ``
-(FedAvg); with :class:`~dpfl.optim.LAMB` it is the paper's adaptive, layer-wise-normalized server.
+pseudo-gradient is ``g = −Δ``: with plain SGD at ``lr=1`` one
+[`server_step`][dpfl.optim.server_step] gives ``θ + Δ`` (FedAvg); with [`LAMB`][dpfl.optim.LAMB] it
+is the paper's adaptive, layer-wise-normalized server.
 
 References:
     Pelikan et al., arXiv 2310.00098 (DP-FedAvg with a LAMB server optimizer);
@@ -121,19 +122,20 @@ def server_step(
     ``update`` itself is never modified.
 
     No copy of the update is made when its dtype and device match the parameter's and the
-    optimizer negates gradients through its ``maximize`` group flag (:class:`~dpfl.optim.LAMB`
+    optimizer negates gradients through its ``maximize`` group flag ([`LAMB`][dpfl.optim.LAMB]
     and the ``torch.optim`` optimizers): ``.grad`` is ``update[name]`` itself and ``maximize`` is
     flipped for the step (then restored). Other optimizers get ``.grad = −update[name]``; a
     dtype or device mismatch costs one cast copy. The finiteness check is one read pass over
-    the update before anything changes (with :class:`~dpfl.optim.LAMB` it runs inside its step,
+    the update before anything changes (with [`LAMB`][dpfl.optim.LAMB] it runs inside its step,
     which names the culprit parameter). It cannot share a pass with the step: fused LAMB updates
     each tensor before it reads the next one's gradient, and validate-before-mutate needs every
     coordinate checked before the first tensor changes. At the memory's read speed it costs about
-    0.13x a fused LAMB step on the paper's model (``benchmarks/results/optim.md``).
+    0.13x a fused LAMB step on the paper's model
+    ([the optimizer benchmark](https://github.com/dpfl-dev/dpfl/blob/main/benchmarks/results/optim.md)).
 
     Args:
         optimizer: Any ``torch.optim.Optimizer`` over the model's parameters (e.g.
-            :class:`~dpfl.optim.LAMB`, ``torch.optim.SGD``).
+            [`LAMB`][dpfl.optim.LAMB], ``torch.optim.SGD``).
         named_params: The server model (``nn.Module``) or a ``{name: parameter}`` mapping.
             Parameters with ``requires_grad=False`` are frozen and must not appear in ``update``.
         update: The mean model update ``{name: Δ}`` with ``Δ = θ_user − θ_server`` (e.g. the

@@ -1,7 +1,8 @@
 """DP queries: one object owns the noise that leaves the process and the event it is charged as.
 
-See :mod:`dpfl.query.base` for the contract and ``docs/architecture.md`` for who owns noise,
-event and charge.
+See [`DPQuery`][dpfl.query.DPQuery] for the contract and the
+[architecture page](https://dpfl-dev.github.io/dpfl/architecture/) for who owns noise, event and
+charge.
 """
 
 from dpfl.query.base import (

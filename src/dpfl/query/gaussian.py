@@ -1,8 +1,9 @@
 """Gaussian sum queries: fixed clipping (global or per layer) and adaptive clipping.
 
-:class:`GaussianSumQuery` clips each update with a :class:`~dpfl.clip.GlobalClip` or
-:class:`~dpfl.clip.PerLayerClip`, sums, adds ``N(0, (z·C)²)`` once and divides by the expected
-cohort size; its event is ``sampling.round_spec(z)``. :class:`AdaptiveClipQuery` composes that
+[`GaussianSumQuery`][dpfl.query.GaussianSumQuery] clips each update with a
+[`GlobalClip`][dpfl.clip.GlobalClip] or [`PerLayerClip`][dpfl.clip.PerLayerClip], sums, adds
+``N(0, (z·C)²)`` once and divides by the expected cohort size; its event is
+``sampling.round_spec(z)``. [`AdaptiveClipQuery`][dpfl.query.AdaptiveClipQuery] composes that
 sum with a noised count of centred clipping bits (Andrew et al., NeurIPS 2021) that moves the
 bound(s) after each release; its event is the combined Gaussian
 ``sampling.round_spec(z, count_noise_multiplier=z_b)`` (``z_eff⁻² = z⁻² + z_b⁻²``).
@@ -29,20 +30,25 @@ CONFIG_VERSION = 1
 class GaussianSumQuery(DPQuery):
     """Clip, sum, add Gaussian noise once, divide by the expected cohort size.
 
-    The query builds and owns its :class:`~dpfl.noise.GaussianMechanism`, so the multiplier
-    that noises the sum and the one that the event states have one owner.
+    The query builds and owns its [`GaussianMechanism`][dpfl.noise.GaussianMechanism], so the
+    multiplier that noises the sum and the one that the event states have one owner.
 
     Args:
-        clipper: A :class:`~dpfl.clip.GlobalClip` or :class:`~dpfl.clip.PerLayerClip`.
+        clipper: A [`GlobalClip`][dpfl.clip.GlobalClip] or [`PerLayerClip`][dpfl.clip.PerLayerClip].
         noise_multiplier: ``z >= 0``; the noise std on the sum is ``z * clipper.sensitivity``.
         expected_cohort_size: The fixed denominator ``S >= 1``.
         seed: Noise seed (simulations only; every rank then adds the same noise); ``None``: OS
             entropy.
-        secure: Hardened unseeded noise (:class:`~dpfl.noise.GaussianMechanism` ``secure=True``).
+        secure: Hardened unseeded noise
+            ([`GaussianMechanism`][dpfl.noise.GaussianMechanism] ``secure=True``).
+
+    Attributes:
+        mechanism: The [`GaussianMechanism`][dpfl.noise.GaussianMechanism] that noises the sum.
 
     Raises:
         TypeError: a clipper of another type.
-        ValueError: as :class:`~dpfl.noise.GaussianMechanism` and ``expected_cohort_size < 1``.
+        ValueError: as [`GaussianMechanism`][dpfl.noise.GaussianMechanism] and
+            ``expected_cohort_size < 1``.
 
     Examples:
         >>> import torch
@@ -53,8 +59,8 @@ class GaussianSumQuery(DPQuery):
         >>> acc = q.start()
         >>> _ = q.add(acc, {"w": torch.tensor([3.0, 4.0])})
         >>> out = q.release(acc)
-        >>> out.event == spec, out.mean["w"].tolist()
-        (True, [0.30000001192092896, 0.4000000059604645])
+        >>> out.event == spec, [round(v, 4) for v in out.mean["w"].tolist()]
+        (True, [0.3, 0.4])
     """
 
     _clipper_types: tuple[type, ...] = (GlobalClip, PerLayerClip)
@@ -126,7 +132,11 @@ class GaussianSumQuery(DPQuery):
         return sampling.round_spec(noise_multiplier)
 
     def event(self, sampling: Sampling) -> Any:
-        """``sampling.round_spec(z)``: the event of the next release, stated before it."""
+        """``sampling.round_spec(z)``: the event of the next release, stated before it.
+
+        Args:
+            sampling: The run's sampler (remembered: the releases state their events by it).
+        """
         self._sampling = sampling
         return self._event(sampling, self.noise_multiplier)
 
@@ -137,13 +147,22 @@ class GaussianSumQuery(DPQuery):
         )
 
     def advance_to(self, release: int) -> None:
-        """Key the next release's noise on ``release`` (never reused, see the mechanism)."""
+        """Key the next release's noise on ``release`` (never reused, see the mechanism).
+
+        Args:
+            release: The index of the charge that pays for the next release.
+        """
         self.mechanism.advance_to(release)
 
     def start(
         self, *, template: Mapping[str, Tensor] | None = None, drop_nonfinite: bool = False
     ) -> DPAggregator:
-        """A fresh aggregator over this query's clipper and mechanism."""
+        """A fresh aggregator over this query's clipper and mechanism.
+
+        Args:
+            template: Names and shapes of an update (pre-allocates the sum).
+            drop_nonfinite: Drop a user whose update holds NaN/inf instead of raising.
+        """
         self._template = template
         return DPAggregator(
             self._clipper,
@@ -166,8 +185,13 @@ class GaussianSumQuery(DPQuery):
         """Noise the (reduced) sum once, divide, and return it with the event of that noise.
 
         The event is computed from the multiplier of the mechanism that noised the sum (not
-        copied from :meth:`event`), so a caller comparing it with the charged event compares
+        copied from ``event``), so a caller comparing it with the charged event compares
         the noise actually added.
+
+        Args:
+            acc: The accumulator from this query's ``start``.
+            reduce: Sums tensors across ranks in place (multi-process runs), before the noise.
+            allow_empty: Release (noise only) when no user was added, instead of raising.
         """
         if acc.mechanism is not self.mechanism or acc.clipper is not self._clipper:
             raise ValueError("release(acc): acc must come from this query's start()")
@@ -205,7 +229,11 @@ class GaussianSumQuery(DPQuery):
         return {k: v.state_dict() for k, v in self._stateful(everything=False).items()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; nothing changes if a part rejects its state."""
+        """Restore ``state_dict``; nothing changes if a part rejects its state.
+
+        Args:
+            state: What ``state_dict`` returned.
+        """
         self._load(state, everything=False)
 
     def snapshot(self) -> dict[str, Any]:
@@ -213,7 +241,11 @@ class GaussianSumQuery(DPQuery):
         return {k: v.state_dict() for k, v in self._stateful(everything=True).items()}
 
     def restore(self, snapshot: Mapping[str, Any]) -> None:
-        """Undo to :meth:`snapshot`."""
+        """Undo to ``snapshot``.
+
+        Args:
+            snapshot: What ``snapshot`` returned.
+        """
         self._load(snapshot, everything=True)
 
     def _load(self, state: Mapping[str, Any], *, everything: bool) -> None:
@@ -245,11 +277,16 @@ class AdaptiveClipQuery(GaussianSumQuery):
     z_b)``). The bounds are DP releases: always checkpointed, and logged per round.
 
     Args:
-        clipper: An :class:`~dpfl.adaptive_clip.AdaptiveClip` (global or per layer).
-        noise_multiplier, expected_cohort_size, seed, secure: As :class:`GaussianSumQuery`.
+        clipper: An [`AdaptiveClip`][dpfl.adaptive_clip.AdaptiveClip] (global or per layer).
+        noise_multiplier: ``z >= 0``, the sum's share (as in
+            [`GaussianSumQuery`][dpfl.query.GaussianSumQuery]).
+        expected_cohort_size: The fixed denominator ``S >= 1``.
+        seed: Noise seed (simulations only); ``None``: OS entropy.
+        secure: Hardened unseeded noise (``GaussianMechanism(secure=True)``).
     """
 
     adaptive = True
+    """Always: the bound(s) move after each release."""
     _clipper_types = (AdaptiveClip,)
 
     def _initial_sensitivity(self) -> float:
@@ -266,7 +303,12 @@ class AdaptiveClipQuery(GaussianSumQuery):
         return record
 
     def broadcast_(self, release: Release, broadcast: Callable[[list[Tensor]], None]) -> None:
-        """Rank 0's mean and its bounds (moved by rank 0's noised count)."""
+        """Rank 0's mean and its bounds (moved by rank 0's noised count).
+
+        Args:
+            release: This rank's release; its tensors are overwritten.
+            broadcast: Copies rank 0's tensors into the given ones in place.
+        """
         import torch  # noqa: PLC0415
 
         super().broadcast_(release, broadcast)
@@ -288,7 +330,16 @@ def gaussian_query(
     seed: int | None = None,
     secure: bool = False,
 ) -> GaussianSumQuery:
-    """The Gaussian query for ``clipper``: :class:`AdaptiveClipQuery` for an ``AdaptiveClip``."""
+    """The Gaussian query for ``clipper``: an [`AdaptiveClipQuery`][dpfl.query.AdaptiveClipQuery]
+    for an ``AdaptiveClip``, else a [`GaussianSumQuery`][dpfl.query.GaussianSumQuery].
+
+    Args:
+        clipper: A ``GlobalClip``, ``PerLayerClip`` or ``AdaptiveClip``.
+        noise_multiplier: ``z >= 0`` (the sum's share with an ``AdaptiveClip``).
+        expected_cohort_size: The fixed denominator ``S >= 1``.
+        seed: Noise seed (simulations only); ``None``: OS entropy.
+        secure: Hardened unseeded noise (``GaussianMechanism(secure=True)``).
+    """
     cls = AdaptiveClipQuery if isinstance(clipper, AdaptiveClip) else GaussianSumQuery
     return cls(
         clipper,

@@ -2,7 +2,7 @@
 
 Two processes writing one checkpoint directory would interleave their journals and overwrite
 each other's checkpoints, so their ledgers would no longer describe what either released.
-:class:`DirectoryLock` takes ``fcntl.flock(LOCK_EX | LOCK_NB)`` on ``.lock`` inside the
+``DirectoryLock`` takes ``fcntl.flock(LOCK_EX | LOCK_NB)`` on ``.lock`` inside the
 directory and writes the holder's pid and host into it, so the message to a second writer names
 both. The operating system drops the lock when the holder exits or dies (even by SIGKILL), so a
 crashed run never leaves a stale lock behind. On platforms without ``fcntl`` the lock is a no-op.

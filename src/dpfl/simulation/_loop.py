@@ -1,14 +1,13 @@
-"""The state and phases of one :func:`~dpfl.simulation.run_rounds` call (see its docstring)."""
+"""The state and phases of one [`run_rounds`][dpfl.simulation.run_rounds] call (see its docstring)."""
 
 from __future__ import annotations
 
 import sys
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dpfl._checks import require_int
+from dpfl._checks import require_int, warn_at_caller
 from dpfl.query import DPQuery
 from dpfl.simulation._audit_hooks import AuditPart
 from dpfl.simulation._lock import DirectoryLock
@@ -45,10 +44,10 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 
 class _RoundLoop(SetupPart, RoundPart, PersistPart, AuditPart):
-    """State and phases of one :func:`run_rounds` call (validated in the constructor)."""
+    """One ``run_rounds`` call: its state and phases, checked when built."""
 
     def __init__(self, args: Mapping[str, Any]) -> None:
-        """``args``: the arguments of :func:`run_rounds`, by name (its signature is the one list)."""
+        """``args``: the arguments of ``run_rounds`` by name (its signature is the one list)."""
         check_arguments(args)
         model, dataset, loss_fn = args["model"], args["dataset"], args["loss_fn"]
         sampler, privacy, audit = args["sampler"], args["privacy"], args["audit"]
@@ -148,12 +147,12 @@ class _RoundLoop(SetupPart, RoundPart, PersistPart, AuditPart):
         if self.unsafe and self.is_main:
             print(f"dpfl: WARNING: {UNSAFE_WARNING}", file=sys.stderr, flush=True)
         for text in self.warnings:
-            warnings.warn(text, RuntimeWarning, stacklevel=3)
+            warn_at_caller(text, RuntimeWarning)
             self.log.write({"event": "warning", "round": start, "message": text})
         if self.noise_seed is not None and self.fresh and self.is_main:
             # (the log's config records "noise_seeded"; the warning is for the caller)
             message = _seeded_noise_message(self.noise_seed)
-            warnings.warn(message, SeededNoiseWarning, stacklevel=4)  # at run_rounds' caller
+            warn_at_caller(message, SeededNoiseWarning)
         bar = Progress(
             self.rounds,
             start,

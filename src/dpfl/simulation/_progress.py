@@ -1,8 +1,9 @@
 """Reporting for the round loop: round records, run result, JSON-lines log, progress display.
 
-:class:`RoundRecord` and :class:`RunResult` live in the public :mod:`dpfl.simulation.records`;
-:class:`RunLog` writes one JSON object per line and repairs the log when a run resumes from a
-checkpoint; :class:`Progress` shows a tqdm bar on terminals and plain lines elsewhere.
+[`RoundRecord`][dpfl.simulation.RoundRecord] and [`RunResult`][dpfl.simulation.RunResult] live in
+the public ``dpfl.simulation.records``; ``RunLog`` writes one JSON object per line and repairs the
+log when a run resumes from a checkpoint; ``Progress`` shows a tqdm bar on terminals and plain
+lines elsewhere.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ __all__ = [
 ]
 
 
-
 #: What the log header, stderr and the docs say when ``Logging(unsafe_metrics=True)``.
 UNSAFE_WARNING = (
     "unsafe_metrics=True: this log holds statistics of the raw cohort (realised and dropped user "
@@ -56,6 +56,9 @@ def evaluate(record: RoundRecord, eval_fn: Callable[[Any], Any], model: Any) -> 
     if timings is not None:  # unsafe metrics on: time the evaluation too
         timings = {**timings, "eval": time.perf_counter() - clock}
     return RoundRecord(**{**asdict(record), "timings": timings, "eval": values})
+
+
+_QUIET_S = 30.0  # longest silence of the plain progress lines (output piped to a file or log)
 
 
 class Progress:
@@ -89,6 +92,8 @@ class Progress:
         self._every = every
         self._enabled = enabled is not False
         self._bar: Any = None
+        self._clock: Callable[[], float] = time.monotonic
+        self._last_line = self._clock()
         if self._enabled and _isatty(self._stream):
             try:
                 from tqdm import tqdm
@@ -124,11 +129,16 @@ class Progress:
             self._bar.update(1)
             extra = {"users": num_users} if show else {}
             self._bar.set_postfix(**extra, eps=f"{epsilon:.3g}", refresh=False)
-        elif round_index % self._every == 0 or round_index == self._total:
+        elif (
+            round_index % self._every == 0
+            or round_index == self._total
+            or self._clock() - self._last_line >= _QUIET_S
+        ):
             line = f"dpfl: round {round_index}/{self._total}  epsilon {epsilon:.4g}"
             if show:
                 line += f"  users {num_users}  {time_s:.3f}s/round"
             print(line, file=self._stream, flush=True)
+            self._last_line = self._clock()
 
     def message(self, text: str) -> None:
         """Print a one-off line (e.g. the stop reason) without breaking the bar."""
@@ -180,7 +190,7 @@ class RunLog:
         """Open the log of a run starting after round ``start`` (0: fresh, else a resume).
 
         A fresh run empties the log and writes a ``start`` event with the configuration; a
-        resumed run drops the events after round ``start`` (see :meth:`truncate_after`) and writes
+        resumed run drops the events after round ``start`` (see ``truncate_after``) and writes
         a ``resume`` event. Both say whether unsafe metrics follow, with a warning if they do.
         """
         header: dict[str, Any] = {"world_size": world_size, "unsafe_metrics": unsafe}

@@ -1,8 +1,8 @@
 """Local training of one rank's shard of a cohort, feeding each update into the aggregator.
 
-Used by :func:`~dpfl.simulation.run_rounds`: user ``i`` of the cohort (by position) is trained by
-rank ``i % world_size`` with a generator seeded from ``(seed, round, position)``, so the result
-depends neither on which rank trains the user nor on restarts.
+Used by [`run_rounds`][dpfl.simulation.run_rounds]: user ``i`` of the cohort (by position) is
+trained by rank ``i % world_size`` with a generator seeded from ``(seed, round, position)``, so the
+result depends neither on which rank trains the user nor on restarts.
 """
 
 from __future__ import annotations

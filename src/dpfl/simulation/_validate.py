@@ -1,4 +1,4 @@
-"""Argument checks of :func:`~dpfl.simulation.run_rounds`, all made before any training or I/O."""
+"""Argument checks of [`run_rounds`][dpfl.simulation.run_rounds], all made before any training or I/O."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _require_instance(name: str, value: Any, cls: type, hint: str) -> None:
 def check_arguments(args: Mapping[str, Any]) -> None:
     """Raise ``TypeError``/``ValueError`` naming the first bad argument; change nothing.
 
-    ``args`` are :func:`~dpfl.simulation.run_rounds`' arguments by name.
+    ``args`` are [`run_rounds`][dpfl.simulation.run_rounds]' arguments by name.
     """
     model, dataset, loss_fn, sampler = args["model"], args["dataset"], args["loss_fn"], args["sampler"]
     server_optimizer, local, privacy = args["server_optimizer"], args["local"], args["privacy"]

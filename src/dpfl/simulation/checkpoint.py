@@ -14,11 +14,12 @@ instead of silently resuming from garbage:
   digest detects *accidental* corruption only: whoever can edit the file can recompute it, so
   it is no defence against deliberate edits. The round loop therefore also cross-checks the
   stored ledger against the round index and the write-ahead journal (see
-  :mod:`dpfl.simulation.journal`); protect the checkpoint directory like the model itself.
-* **Compatibility checks**: :func:`check_model_state` and :func:`check_config` compare the stored
+  ``dpfl.simulation.journal``); protect the checkpoint directory like the model itself.
+* **Compatibility checks**: ``check_model_state`` and ``check_config`` compare the stored
   model keys/shapes/dtypes and run configuration with the current ones.
 
-Every failure raises :class:`CheckpointError`, whose message names the file and the problem.
+Every failure raises [`CheckpointError`][dpfl.simulation.CheckpointError], whose message names the
+file and the problem.
 
 References: Pelikan et al., arXiv 2310.00098 (long DP-FL runs: 2,000 rounds must survive restarts
 without double-counting privacy).
@@ -40,6 +41,8 @@ from typing import Any
 
 import torch
 
+from dpfl._errors import DPFLError
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
@@ -58,7 +61,7 @@ CHECKPOINT_VERSION = 1
 _RESERVED = ("format", "version", "digest")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ValueError, DPFLError):
     """A checkpoint file is corrupt, truncated, foreign or does not match the current run.
 
     The message starts with the file path and says what is wrong and how to fix it.
@@ -162,7 +165,13 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> N
             names the file and the likely cause, and the previous checkpoint is left as it was.
 
     Examples:
-        >>> save_checkpoint("ckpt/checkpoint.pt", {"round": 3, "model": model.state_dict()})  # doctest: +SKIP
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> path = Path(tempfile.mkdtemp()) / "ckpt" / "checkpoint.pt"
+        >>> model = torch.nn.Linear(2, 1)
+        >>> save_checkpoint(path, {"round": 3, "model": model.state_dict()})
+        >>> load_checkpoint(path)["round"]
+        3
     """
     clash = [k for k in _RESERVED if k in state]
     if clash:
@@ -196,7 +205,8 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> N
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load and verify a checkpoint written by :func:`save_checkpoint` (tensors land on CPU).
+    """Load and verify a checkpoint written by [`save_checkpoint`][dpfl.simulation.save_checkpoint]
+    (tensors land on CPU).
 
     Args:
         path: The checkpoint file.
@@ -339,7 +349,8 @@ def restore_states(
 
     Args:
         path: The checkpoint file (for messages).
-        state: The verified checkpoint content (from :func:`load_checkpoint`).
+        state: The verified checkpoint content (from
+            [`load_checkpoint`][dpfl.simulation.load_checkpoint]).
         model: The module to restore from ``state["model"]``.
         parts: Objects with ``state_dict``/``load_state_dict`` (sampler, optimizer, ...), by key.
 
@@ -378,12 +389,12 @@ def restore_run(
 
     Args:
         path: The checkpoint file (for messages).
-        state: The content from :func:`load_checkpoint` (keys ``round``, ``seed``, ``config``,
-            ``model`` and one per part).
+        state: The content from [`load_checkpoint`][dpfl.simulation.load_checkpoint] (keys
+            ``round``, ``seed``, ``config``, ``model`` and one per part).
         config: The current run's configuration; must equal the stored one.
         seed: The seed the current run was given (``None``: accept the stored one).
         model: The model to restore.
-        parts: The other stateful objects to restore, by key (see :func:`restore_states`).
+        parts: The other stateful objects to restore, by key (see ``restore_states``).
 
     Returns:
         The index of the last round the checkpoint contains.

@@ -1,13 +1,15 @@
-"""The knobs of :func:`~dpfl.simulation.run_rounds`, grouped by concern into frozen dataclasses.
+"""The knobs of [`run_rounds`][dpfl.simulation.run_rounds], grouped by concern into frozen
+dataclasses.
 
-* :class:`LocalTraining`: what each sampled user does (local SGD learning rate, steps or epochs,
-  per-step gradient clip, vectorized cohorts).
-* :class:`Privacy`: the DP mechanism and its ledger (clipper, noise multiplier, accountant, δ,
-  noise seed and mode, what to do with non-finite updates).
-* :class:`Checkpointing`: where and how often the run state is saved, and whether to resume.
-* :class:`Logging`: the JSON-lines log, the progress display, and the opt-in for statistics that
-  are not covered by the DP guarantee.
-* :class:`Evaluation`: a model-evaluation hook and its cadence.
+* [`LocalTraining`][dpfl.simulation.LocalTraining]: what each sampled user does (local SGD learning
+  rate, steps or epochs, per-step gradient clip, vectorized cohorts).
+* [`Privacy`][dpfl.simulation.Privacy]: the DP mechanism and its ledger (clipper, noise multiplier,
+  accountant, δ, noise seed and mode, what to do with non-finite updates).
+* [`Checkpointing`][dpfl.simulation.Checkpointing]: where and how often the run state is saved, and
+  whether to resume.
+* [`Logging`][dpfl.simulation.Logging]: the JSON-lines log, the progress display, and the opt-in for
+  statistics that are not covered by the DP guarantee.
+* [`Evaluation`][dpfl.simulation.Evaluation]: a model-evaluation hook and its cadence.
 
 Each class validates its own fields when it is built (``ValueError``/``TypeError`` naming the
 field), so a bad setting fails before any training starts.
@@ -78,7 +80,7 @@ def _require_methods(name: str, obj: object, methods: tuple[str, ...], what: str
 
 @dataclass(frozen=True)
 class LocalTraining:
-    """Local training of each sampled user (:func:`~dpfl.simulation.train_local`).
+    """Local training of each sampled user ([`train_local`][dpfl.simulation.train_local]).
 
     Attributes:
         lr: Local SGD learning rate (> 0).
@@ -86,7 +88,8 @@ class LocalTraining:
         epochs: Local epochs per user (not with ``vectorized``).
         max_grad_norm: Per-step gradient-norm clip (``None``: off). This bounds the optimisation,
             not the privacy: the user-level bound is the clipper's.
-        vectorized: Train each cohort with :func:`~dpfl.simulation.train_cohort_vectorized`.
+        vectorized: Train each cohort with
+            [`train_cohort_vectorized`][dpfl.simulation.train_cohort_vectorized].
         align: With ``vectorized``: ``align(batches) -> batches``, given the users' batches of
             one local step (one per user, cohort order), returns them with equal structures,
             shapes and dtypes so that they stack (e.g. sequences padded to a common length). It
@@ -150,31 +153,32 @@ class Privacy:
     """The DP mechanism of each round and the ledger it is charged to.
 
     Attributes:
-        clipper: :class:`~dpfl.clip.GlobalClip`, :class:`~dpfl.clip.PerLayerClip` or
-            :class:`~dpfl.adaptive_clip.AdaptiveClip`; its ``sensitivity`` C bounds one user's
-            contribution to the sum (adaptive: the bound of the round, checkpointed).
+        clipper: [`GlobalClip`][dpfl.clip.GlobalClip], [`PerLayerClip`][dpfl.clip.PerLayerClip] or
+            [`AdaptiveClip`][dpfl.adaptive_clip.AdaptiveClip]; its ``sensitivity`` C bounds one
+            user's contribution to the sum (adaptive: the bound of the round, checkpointed).
         noise_multiplier: z; the noise std on the sum is ``z * clipper.sensitivity``. With an
             ``AdaptiveClip`` this is the update's share: each round is charged as one Gaussian
             of ``z_eff⁻² = z⁻² + z_b⁻²`` (``z_b = clipper.count_noise_multiplier``); get ``z``
-            for a target ``z_eff`` from :func:`~dpfl.accounting.split_noise_multiplier`.
-        accountant: :class:`~dpfl.accounting.RDPAccountant` or ``PLDAccountant`` whose adjacency
-            matches the sampler; charged in place. Give it a ``budget`` to stop before a round
-            that would exceed it.
+            for a target ``z_eff`` from
+            [`split_noise_multiplier`][dpfl.accounting.split_noise_multiplier].
+        accountant: [`RDPAccountant`][dpfl.accounting.RDPAccountant] or ``PLDAccountant`` whose
+            adjacency matches the sampler; charged in place. Give it a ``budget`` to stop before a
+            round that would exceed it.
         delta: The δ at which ε is reported, in (0, 1).
         noise_seed: Seed of the noise generator, for **simulations only**; ``None`` (the default)
             draws the noise from OS entropy. Anyone who knows the seed can reproduce and subtract
             the noise, and two runs with the same noise seed add identical noise, so the
             difference of their releases carries no noise at all and their ε do not compose as
-            separate runs (a :class:`SeededNoiseWarning` says so at the start of every seeded
-            run). Within one run each release's noise is keyed on its journal charge, so a round
+            separate runs (a [`SeededNoiseWarning`][dpfl.simulation.SeededNoiseWarning] says so at
+            the start of every seeded run). Within one run each release's noise is keyed on its journal charge, so a round
             re-run after a crash gets fresh noise.
-        secure_noise: Hardened, unseeded noise (:class:`~dpfl.noise.GaussianMechanism`
+        secure_noise: Hardened, unseeded noise ([`GaussianMechanism`][dpfl.noise.GaussianMechanism]
             ``secure=True``); needs ``noise_seed=None``.
         drop_nonfinite: Drop users whose update is NaN/inf instead of raising.
         query: Instead of ``clipper``/``noise_multiplier``/``noise_seed``/``secure_noise``: a
-            :class:`~dpfl.query.DPQuery` that owns clipping, noise and the event each release is
-            charged as (its ``expected_cohort_size`` must equal the sampler's). Without it the
-            run builds :func:`~dpfl.query.gaussian_query` from those four fields.
+            [`DPQuery`][dpfl.query.DPQuery] that owns clipping, noise and the event each release
+            is charged as (its ``expected_cohort_size`` must equal the sampler's). Without it the
+            run builds [`gaussian_query`][dpfl.query.gaussian_query] from those four fields.
 
     Raises:
         TypeError: If the clipper or accountant lacks the methods the loop needs.
@@ -276,7 +280,7 @@ class Checkpointing:
     The directory holds ``checkpoint.pt``, the journal ``ledger.jsonl`` (one fsync-ed line per
     charged round, written before the round's noise) and ``.lock``: a run holds an exclusive OS
     lock on it for its lifetime (rank 0 under ``torchrun``), so a second writer is refused.
-    See ``docs/operating.md`` for the resume rules.
+    See [Operating a run](https://dpfl-dev.github.io/dpfl/operating/) for the resume rules.
 
     Attributes:
         dir: Directory of ``checkpoint.pt`` (created if needed).
@@ -308,7 +312,9 @@ class Logging:
         path: JSON-lines log (``None``: no log). A fresh start truncates it; a resume drops the
             lines of rounds after the checkpoint so every round appears once.
         progress: ``None``: a tqdm bar if tqdm is installed and stderr is a terminal, else a plain
-            line every ``every`` rounds; ``False``: silent; ``True``: never silent.
+            line every ``every`` rounds and whenever 30 s have passed since the last one (output
+            piped to a file or a CI log is never silent for long; like a terminal bar, the
+            lines show how fast rounds go); ``False``: silent; ``True``: never silent.
         every: Cadence of the plain progress lines, in rounds.
         unsafe_metrics: Also log, print and return statistics computed from the raw cohort
             (realised and dropped user counts, fraction clipped, mean norm, timings). They are

@@ -1,9 +1,11 @@
 """The federated dataset protocol: user ids and each user's data.
 
 dpfl's simulation layer never looks inside a user's data: it fetches it with
-:meth:`FederatedDataset.user_data` and hands it to the local trainer, whose ``loss_fn`` consumes
-each batch. Any object with ``user_ids()`` and ``user_data(user_id)`` is a federated dataset
-(structural typing); :class:`InMemoryFederatedDataset` is a ready-made one over a mapping.
+[`FederatedDataset.user_data`][dpfl.simulation.FederatedDataset.user_data] and hands it to the local
+trainer, whose ``loss_fn`` consumes each batch. Any object with ``user_ids()`` and
+``user_data(user_id)`` is a federated dataset (structural typing);
+[`InMemoryFederatedDataset`][dpfl.simulation.InMemoryFederatedDataset] is a ready-made one over a
+mapping.
 
 References:
     Pelikan et al., arXiv 2310.00098, section 2 (user-level DP: the unit of privacy is a user).
@@ -30,12 +32,17 @@ class FederatedDataset(Protocol):
         ...
 
     def user_data(self, user_id: Hashable) -> Any:
-        """Return the data of ``user_id``: usually a sequence of batches for ``loss_fn``."""
+        """Return the data of ``user_id``: usually a sequence of batches for ``loss_fn``.
+
+        Args:
+            user_id: One of [`user_ids`][dpfl.simulation.FederatedDataset.user_ids].
+        """
         ...
 
 
 class InMemoryFederatedDataset:
-    """A :class:`FederatedDataset` over an in-memory mapping ``user id -> batches``.
+    """A [`FederatedDataset`][dpfl.simulation.FederatedDataset] over an in-memory mapping ``user id
+    -> batches``.
 
     Args:
         data: Mapping from user id to that user's data (typically a list of batches, each batch
@@ -68,6 +75,9 @@ class InMemoryFederatedDataset:
 
     def user_data(self, user_id: Hashable) -> Any:
         """Return the data of ``user_id``.
+
+        Args:
+            user_id: One of the mapping's keys.
 
         Raises:
             KeyError: If ``user_id`` is not in the dataset (the message names it).

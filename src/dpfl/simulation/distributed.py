@@ -1,10 +1,13 @@
 """Multi-process DP-FedAvg on ``torch.distributed`` (gloo on CPU, NCCL on GPU, ``torchrun``).
 
-Protocol of one round with ``W`` workers (implemented by :func:`dpfl.simulation.run_rounds`):
+Protocol of one round with ``W`` workers (implemented by
+[`dpfl.simulation.run_rounds`][dpfl.simulation.run_rounds]):
 
 1. Every rank holds the same sampler (same seed and state) and draws the **same** cohort; rank
-   ``r`` trains the shard ``cohort[r::W]`` (:func:`dpfl.simulation.sampling.shard`).
-2. Each rank clips and sums its own users into a :class:`dpfl.aggregate.DPAggregator`.
+   ``r`` trains the shard ``cohort[r::W]``
+   ([`dpfl.simulation.sampling.shard`][dpfl.simulation.shard]).
+2. Each rank clips and sums its own users into a
+   [`dpfl.aggregate.DPAggregator`][dpfl.aggregate.DPAggregator].
 3. ``release(reduce=ctx.all_reduce_sum_)``: one all-reduce (per dtype) of the clipped sums and
    statistics, **before** noise.
 4. Noise is added once to the global sum. With ``Privacy(noise_seed=...)`` (simulations) every
@@ -15,11 +18,12 @@ Protocol of one round with ``W`` workers (implemented by :func:`dpfl.simulation.
    checkpoint directory's lock; every rank charges its own in-memory accountant identically.
 
 Failure handling: the process group is created with a ``timeout``; every collective is wrapped so
-that a dead or stuck peer (connection closed, timeout) raises :class:`DistributedError` naming the
-rank, the operation and the likely cause, instead of hanging. With gloo a killed peer is detected
-at the next collective in milliseconds; a peer that stays alive but stops answering is detected
-after ``timeout_s``. With NCCL, keep ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` at its default so the
-watchdog aborts stuck collectives after the timeout.
+that a dead or stuck peer (connection closed, timeout) raises
+[`DistributedError`][dpfl.simulation.DistributedError] naming the rank, the operation and the likely
+cause, instead of hanging. With gloo a killed peer is detected at the next collective in
+milliseconds; a peer that stays alive but stops answering is detected after ``timeout_s``. With
+NCCL, keep ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` at its default so the watchdog aborts stuck
+collectives after the timeout.
 
 Warning:
     Privacy: seeded noise is reproducible from the noise seed. Anyone who learns it can subtract
@@ -45,13 +49,14 @@ import torch
 import torch.distributed as tdist
 
 from dpfl._checks import require_positive
+from dpfl._errors import DPFLError
 
 __all__ = ["DistContext", "DistributedError", "init_distributed", "shutdown_distributed"]
 
 T = TypeVar("T")
 
 
-class DistributedError(RuntimeError):
+class DistributedError(RuntimeError, DPFLError):
     """A collective failed: a peer rank died, was killed, or did not answer within the timeout."""
 
 
@@ -59,8 +64,8 @@ class DistributedError(RuntimeError):
 class DistContext:
     """This process's place in a ``torch.distributed`` run (rank, world size, device, timeout).
 
-    Build it with :func:`init_distributed`; pass it as ``dist=`` to
-    :func:`dpfl.simulation.run_rounds`.
+    Build it with [`init_distributed`][dpfl.simulation.init_distributed]; pass it as ``dist=`` to
+    [`dpfl.simulation.run_rounds`][dpfl.simulation.run_rounds].
 
     Attributes:
         rank: This process's rank, ``0 <= rank < world_size``.
@@ -81,7 +86,11 @@ class DistContext:
         return self.rank == 0
 
     def shard(self, cohort: Sequence[T]) -> list[T]:
-        """Return this rank's share ``cohort[rank::world_size]`` of the (identical) cohort."""
+        """Return this rank's share ``cohort[rank::world_size]`` of the (identical) cohort.
+
+        Args:
+            cohort: The round's cohort, the same sequence on every rank.
+        """
         return list(cohort[self.rank :: self.world_size])
 
     def _collective(self, op: str, fn: Callable[[], Any]) -> Any:
@@ -101,7 +110,11 @@ class DistContext:
     def all_reduce_sum_(self, tensors: list[torch.Tensor]) -> None:
         """Sum ``tensors`` in place across all ranks: one flattened all-reduce per dtype.
 
-        This is the ``reduce=`` hook of :meth:`dpfl.aggregate.DPAggregator.release`.
+        This is the ``reduce=`` hook of
+        [`DPAggregator.release`][dpfl.aggregate.DPAggregator.release].
+
+        Args:
+            tensors: The tensors to sum, the same shapes and dtypes on every rank.
 
         Raises:
             DistributedError: If a peer is dead or does not answer within the timeout.
@@ -119,6 +132,9 @@ class DistContext:
     def broadcast_(self, tensors: list[torch.Tensor]) -> None:
         """Overwrite ``tensors`` in place with rank 0's values (one flattened broadcast per dtype).
 
+        Args:
+            tensors: The tensors to overwrite, the same shapes and dtypes on every rank.
+
         Raises:
             DistributedError: If a peer is dead or does not answer within the timeout.
         """
@@ -133,7 +149,14 @@ class DistContext:
             _unflatten_(flat, group)
 
     def broadcast_int(self, value: int | None) -> int:
-        """Return rank 0's ``value`` (a non-negative int < 2**63) on every rank."""
+        """Return rank 0's ``value`` (a non-negative int < 2**63) on every rank.
+
+        Args:
+            value: Rank 0's value; ignored on the other ranks (``None`` is read as 0).
+
+        Raises:
+            DistributedError: If a peer is dead or does not answer within the timeout.
+        """
         own = value if self.is_main and value is not None else 0
         buf = torch.tensor([own], dtype=torch.int64, device=self.device)
         self._collective("broadcast", lambda: tdist.broadcast(buf, src=0))
@@ -143,6 +166,10 @@ class DistContext:
         """Raise unless every rank passes an equal ``value`` (JSON-able, e.g. a configuration).
 
         Only a 62-bit fingerprint of ``value`` travels (one all-reduce of two integers).
+
+        Args:
+            name: What ``value`` is, for the error message.
+            value: This rank's value (serialised with ``json.dumps``, ``str`` for the rest).
 
         Raises:
             DistributedError: If a peer fails.
@@ -188,15 +215,25 @@ def init_distributed(
         device: Device for the collectives; default ``cuda:LOCAL_RANK`` for NCCL, CPU for gloo.
 
     Returns:
-        The :class:`DistContext` of this process.
+        The [`DistContext`][dpfl.simulation.DistContext] of this process.
 
     Raises:
         ValueError: If the environment variables are missing or ``timeout_s`` is not positive.
 
     Examples:
-        >>> ctx = init_distributed(backend="gloo", timeout_s=60)   # doctest: +SKIP
-        >>> run_rounds(..., dist=ctx)                               # doctest: +SKIP
-        >>> shutdown_distributed()                                  # doctest: +SKIP
+        In a script started by ``torchrun --nproc-per-node 2 train.py`` (``torchrun`` sets the
+        environment; one process alone cannot show it, so this is not a doctest):
+
+        ```python
+        ctx = init_distributed(backend="gloo", timeout_s=60)
+        try:
+            result = run_rounds(..., dist=ctx)
+        finally:
+            shutdown_distributed()
+        ```
+
+        The [scale tutorial](https://dpfl-dev.github.io/dpfl/tutorials/scale/) has a complete
+        ``train.py``; the test suite runs it with two gloo ranks.
     """
     timeout = require_positive("timeout_s", timeout_s)
     if not tdist.is_available():  # pragma: no cover - torch builds without distributed

@@ -3,7 +3,7 @@
 A checkpoint is written every few rounds, but a noised model leaves the process every round
 (through the model, a callback, the log). If the process dies after releasing round t and
 before the checkpoint of round t, the checkpoint's ledger lacks round t, and the resumed run
-releases round t again. The journal closes that gap: :func:`~dpfl.simulation.run_rounds`
+releases round t again. The journal closes that gap: [`run_rounds`][dpfl.simulation.run_rounds]
 appends one line per charge to ``ledger.jsonl`` in the checkpoint directory and ``fsync``-s it
 immediately before it adds the noise::
 
@@ -19,7 +19,7 @@ charge is never withdrawn, not even when its round fails afterwards.
 
 A line torn by a crash during its own write is ignored: the process died before the release it
 announces. Any other damage (a malformed line in the middle, a gap in the charge numbers, fewer
-charges than the checkpoint records) raises :class:`~dpfl.simulation.CheckpointError`.
+charges than the checkpoint records) raises [`CheckpointError`][dpfl.simulation.CheckpointError].
 
 References:
     design.md §6 ("every release charged"); Pelikan et al., arXiv 2310.00098 (user-level DP over
@@ -210,7 +210,7 @@ def charge_journal(accountant: Any, charges: list[Charge]) -> None:
 
 def sweep_temporaries(checkpoint: Path) -> None:
     """Remove the temporary files that a crash during an atomic write of ``checkpoint`` (see
-    :func:`~dpfl.simulation.checkpoint.save_checkpoint`) or of the journal beside it left behind.
+    [`save_checkpoint`][dpfl.simulation.save_checkpoint]) or of the journal beside it left behind.
     Call it under the directory's lock."""
     for pattern in (f".{checkpoint.name}.*.tmp", f".{JOURNAL_FILE}.tmp"):
         for leftover in checkpoint.parent.glob(pattern):

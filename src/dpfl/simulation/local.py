@@ -6,8 +6,8 @@ batches (optimizer state fresh for every user), and sends the model difference. 
 convention is ``Δ = θ_user − θ_server``.
 
 The returned update is *not* clipped to the DP bound: that is the aggregator's job
-(:class:`dpfl.aggregate.DPAggregator`). The per-step gradient clipping here is the paper's local
-optimiser setting, unrelated to the privacy guarantee.
+([`dpfl.aggregate.DPAggregator`][dpfl.aggregate.DPAggregator]). The per-step gradient clipping here
+is the paper's local optimiser setting, unrelated to the privacy guarantee.
 
 References:
     Pelikan et al., arXiv 2310.00098, section 2 (local SGD, constant LR, per-step clipping at 1.0,
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from dpfl._checks import require_int, require_positive
+from dpfl._errors import DPFLError
 
 __all__ = ["NonFiniteLossError", "train_local"]
 
@@ -37,8 +38,13 @@ LossFn = Callable[[Any, Any], Tensor]
 CLIP_EPS = 1e-6
 
 
-class NonFiniteLossError(ValueError):
-    """A user's local loss or gradient became NaN or infinite.
+class NonFiniteLossError(ValueError, DPFLError):
+    """A user's local loss or gradient became NaN or infinite (a ``ValueError``).
+
+    Args:
+        message: What became non-finite, for which user and at which step.
+        user_id: The user whose training failed, or ``None``.
+        step: The local step (0-based).
 
     Attributes:
         user_id: The user whose training failed (``None`` when the caller did not name it).
@@ -170,7 +176,7 @@ def train_local(
     (parameters, buffers, ``.grad`` and mode are all left as they were).
 
     Randomness inside ``loss_fn`` (e.g. dropout) uses torch's RNG seeded from ``generator`` within
-    an isolated block (:func:`torch.random.fork_rng`), so the caller's global RNG state is left
+    an isolated block (``torch.random.fork_rng``), so the caller's global RNG state is left
     unchanged; one seed is drawn from ``generator`` per call, so consecutive users differ.
 
     Args:

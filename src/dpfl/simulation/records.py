@@ -1,6 +1,8 @@
-"""What a run returns and logs: :class:`RoundRecord` per round, :class:`RunResult` per call.
+"""What a run returns and logs: a [`RoundRecord`][dpfl.simulation.RoundRecord] per round
+and a [`RunResult`][dpfl.simulation.RunResult] per call.
 
-Both are public (also exported by :mod:`dpfl.simulation` and :mod:`dpfl.simulation.rounds`).
+Both are public (also exported by [`dpfl.simulation`][dpfl.simulation] and
+``dpfl.simulation.rounds``).
 """
 
 from __future__ import annotations
@@ -10,8 +12,12 @@ from typing import Any, Literal
 
 __all__ = ["RoundRecord", "RunResult", "StopReason"]
 
-#: Why a run stopped: all rounds done, or the next round would exceed the budget.
 StopReason = Literal["completed", "budget"]
+"""Why [`run_rounds`][dpfl.simulation.run_rounds] stopped (``RunResult.stop_reason``).
+
+``"completed"``: every requested round ran. ``"budget"``: the next round would have taken ε past
+the accountant's budget, so it was not run (nothing was released or charged for it).
+"""
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,7 @@ class RoundRecord:
 
 @dataclass(frozen=True)
 class RunResult:
-    """Outcome of :func:`run_rounds`.
+    """Outcome of [`run_rounds`][dpfl.simulation.run_rounds].
 
     Attributes:
         rounds_completed: rounds completed in total, including rounds restored from a checkpoint.
@@ -85,7 +91,8 @@ class RunResult:
         resumed_from: the round index restored from a checkpoint, or ``None`` for a fresh start.
         audit: with ``run_rounds(audit=CanaryAudit(k))``, the one-shot empirical estimate
             (``empirical_epsilon`` at ``delta`` and its details, see
-            :meth:`dpfl.audit.CanaryEstimate.to_dict`) to set beside ``epsilon``; else ``None``.
+            [`dpfl.audit.CanaryEstimate.to_dict`][dpfl.audit.CanaryEstimate.to_dict]) to set beside
+            ``epsilon``; else ``None``.
     """
 
     rounds_completed: int

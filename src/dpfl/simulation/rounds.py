@@ -2,11 +2,13 @@
 
 Public API:
 
-* :func:`run_rounds` runs DP federated averaging on a model, in place, with a JSON-lines log,
-  evaluation hooks, atomic checkpoints and resume, stop-before-budget and ``torch.distributed``
-  sharding of the cohort.
-* :class:`RoundRecord` is the per-round record (also one JSON line per round in the log).
-* :class:`RunResult` is what :func:`run_rounds` returns.
+* [`run_rounds`][dpfl.simulation.run_rounds] runs DP federated averaging on a model, in place, with
+  a JSON-lines log, evaluation hooks, atomic checkpoints and resume, stop-before-budget and
+  ``torch.distributed`` sharding of the cohort.
+* [`RoundRecord`][dpfl.simulation.RoundRecord] is the per-round record (also one JSON line per round
+  in the log).
+* [`RunResult`][dpfl.simulation.RunResult] is what [`run_rounds`][dpfl.simulation.run_rounds]
+  returns.
 
 References: Pelikan et al., *Enabling Differentially Private Federated Learning for Speech
 Recognition*, arXiv 2310.00098 (DP-FedAvg with user-level DP and a server optimizer).
@@ -56,12 +58,12 @@ def run_rounds(
        is logged (``"event": "stop"``) and returned with ``stop_reason="budget"``.
     2. ``sampler.sample()`` draws the cohort. With ``dist`` every rank draws the same cohort from
        the same sampler state and trains the shard ``cohort[rank::world_size]``.
-    3. Each user trains a copy of the server model with :func:`~dpfl.simulation.train_local`
-       (or :func:`~dpfl.simulation.train_cohort_vectorized` if ``local.vectorized``); its local
-       generator is seeded from ``(seed, t, position of the user in the cohort)``, so the result
-       depends neither on which rank trains the user nor on restarts.
-    4. A :class:`~dpfl.aggregate.DPAggregator` clips each update with ``privacy.clipper`` and sums
-       it.
+    3. Each user trains a copy of the server model with [`train_local`][dpfl.simulation.train_local]
+       (or [`train_cohort_vectorized`][dpfl.simulation.train_cohort_vectorized] if
+       ``local.vectorized``); its local generator is seeded from ``(seed, t, position of the user in
+       the cohort)``, so the result depends neither on which rank trains the user nor on restarts.
+    4. A [`DPAggregator`][dpfl.aggregate.DPAggregator] clips each update with ``privacy.clipper``
+       and sums it.
     5. **Write-ahead accounting**: ``accountant.add_rounds(sampler.round_spec(noise_multiplier))``
        charges the round, and with ``checkpointing`` a line ``{"charge": i, "round": t, "spec":
        ...}`` is appended to ``ledger.jsonl`` in the checkpoint directory and ``fsync``-ed, all
@@ -71,8 +73,8 @@ def run_rounds(
        ``sampler.expected_cohort_size``. With ``privacy.noise_seed`` every rank holds the same
        seeded generator and adds the identical noise after the all-reduce; otherwise (OS entropy,
        or ``secure_noise``) rank 0's noised mean is broadcast.
-    7. :func:`~dpfl.optim.server_step` applies the noised mean with ``server_optimizer`` (then
-       ``lr_scheduler.step()`` if given).
+    7. [`server_step`][dpfl.optim.server_step] applies the noised mean with ``server_optimizer``
+       (then ``lr_scheduler.step()`` if given).
     8. The record is logged; ``evaluation.fn`` runs when ``t % evaluation.every == 0``; a
        checkpoint is written when ``t % checkpointing.every == 0``, after the last round and on a
        budget stop.
@@ -91,46 +93,50 @@ def run_rounds(
     accountant, budget, noise mode) and a ledger with fewer rounds than the round index.
 
     The query: every round's clipping, noise and event come from one
-    :class:`~dpfl.query.DPQuery` (``privacy.query``, or :func:`~dpfl.query.gaussian_query` of
-    ``privacy.clipper`` and ``privacy.noise_multiplier``). Steps 1 and 5 charge the event the query
-    states before the round; step 6's release returns the event of the noise it added, and a
-    release whose event differs from the charged one raises
-    :class:`~dpfl.query.ReleaseEventError` before its mean is applied.
+    [`DPQuery`][dpfl.query.DPQuery] (``privacy.query``, or
+    [`gaussian_query`][dpfl.query.gaussian_query] of ``privacy.clipper`` and
+    ``privacy.noise_multiplier``). Steps 1 and 5 charge the event the query states before the
+    round; step 6's release returns the event of the noise it added, and a release whose event
+    differs from the charged one raises [`ReleaseEventError`][dpfl.query.ReleaseEventError] before
+    its mean is applied.
 
-    Adaptive clipping: with ``privacy.clipper`` an :class:`~dpfl.adaptive_clip.AdaptiveClip`,
-    round t clips with the bounds fixed after round t − 1, the aggregator also releases the
-    noised count (its own noise stream) and moves the bounds, and each round is charged as
-    ``sampler.round_spec(noise_multiplier, count_noise_multiplier=z_b)``, one Gaussian of the
-    effective multiplier. The bound(s) used in each round are DP releases and are logged in its
-    record (``clip_bound``; per layer also ``layer_bounds``); the clipper's state (bounds, step)
-    is checkpointed and restored on resume.
+    Adaptive clipping: with ``privacy.clipper`` an
+    [`AdaptiveClip`][dpfl.adaptive_clip.AdaptiveClip], round t clips with the bounds fixed after
+    round t − 1, the aggregator also releases the noised count (its own noise stream) and moves the
+    bounds, and each round is charged as ``sampler.round_spec(noise_multiplier,
+    count_noise_multiplier=z_b)``, one Gaussian of the effective multiplier. The bound(s) used in
+    each round are DP releases and are logged in its record (``clip_bound``; per layer also
+    ``layer_bounds``); the clipper's state (bounds, step) is checkpointed and restored on resume.
 
-        Args:
+    Args:
         model: the server model; trained **in place**.
-        dataset: a :class:`~dpfl.simulation.FederatedDataset` (``user_ids()``, ``user_data(uid)``).
+        dataset: a [`FederatedDataset`][dpfl.simulation.FederatedDataset] (``user_ids()``,
+            ``user_data(uid)``).
         loss_fn: ``loss_fn(model, batch) -> scalar loss`` for local training.
-        sampler: a :class:`~dpfl.simulation.PoissonSampler` or
-            :class:`~dpfl.simulation.FixedCohortSampler` over ``dataset``'s user ids; advanced in
-            place and checkpointed.
+        sampler: a [`PoissonSampler`][dpfl.simulation.PoissonSampler] or
+            [`FixedCohortSampler`][dpfl.simulation.FixedCohortSampler] over ``dataset``'s user ids;
+            advanced in place and checkpointed.
         server_optimizer: a ``torch.optim.Optimizer`` over ``model``'s parameters.
         rounds: total number of rounds, counted across resumes.
-        local: :class:`~dpfl.simulation.LocalTraining` (learning rate, steps or epochs, ...).
-        privacy: :class:`~dpfl.simulation.Privacy` (clipper, noise multiplier, accountant, δ,
+        local: [`LocalTraining`][dpfl.simulation.LocalTraining] (learning rate, steps or epochs,
+            ...).
+        privacy: [`Privacy`][dpfl.simulation.Privacy] (clipper, noise multiplier, accountant, δ,
             noise seed and mode).
         seed: the *simulation* seed: local-training generators only (not the noise, see
             ``privacy.noise_seed``); ``None`` draws one from OS entropy (broadcast from rank 0
             under ``dist``; stored in checkpoints).
         lr_scheduler: optional ``torch.optim.lr_scheduler`` of ``server_optimizer``, stepped once
             per round and checkpointed.
-        checkpointing: :class:`~dpfl.simulation.Checkpointing` (directory, cadence, resume), or
-            ``None`` for no checkpoints.
-        logging: :class:`~dpfl.simulation.Logging` (JSON-lines log, progress display), or
+        checkpointing: [`Checkpointing`][dpfl.simulation.Checkpointing] (directory, cadence,
+            resume), or ``None`` for no checkpoints.
+        logging: [`Logging`][dpfl.simulation.Logging] (JSON-lines log, progress display), or
             ``None`` for the defaults (no log, automatic progress display).
-        evaluation: :class:`~dpfl.simulation.Evaluation` (hook and cadence), or ``None``.
-        dist: a :class:`~dpfl.simulation.distributed.DistContext` (from ``init_distributed``) or
+        evaluation: [`Evaluation`][dpfl.simulation.Evaluation] (hook and cadence), or ``None``.
+        dist: a [`DistContext`][dpfl.simulation.DistContext] (from ``init_distributed``) or
             ``None`` for one process. Only rank 0 writes logs and checkpoints; all ranks must get
             the same arguments and read the same checkpoint directory.
-        audit: a :class:`~dpfl.audit.CanaryAudit` to estimate the run's privacy empirically in
+        audit: a [`CanaryAudit`][dpfl.audit.CanaryAudit] to estimate the run's privacy empirically
+            in
             one shot (Andrew et al., arXiv 2302.03098): its canary clients take part in each round
             with the users' inclusion probability (added to the sum on rank 0 after the real
             users, clipped and noised like them), every released iterate is observed, and the
@@ -139,7 +145,8 @@ def run_rounds(
             nothing; their updates are synthetic, so no user's data is touched. Checkpointed.
 
     Returns:
-        A :class:`RunResult` (rounds completed, records, stop reason, final ε).
+        A [`RunResult`][dpfl.simulation.RunResult] (rounds completed, records, stop reason, final
+        ε).
 
     Raises:
         TypeError: an argument of the wrong type (named).
@@ -156,7 +163,7 @@ def run_rounds(
         Privacy: seeded noise (``privacy.noise_seed``) is for simulations only: it is
         reproducible from the seed and from the generator state inside checkpoints, and two runs
         with the same noise seed add identical noise, so the difference of their releases has
-        no noise at all (a :class:`~dpfl.simulation.SeededNoiseWarning` at the start of every
+        no noise at all (a [`SeededNoiseWarning`][dpfl.simulation.SeededNoiseWarning] at the start of every
         seeded run says so). With ``noise_seed=None`` (the default) the noise comes from OS entropy and a resumed run
         draws fresh noise. A known *sampler* seed reveals the cohorts and voids amplification by
         sampling. By default nothing that depends on the realised cohort (its size, dropped
@@ -165,14 +172,29 @@ def run_rounds(
         divided by the *expected* cohort size.
 
     Examples:
-        >>> result = run_rounds(model, dataset, loss_fn, sampler=sampler,   # doctest: +SKIP
-        ...     server_optimizer=opt, rounds=100,
-        ...     local=LocalTraining(lr=0.1, steps=10),
+        Three rounds on 50 synthetic users (add ``checkpointing=Checkpointing("ckpt",
+        resume=True)`` and ``Logging("run.jsonl")`` for a real run):
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from dpfl import GlobalClip, RDPAccountant
+        >>> from dpfl.simulation import (
+        ...     InMemoryFederatedDataset, LocalTraining, Logging, PoissonSampler, Privacy)
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> dataset = InMemoryFederatedDataset({
+        ...     user: [(torch.randn(8, 4, generator=gen), torch.randint(2, (8,), generator=gen))]
+        ...     for user in range(50)})
+        >>> model = nn.Linear(4, 2)
+        >>> result = run_rounds(
+        ...     model, dataset, lambda m, batch: nn.functional.cross_entropy(m(batch[0]), batch[1]),
+        ...     sampler=PoissonSampler(dataset.user_ids(), sample_rate=0.2, seed=0),
+        ...     server_optimizer=torch.optim.SGD(model.parameters(), lr=1.0), rounds=3,
+        ...     local=LocalTraining(lr=0.1, steps=1),
         ...     privacy=Privacy(GlobalClip(0.1), noise_multiplier=1.0,
         ...                     accountant=RDPAccountant(), delta=1e-6),
-        ...     checkpointing=Checkpointing("ckpt", resume=True),
-        ...     logging=Logging("run.jsonl"))
-        >>> result.stop_reason, result.epsilon                              # doctest: +SKIP
+        ...     logging=Logging(progress=False))
+        >>> result.stop_reason, result.rounds_completed
+        ('completed', 3)
 
     References:
         Pelikan et al., arXiv 2310.00098, algorithm 1 (DP-FedAvg with a server optimizer).

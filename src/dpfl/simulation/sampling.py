@@ -2,13 +2,16 @@
 
 Two samplers are offered:
 
-* :class:`PoissonSampler` includes every user independently with probability ``q`` each round, so
-  the realised cohort size is random (``Binomial(N, q)``). This is the sampling that the RDP/PLD
-  analysis of DP-FedAvg assumes; its :meth:`~PoissonSampler.round_spec` returns a
-  :class:`dpfl.accounting.PoissonRound` (add/remove-one-user adjacency).
-* :class:`FixedCohortSampler` draws exactly ``S`` distinct users without replacement, as the
-  reference code of arXiv 2310.00098 does; its :meth:`~FixedCohortSampler.round_spec` returns a
-  :class:`dpfl.accounting.FixedCohortRound` (replace-one-user adjacency).
+* [`PoissonSampler`][dpfl.simulation.PoissonSampler] includes every user independently with
+  probability ``q`` each round, so the realised cohort size is random (``Binomial(N, q)``). This is
+  the sampling that the RDP/PLD analysis of DP-FedAvg assumes; its
+  [`round_spec`][dpfl.simulation.PoissonSampler.round_spec] returns a
+  [`dpfl.accounting.PoissonRound`][dpfl.accounting.PoissonRound] (add/remove-one-user adjacency).
+* [`FixedCohortSampler`][dpfl.simulation.FixedCohortSampler] draws exactly ``S`` distinct users
+  without replacement, as the reference code of arXiv 2310.00098 does; its
+  [`round_spec`][dpfl.simulation.FixedCohortSampler.round_spec] returns a
+  [`dpfl.accounting.FixedCohortRound`][dpfl.accounting.FixedCohortRound] (replace-one-user
+  adjacency).
 
 Because each sampler hands out the accounting event for its own sampling scheme, a round loop that
 composes ``sampler.round_spec(z)`` into its accountant gets the ledger right by construction.
@@ -128,10 +131,10 @@ class _CounterSampler:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state produced by :meth:`state_dict` of an identically configured sampler.
+        """Restore a state produced by ``state_dict`` of an identically configured sampler.
 
         Args:
-            state: The dict returned by :meth:`state_dict`.
+            state: The dict returned by ``state_dict``.
 
         Raises:
             ValueError: If ``state`` comes from a different kind of sampler, a different population
@@ -168,9 +171,11 @@ class PoissonSampler(_CounterSampler):
     costs ``O(cohort size)`` instead of ``O(N)`` per round.
 
     Warning:
-        The privacy analysis of :class:`dpfl.accounting.PoissonRound` requires the aggregate to be
-        divided by :attr:`expected_cohort_size` (``q * N``), never by the realised cohort size, and
-        requires the sampling randomness to stay hidden from the adversary.
+        The privacy analysis of [`dpfl.accounting.PoissonRound`][dpfl.accounting.PoissonRound]
+        requires the aggregate to be divided by
+        [`expected_cohort_size`][dpfl.simulation.PoissonSampler.expected_cohort_size] (``q * N``),
+        never by the realised cohort size, and requires the sampling randomness to stay hidden from
+        the adversary.
 
     Args:
         population: The user ids (unique, hashable), e.g. ``dataset.user_ids()`` or a ``range``.
@@ -242,9 +247,10 @@ class FixedCohortSampler(_CounterSampler):
     """Fixed-size cohorts drawn uniformly without replacement, as in the paper's reference code.
 
     Warning:
-        Account these rounds with :class:`dpfl.accounting.FixedCohortRound` (what
-        :meth:`round_spec` returns), not with a Poisson event: the adjacency differs
-        (replace-one user instead of add/remove-one).
+        Account these rounds with
+        [`dpfl.accounting.FixedCohortRound`][dpfl.accounting.FixedCohortRound] (what
+        [`round_spec`][dpfl.simulation.FixedCohortSampler.round_spec] returns), not with a Poisson
+        event: the adjacency differs (replace-one user instead of add/remove-one).
 
     Args:
         population: The user ids (unique, hashable).

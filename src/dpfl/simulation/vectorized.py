@@ -1,23 +1,24 @@
 """Vectorized local training of a whole cohort at once with ``torch.func``.
 
-:func:`train_cohort_vectorized` is the many-users version of :func:`dpfl.simulation.train_local`:
-the trainable parameters are stacked along a leading user axis, every local step evaluates all
-users' losses in one :func:`torch.func.vmap` of :func:`torch.func.functional_call`, and one
-backward pass over the sum of the per-user losses gives every user's gradient (the users' losses
-share no parameters, so the gradient of the sum with respect to user ``u``'s slice is user ``u``'s
-own gradient). Per-user gradient clipping and the SGD step are then a handful of batched tensor
-ops. For many small models this replaces thousands of tiny kernel launches and Python-level
-module calls by a few large ones.
+[`train_cohort_vectorized`][dpfl.simulation.train_cohort_vectorized] is the many-users version of
+[`dpfl.simulation.train_local`][dpfl.simulation.train_local]: the trainable parameters are stacked
+along a leading user axis, every local step evaluates all users' losses in one ``torch.func.vmap``
+of ``torch.func.functional_call``, and one backward pass over the sum of the per-user losses gives
+every user's gradient (the users' losses share no parameters, so the gradient of the sum with
+respect to user ``u``'s slice is user ``u``'s own gradient). Per-user gradient clipping and the SGD
+step are then a handful of batched tensor ops. For many small models this replaces thousands of tiny
+kernel launches and Python-level module calls by a few large ones.
 
 Where the cohort cannot be vectorized (users' batches differ in shape at some step, a batch holds
 non-tensor leaves, or an op inside ``loss_fn``/the model has no ``vmap`` support), the function
-warns once (:class:`VectorizationFallbackWarning`) and runs the sequential loop instead, which
-gives the same results.
+warns once ([`VectorizationFallbackWarning`][dpfl.simulation.VectorizationFallbackWarning]) and runs
+the sequential loop instead, which gives the same results.
 
 The ``loss_fn`` contract under vectorization: ``loss_fn(model, batch)`` receives a
-:class:`FunctionalModel` proxy, not the module. It may only *call* it (``model(inputs)``) and do
-tensor maths on the outputs and the batch; it must not read the module's parameters, submodules
-or attributes (the proxy raises ``AttributeError``), and must return a scalar loss per user.
+[`FunctionalModel`][dpfl.simulation.FunctionalModel] proxy, not the module. It may only *call* it
+(``model(inputs)``) and do tensor maths on the outputs and the batch; it must not read the module's
+parameters, submodules or attributes (the proxy raises ``AttributeError``), and must return a scalar
+loss per user.
 
 References:
     Pelikan et al., arXiv 2310.00098, section 2 (local training of every cohort member).
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
@@ -38,7 +38,8 @@ from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
-from dpfl._checks import require_int, require_positive
+from dpfl._checks import require_int, require_positive, warn_at_caller
+from dpfl._errors import DPFLError
 from dpfl.simulation.local import (
     CLIP_EPS,
     NonFiniteLossError,
@@ -58,12 +59,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class VectorizationError(RuntimeError):
+class VectorizationError(RuntimeError, DPFLError):
     """The cohort could not be vectorized and ``fallback=False`` forbade the sequential loop."""
 
 
 class VectorizationFallbackWarning(UserWarning):
-    """:func:`train_cohort_vectorized` fell back to the sequential loop (same results, slower)."""
+    """[`train_cohort_vectorized`][dpfl.simulation.train_cohort_vectorized] fell back to the sequential loop (same results, slower)."""
 
 
 class _Unvectorizable(Exception):
@@ -79,9 +80,14 @@ class FunctionalModel:
 
     ``FunctionalModel(module, tensors)(*args, **kwargs)`` runs
     ``torch.func.functional_call(module, tensors, args, kwargs)``. It is what ``loss_fn`` receives
-    under :func:`train_cohort_vectorized`. Reading attributes of the proxy raises
-    ``AttributeError``: a ``loss_fn`` that reads parameters (e.g. an explicit weight penalty over
-    ``model.parameters()``) would otherwise silently see the server model instead of the user's.
+    under [`train_cohort_vectorized`][dpfl.simulation.train_cohort_vectorized]. Reading attributes
+    of the proxy raises ``AttributeError``: a ``loss_fn`` that reads parameters (e.g. an explicit
+    weight penalty over ``model.parameters()``) would otherwise silently see the server model
+    instead of the user's.
+
+    Args:
+        module: The module whose ``forward`` is called.
+        tensors: Parameter and buffer name -> tensor, used instead of the module's own.
     """
 
     __slots__ = ("_module", "_tensors")
@@ -248,7 +254,8 @@ def train_cohort_vectorized(
     updated in place (e.g. BatchNorm running statistics): such models fall back to the loop.
 
     Warning:
-        ``loss_fn`` receives a :class:`FunctionalModel` proxy and may only call it; see the module
+        ``loss_fn`` receives a [`FunctionalModel`][dpfl.simulation.FunctionalModel] proxy and may
+        only call it; see the module
         docstring. The updates are not clipped to the DP bound: pass them to the aggregator.
 
     Args:
@@ -265,7 +272,8 @@ def train_cohort_vectorized(
             the fallback path draws one per user (from that user's generator). ``None`` seeds
             from OS entropy.
         user_ids: Names of the users, for error messages (same length as ``cohort_batches``).
-        fallback: If ``False``, raise :class:`VectorizationError` instead of falling back.
+        fallback: If ``False``, raise [`VectorizationError`][dpfl.simulation.VectorizationError]
+            instead of falling back.
         chunk_size: Train at most this many users at once (memory grows with
             ``chunk_size x model size x (parameters + gradients + activations)``); ``None`` trains
             the whole cohort in one vectorized pass. Results do not depend on it (except for
@@ -382,10 +390,9 @@ def train_cohort_vectorized(
         if not fallback:
             raise VectorizationError(f"cannot vectorize this cohort: {reason}") from exc
         logger.debug("train_cohort_vectorized falls back to the sequential loop: %s", reason)
-        warnings.warn(
+        warn_at_caller(
             f"train_cohort_vectorized fell back to the sequential loop ({reason.splitlines()[0]})",
             VectorizationFallbackWarning,
-            stacklevel=2,
         )
         for g, state in zip(distinct, saved, strict=True):
             g.set_state(state)
