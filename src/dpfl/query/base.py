@@ -90,7 +90,7 @@ class DPQuery(ABC):
     """A clip-sum-noise query: states its event, accumulates, releases noise and event together.
 
     Subclasses set ``adaptive`` (its sensitivity moves between rounds) and implement the
-    abstract methods; the round loop uses nothing else, so a new noise scheme (e.g. correlated
+    abstract methods (``_release`` behind the public ``release``); the round loop uses nothing else, so a new noise scheme (e.g. correlated
     noise across rounds) plugs in as another subclass.
     """
 
@@ -162,7 +162,6 @@ class DPQuery(ABC):
         """
         return acc.add(update)
 
-    @abstractmethod
     def release(
         self,
         acc: DPAggregator,
@@ -172,11 +171,23 @@ class DPQuery(ABC):
     ) -> Release:
         """Noise the (reduced) sum once, divide, and return it with its event.
 
+        The returned event is the one of the noise actually added (computed from the multipliers
+        that noised the sum, not copied from ``event``), so a caller comparing it with the
+        charged event compares the noise that leaves the process. Subclasses implement
+        ``_release``.
+
         Args:
             acc: The accumulator from this query's ``start``.
             reduce: Sums tensors across ranks in place (multi-process runs), before the noise.
             allow_empty: Release (noise only) when no user was added, instead of raising.
         """
+        return self._release(acc, reduce, allow_empty)
+
+    @abstractmethod
+    def _release(
+        self, acc: DPAggregator, reduce: Callable[[list[Tensor]], None] | None, allow_empty: bool
+    ) -> Release:
+        """The release itself (the arguments as ``release`` documents them)."""
 
     def broadcast_(self, release: Release, broadcast: Callable[[list[Tensor]], None]) -> None:
         """Replace this rank's release (and state moved by it) with rank 0's, in place.

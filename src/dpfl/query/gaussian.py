@@ -175,24 +175,10 @@ class GaussianSumQuery(DPQuery):
     def _record(self) -> dict[str, Any]:
         return {}
 
-    def release(
-        self,
-        acc: DPAggregator,
-        *,
-        reduce: Callable[[list[Tensor]], None] | None = None,
-        allow_empty: bool = False,
+    def _release(
+        self, acc: DPAggregator, reduce: Callable[[list[Tensor]], None] | None, allow_empty: bool
     ) -> Release:
-        """Noise the (reduced) sum once, divide, and return it with the event of that noise.
-
-        The event is computed from the multiplier of the mechanism that noised the sum (not
-        copied from ``event``), so a caller comparing it with the charged event compares
-        the noise actually added.
-
-        Args:
-            acc: The accumulator from this query's ``start``.
-            reduce: Sums tensors across ranks in place (multi-process runs), before the noise.
-            allow_empty: Release (noise only) when no user was added, instead of raising.
-        """
+        # The event comes from the multiplier of the mechanism that noised the sum.
         if acc.mechanism is not self.mechanism or acc.clipper is not self._clipper:
             raise ValueError("release(acc): acc must come from this query's start()")
         sensitivity = float(self._clipper.sensitivity)  # adaptive: moves during the release
