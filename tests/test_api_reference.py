@@ -32,6 +32,7 @@ PUBLIC_MODULES = [
     "dpfl.adaptive_clip",
     "dpfl.noise",
     "dpfl.aggregate",
+    "dpfl.query",
     "dpfl.optim",
     "dpfl.accounting",
     "dpfl.simulation",

@@ -23,10 +23,11 @@ BUILTIN_BASE = {
     "NonFiniteLossError": ValueError,
     "NonFiniteUpdateError": ValueError,
     "PLDTooLargeError": ValueError,
+    "ReleaseEventError": RuntimeError,
     "VectorizationError": RuntimeError,
 }
 PUBLIC_MODULES = ["dpfl.clip", "dpfl.adaptive_clip", "dpfl.noise", "dpfl.aggregate", "dpfl.optim",
-                  "dpfl.accounting", "dpfl.simulation", "dpfl.audit"]
+                  "dpfl.accounting", "dpfl.simulation", "dpfl.audit", "dpfl.query"]
 
 
 def _public_exceptions() -> dict[str, type[BaseException]]:

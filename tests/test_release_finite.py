@@ -69,7 +69,7 @@ def test_release_reports_a_non_finite_mean():
 
 
 def test_the_round_loop_skips_the_second_finiteness_pass_only_for_a_certified_mean(monkeypatch):
-    import dpfl.simulation._loop as loop
+    import dpfl.simulation._round as loop
     from tests.test_rounds import call, setup
 
     seen: list[bool] = []

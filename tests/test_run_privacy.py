@@ -169,8 +169,14 @@ def test_a_seeded_round_released_twice_draws_fresh_noise(tmp_path: Path) -> None
     charges = [json.loads(x)["charge"] for x in journal]
     assert charges == [1, 2]  # round 1, released twice, charged twice
     noiseless = [
-        run(tmp_path / f"z0-{d}", rounds=1, noise_multiplier=0.0, data_seed=d,
-            record_releases=True, **sgd)
+        run(
+            tmp_path / f"z0-{d}",
+            rounds=1,
+            noise_multiplier=0.0,
+            data_seed=d,
+            record_releases=True,
+            **sgd,
+        )
         and _released(tmp_path / f"z0-{d}")[0]
         for d in (0, 1)
     ]
@@ -189,8 +195,11 @@ def test_every_seeded_run_warns_that_one_seed_twice_leaks_the_difference(tmp_pat
     independent: every fresh seeded run warns (SeededNoiseWarning, naming the seed; its log
     header records ``noise_seeded``); a resumed run and an unseeded one do not."""
     for name in ("a", "b"):
-        with pytest.warns(SeededNoiseWarning, match=r"noise_seed=4321: seeded noise is for "
-                          r"simulations only.*two runs with one noise_seed.*difference"):
+        with pytest.warns(
+            SeededNoiseWarning,
+            match=r"noise_seed=4321: seeded noise is for "
+            r"simulations only.*two runs with one noise_seed.*difference",
+        ):
             run(tmp_path / name, rounds=1)
     start = json.loads((tmp_path / "a" / "log.jsonl").read_text().splitlines()[0])
     assert start["event"] == "start" and start["config"]["noise_seeded"] is True
@@ -255,7 +264,7 @@ def _changed_setting(name: str) -> dict[str, object]:
     [
         ("noise_multiplier", "noise_multiplier"),
         ("sensitivity", "sensitivity"),
-        ("sampling_rate", "round_spec"),
+        ("sampling_rate", "round_spec.sample_rate"),
         ("adjacency", "adjacency"),
         ("accountant_kind", "accountant"),
         ("budget", "budget"),
@@ -277,7 +286,7 @@ def test_resume_refuses_each_changed_privacy_setting(
 def test_unseeded_noise_is_not_reproducible_from_a_checkpoint(tmp_path: Path) -> None:
     run(tmp_path / "a", rounds=2, noise_seed=None)
     state = load_checkpoint(tmp_path / "a" / "ckpt" / "checkpoint.pt")
-    assert "mechanism" not in state and state["noise_seed"] is None
+    assert "mechanism" not in state["query"] and state["noise_seed"] is None
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     a = run(tmp_path / "a", rounds=3, resume=True, noise_seed=None)[0].state_dict()
     b = run(tmp_path / "b", rounds=3, resume=True, noise_seed=None)[0].state_dict()
@@ -287,4 +296,49 @@ def test_unseeded_noise_is_not_reproducible_from_a_checkpoint(tmp_path: Path) ->
 def test_seeded_noise_is_restored_from_a_checkpoint(tmp_path: Path) -> None:
     run(tmp_path / "a", rounds=2)
     state = load_checkpoint(tmp_path / "a" / "ckpt" / "checkpoint.pt")
-    assert "generator" in state["mechanism"] and state["noise_seed"] == 4321
+    assert "generator" in state["query"]["mechanism"] and state["noise_seed"] == 4321
+
+
+def _layer_of(name: str) -> str:
+    return name.split(".")[0]
+
+
+def test_resume_compares_structured_configs_not_reprs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 23 p2: resume compares each component's versioned config(), never repr() text nor
+    a digest of bytecode, so a resume under another Python minor version (other bytecode of the
+    same layers= function) or a dpfl whose repr changed still works."""
+    run(tmp_path, rounds=1, clipper=PerLayerClip(0.5, layers=_layer_of))
+    # Another repr and another bytecode for the same function (module + qualname unchanged):
+    monkeypatch.setattr(PerLayerClip, "__repr__", lambda self: f"PerLayerClip@{id(self)}")
+    monkeypatch.setattr(GlobalClip, "__repr__", lambda self: f"GlobalClip@{id(self)}")
+
+    def _layer_of_recompiled(name: str) -> str:
+        head, _, _ = name.partition(".")  # same result, other code object
+        return head
+
+    _layer_of_recompiled.__qualname__ = _layer_of.__qualname__
+    _layer_of_recompiled.__module__ = _layer_of.__module__
+    result = run(
+        tmp_path, rounds=2, resume=True, clipper=PerLayerClip(0.5, layers=_layer_of_recompiled)
+    )[2]
+    assert result.resumed_from == 1 and result.rounds_completed == 2
+
+
+def test_resume_names_the_changed_clipper_setting(tmp_path: Path) -> None:
+    """A changed setting inside a component's config is named by its path and both values."""
+    run(tmp_path, rounds=1, clipper=PerLayerClip(0.5, layers=_layer_of))
+    with pytest.raises(
+        CheckpointError, match=r"clipper_config\.normalize: checkpoint False, this run True"
+    ):
+        run(
+            tmp_path,
+            rounds=2,
+            resume=True,
+            clipper=PerLayerClip(0.5, layers=_layer_of, normalize=True),
+        )
+    with pytest.raises(
+        CheckpointError, match=r"clipper_config\.layers: checkpoint '[\w.]*_layer_of'"
+    ):
+        run(tmp_path, rounds=2, resume=True, clipper=PerLayerClip(0.5, layers=str.lower))

@@ -9,6 +9,8 @@ module it lives in:
   [`AdaptiveClip`][dpfl.adaptive_clip.AdaptiveClip] (global or per-layer adaptive bounds);
 - [`dpfl.noise`][dpfl.noise]: [`GaussianMechanism`][dpfl.noise.GaussianMechanism];
 - [`dpfl.aggregate`][dpfl.aggregate]: [`DPAggregator`][dpfl.aggregate.DPAggregator];
+- [`dpfl.query`][dpfl.query]: [`GaussianSumQuery`][dpfl.query.GaussianSumQuery],
+  [`AdaptiveClipQuery`][dpfl.query.AdaptiveClipQuery] (clipping, noise and the event charged);
 - [`dpfl.accounting`][dpfl.accounting]: [`RDPAccountant`][dpfl.accounting.RDPAccountant],
   [`PLDAccountant`][dpfl.accounting.PLDAccountant], calibration, extrapolation;
 - [`dpfl.optim`][dpfl.optim]: [`LAMB`][dpfl.optim.LAMB], [`LARS`][dpfl.optim.LARS],
@@ -43,6 +45,7 @@ _EXPORTS: dict[str, str] = {
     "DistributedError": "dpfl.simulation",
     "VectorizationError": "dpfl.simulation",
     "PLDTooLargeError": "dpfl.accounting",
+    "ReleaseEventError": "dpfl.query",
     "ClipStats": "dpfl.clip",
     "GlobalClip": "dpfl.clip",
     "PerLayerClip": "dpfl.clip",
@@ -72,6 +75,7 @@ _SUBMODULES = (
     "clip",
     "noise",
     "optim",
+    "query",
     "simulation",
 )
 
@@ -85,6 +89,7 @@ __all__ = [
     "DistributedError",
     "VectorizationError",
     "PLDTooLargeError",
+    "ReleaseEventError",
     "ClipStats",
     "GlobalClip",
     "PerLayerClip",
@@ -112,11 +117,22 @@ __all__ = [
     "clip",
     "noise",
     "optim",
+    "query",
     "simulation",
 ]
 
 if TYPE_CHECKING:
-    from dpfl import accounting, adaptive_clip, aggregate, audit, clip, noise, optim, simulation
+    from dpfl import (
+        accounting,
+        adaptive_clip,
+        aggregate,
+        audit,
+        clip,
+        noise,
+        optim,
+        query,
+        simulation,
+    )
     from dpfl._errors import DPFLError
     from dpfl.accounting import (
         BudgetExceededError,
@@ -135,6 +151,7 @@ if TYPE_CHECKING:
     from dpfl.clip import ClipStats, GlobalClip, NonFiniteUpdateError, PerLayerClip
     from dpfl.noise import GaussianMechanism
     from dpfl.optim import LAMB, LARS, NonFiniteGradientError, layerwise_adam, server_step
+    from dpfl.query import ReleaseEventError
     from dpfl.simulation import (
         CheckpointError,
         DistributedError,

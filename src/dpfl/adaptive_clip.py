@@ -145,6 +145,18 @@ class AdaptiveClip:
         )
         self._current: GlobalClip | PerLayerClip | None = None
 
+    def config(self) -> dict[str, Any]:
+        """Plain, versioned settings (the base clipper's nested) for resume checks."""
+        return {
+            "type": "AdaptiveClip",
+            "version": 1,
+            "clipper": self.base.config(),
+            "count_noise_multiplier": self.count_noise_multiplier,
+            "target_quantile": self.target_quantile,
+            "learning_rate": self.learning_rate,
+            "fix_total": self.fix_total,
+        }
+
     def __repr__(self) -> str:
         return (
             f"AdaptiveClip({self.base!r}, count_noise_multiplier={self.count_noise_multiplier!r}, "
@@ -336,7 +348,7 @@ class AdaptiveClip:
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """The bounds (``None`` before the first update per layer), the step and the config."""
-        return {"config": repr(self), "bounds": self.bounds, "step": self.step}
+        return {"config": self.config(), "bounds": self.bounds, "step": self.step}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a [`state_dict`][dpfl.adaptive_clip.AdaptiveClip.state_dict].
@@ -349,9 +361,9 @@ class AdaptiveClip:
         """
         if not isinstance(state, Mapping) or set(state) != {"config", "bounds", "step"}:
             raise ValueError(f"state must be an AdaptiveClip.state_dict(), got {state!r:.80}")
-        if state["config"] != repr(self):
+        if state["config"] != self.config():
             raise ValueError(
-                f"state was saved by {state['config']} but this is {self!r}; build the "
+                f"state was saved by {state['config']} but this is {self.config()}; build the "
                 "AdaptiveClip with the same settings"
             )
         step = require_int("state['step']", state["step"], minimum=0)

@@ -41,7 +41,6 @@ Recognition: Benchmarks, Adaptive Optimizers and Gradient Clipping", arXiv 2310.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -69,6 +68,9 @@ from dpfl._clip_kernels import (
 from dpfl._clip_layers import LayerPlan, plan_layers
 
 __all__ = ["ClipStats", "GlobalClip", "NonFiniteUpdateError", "PerLayerClip"]
+
+#: Version of the ``config()`` dictionaries of the clippers.
+CONFIG_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -293,6 +295,10 @@ class GlobalClip(_Clipper):
     def __repr__(self) -> str:
         return f"GlobalClip(bound={self.bound!r})"
 
+    def config(self) -> dict[str, Any]:
+        """Plain, versioned settings for checkpoints and resume checks."""
+        return {"type": "GlobalClip", "version": CONFIG_VERSION, "bound": self.bound}
+
     def layer_bounds(self, update: Mapping[str, Tensor]) -> dict[str, float]:
         """Return ``{"__all__": bound}``: the whole update is one layer.
 
@@ -418,8 +424,25 @@ class PerLayerClip(_Clipper):
         alloc = self.explicit if self.explicit is not None else self.allocation
         return (
             f"PerLayerClip(bound={self.bound!r}, allocation={alloc!r}, "
-            f"layers={_describe_callable(self.layers)}, normalize={self.normalize!r})"
+            f"layers={callable_name(self.layers)}, normalize={self.normalize!r})"
         )
+
+    def config(self) -> dict[str, Any]:
+        """Plain, versioned settings for checkpoints and resume checks.
+
+        A ``layers`` function is named by module and qualified name only (no code digest), so
+        a resume under another Python version, or after an edit of the function's body, is
+        accepted; renaming or moving the function is a changed setting.
+        """
+        alloc = dict(self.explicit) if self.explicit is not None else self.allocation
+        return {
+            "type": "PerLayerClip",
+            "version": CONFIG_VERSION,
+            "bound": self.bound,
+            "allocation": alloc,
+            "layers": None if self.layers is None else callable_name(self.layers),
+            "normalize": self.normalize,
+        }
 
     def _layer_plan(self, names: list[str], tensors: list[Tensor]) -> LayerPlan:
         key = tuple((n, t.numel()) for n, t in zip(names, tensors, strict=True))
@@ -501,39 +524,14 @@ def _validate_explicit(allocation: Mapping[str, float], bound: float | None) -> 
     return {layer: b * fix for layer, b in checked.items()}
 
 
-_PLAIN = (type(None), bool, int, float, str, bytes)
+def callable_name(fn: Callable[[str], str] | None) -> str:
+    """``module.qualname`` of ``fn`` (the same in every process and Python version).
 
-
-def _code_digest(code: object, h: Any) -> None:
-    """Feed a code object's instructions, names and constants (nested code recursively)."""
-    for part in ("co_code", "co_names", "co_varnames", "co_freevars"):
-        h.update(repr(getattr(code, part, None)).encode())
-    for const in getattr(code, "co_consts", ()):
-        if hasattr(const, "co_code"):
-            _code_digest(const, h)
-        else:
-            h.update(repr(const).encode() if isinstance(const, (*_PLAIN, tuple, frozenset)) else b"?")
-
-
-def _describe_callable(fn: Callable[[str], str] | None) -> str:
-    """A description of ``fn`` that is the same in every process running the same code.
-
-    ``repr`` of a function holds its address, which changes from process to process; the
-    clipper's repr is its configuration in checkpoints, so a resumed run must see the same text.
-    Functions are named by module, qualified name and a digest of their code and closure values;
-    other callables by their type and a repr without an address.
+    ``repr`` of a function holds its address, which changes from process to process; other
+    callables are named by their type.
     """
     if fn is None:
         return "None"
-    name = f"{getattr(fn, '__module__', None)}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
-    code = getattr(fn, "__code__", None)
-    if code is None:
-        text = repr(fn)
-        return f"<{type(fn).__qualname__}>" if " at 0x" in text else text
-    h = hashlib.sha256()
-    _code_digest(code, h)
-    for cell in getattr(fn, "__closure__", None) or ():
-        value = cell.cell_contents
-        h.update(repr(value).encode() if isinstance(value, _PLAIN) else type(value).__qualname__.encode())
-    return f"<function {name} code={h.hexdigest()[:12]}>"
-
+    qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    return f"{module}.{qualname}"

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from dpfl._sampler import max_abs_draw
-from dpfl.adaptive_clip import AdaptiveClip
 from dpfl.audit.canary import CanaryAudit
+from dpfl.query import DPQuery, check_noise_representable
 from dpfl.simulation.config import Checkpointing, Evaluation, LocalTraining, Logging, Privacy
 
 
@@ -26,20 +25,15 @@ def _require_instance(name: str, value: Any, cls: type, hint: str) -> None:
         raise TypeError(f"{name} must be a {cls.__name__} ({hint}), got {type(value).__name__}")
 
 
-def check_arguments(
-    model: nn.Module,
-    dataset: Any,
-    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
-    sampler: Any,
-    server_optimizer: torch.optim.Optimizer,
-    local: LocalTraining,
-    privacy: Privacy,
-    logging: Logging,
-    checkpointing: Checkpointing | None,
-    evaluation: Evaluation | None,
-    audit: CanaryAudit | None,
-) -> None:
-    """Raise ``TypeError``/``ValueError`` naming the first bad argument; change nothing."""
+def check_arguments(args: Mapping[str, Any]) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the first bad argument; change nothing.
+
+    ``args`` are [`run_rounds`][dpfl.simulation.run_rounds]' arguments by name.
+    """
+    model, dataset, loss_fn, sampler = args["model"], args["dataset"], args["loss_fn"], args["sampler"]
+    server_optimizer, local, privacy = args["server_optimizer"], args["local"], args["privacy"]
+    logging = args["logging"] if args["logging"] is not None else Logging()
+    checkpointing, evaluation, audit = args["checkpointing"], args["evaluation"], args["audit"]
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _require_methods("dataset", dataset, ("user_ids", "user_data"), "a FederatedDataset")
@@ -61,11 +55,6 @@ def check_arguments(
         _require_instance("checkpointing", checkpointing, Checkpointing, "Checkpointing(dir)")
     if evaluation is not None:
         _require_instance("evaluation", evaluation, Evaluation, "Evaluation(fn, every=...)")
-    if isinstance(privacy.clipper, AdaptiveClip) and audit is not None:
-        raise ValueError(
-            "audit= with an AdaptiveClip is not supported: the canaries are sized to a fixed "
-            "bound; audit a run with a fixed clipper"
-        )
     if checkpointing is not None and Path(checkpointing.dir).exists():
         if not Path(checkpointing.dir).is_dir():
             raise ValueError(
@@ -84,9 +73,16 @@ def check_arguments(
             )
     if audit is not None and not isinstance(audit, CanaryAudit):
         raise TypeError(f"audit must be a dpfl.audit.CanaryAudit or None, got {audit!r}")
-    clipper = privacy.clipper
-    bound = clipper.initial_bound if isinstance(clipper, AdaptiveClip) else clipper.sensitivity
-    check_noise_representable(privacy.noise_multiplier, bound, secure=privacy.secure_noise)
+
+
+def check_query(query: DPQuery, audit: CanaryAudit | None) -> None:
+    """The loop's cross-checks of the run's query (before any round is charged)."""
+    if query.adaptive and audit is not None:
+        raise ValueError(
+            "audit= with an adaptive query (AdaptiveClip) is not supported: the canaries are "
+            "sized to a fixed bound; audit a run with a fixed clipper"
+        )
+    query.check_round()
 
 
 def _check_optimizer_manages(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -101,19 +97,4 @@ def _check_optimizer_manages(model: nn.Module, optimizer: torch.optim.Optimizer)
         )
 
 
-def check_noise_representable(noise_multiplier: float, bound: float, *, secure: bool) -> None:
-    """Raise unless noise of std ``noise_multiplier * bound`` fits the float32 sums of a round.
-
-    The round loop sums in float32; a draw of up to ``max_abs_draw`` std
-    beyond float32's largest value would release inf. Checked before any round is charged (and,
-    with adaptive clipping, before each round, whose bound may have grown).
-    """
-    std = noise_multiplier * bound if noise_multiplier > 0 else 0.0
-    largest, limit = std * max_abs_draw(secure), float(torch.finfo(torch.float32).max)
-    if not largest <= limit:
-        raise ValueError(
-            f"noise std {std!r} (noise_multiplier {noise_multiplier!r} * clipping bound "
-            f"{bound!r}) cannot be represented in the round's float32 sums: draws up to "
-            f"{max_abs_draw(secure):.3f} std exceed float32's largest value {limit:.4g}, so "
-            "every release would be inf; lower noise_multiplier or the clipping bound"
-        )
+__all__ = ["check_arguments", "check_noise_representable", "check_query"]

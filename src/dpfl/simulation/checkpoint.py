@@ -299,6 +299,20 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+def _diffs(saved: Any, current: Any, name: str = "") -> list[str]:
+    """Differing settings, recursing where both sides hold a mapping (named ``a.b``)."""
+    if isinstance(saved, Mapping) and isinstance(current, Mapping):
+        keys = list(current) + [k for k in saved if k not in current]
+        return [
+            d
+            for k in keys
+            for d in _diffs(saved.get(k, "<absent>"), current.get(k, "<absent>"), f"{name}{k}.")
+        ]
+    if _same(saved, current):
+        return []
+    return [f"{name[:-1]}: checkpoint {saved!r}, this run {current!r}"]
+
+
 def check_config(
     path: str | os.PathLike[str], saved: Mapping[str, Any], current: Mapping[str, Any]
 ) -> None:
@@ -306,18 +320,14 @@ def check_config(
 
     Args:
         path: The checkpoint file (for the message).
-        saved: The configuration stored in the checkpoint (a flat dict of primitives).
+        saved: The configuration stored in the checkpoint (a dict of primitives; nested
+            component configurations are compared setting by setting, named ``a.b``).
         current: The configuration of the run that wants to resume.
 
     Raises:
         CheckpointError: Listing every differing setting with both values.
     """
-    keys = list(current) + [k for k in saved if k not in current]
-    diffs = [
-        f"{k}: checkpoint {saved.get(k, '<absent>')!r}, this run {current.get(k, '<absent>')!r}"
-        for k in keys
-        if not _same(saved.get(k, "<absent>"), current.get(k, "<absent>"))
-    ]
+    diffs = _diffs(saved, current)
     if diffs:
         raise CheckpointError(
             f"{path}: checkpoint was written by a run with a different configuration "

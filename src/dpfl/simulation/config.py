@@ -169,28 +169,71 @@ class Privacy:
             draws the noise from OS entropy. Anyone who knows the seed can reproduce and subtract
             the noise, and two runs with the same noise seed add identical noise, so the
             difference of their releases carries no noise at all and their ε do not compose as
-            separate runs (a [`SeededNoiseWarning`][dpfl.simulation.SeededNoiseWarning] says so at the start of every seeded
-            run). Within one run each release's noise is keyed on its journal charge, so a round
+            separate runs (a [`SeededNoiseWarning`][dpfl.simulation.SeededNoiseWarning] says so at
+            the start of every seeded run). Within one run each release's noise is keyed on its journal charge, so a round
             re-run after a crash gets fresh noise.
         secure_noise: Hardened, unseeded noise ([`GaussianMechanism`][dpfl.noise.GaussianMechanism]
             ``secure=True``); needs ``noise_seed=None``.
         drop_nonfinite: Drop users whose update is NaN/inf instead of raising.
+        query: Instead of ``clipper``/``noise_multiplier``/``noise_seed``/``secure_noise``: a
+            [`DPQuery`][dpfl.query.DPQuery] that owns clipping, noise and the event each release
+            is charged as (its ``expected_cohort_size`` must equal the sampler's). Without it the
+            run builds [`gaussian_query`][dpfl.query.gaussian_query] from those four fields.
 
     Raises:
         TypeError: If the clipper or accountant lacks the methods the loop needs.
         ValueError: If ``noise_multiplier`` is negative, ``delta`` is outside (0, 1), the noise
-            seed is out of range, or ``secure_noise`` is combined with a ``noise_seed``.
+            seed is out of range, ``secure_noise`` is combined with a ``noise_seed``, or
+            ``query`` is combined with a clipper or noise setting.
     """
 
-    clipper: Any
-    noise_multiplier: float
-    accountant: Any
-    delta: float
+    clipper: Any = None
+    noise_multiplier: float | None = None
+    accountant: Any = None
+    delta: float | None = None
     noise_seed: int | None = None
     secure_noise: bool = False
     drop_nonfinite: bool = False
+    query: Any = None
 
     def __post_init__(self) -> None:
+        if self.accountant is None or self.delta is None:
+            raise TypeError("Privacy needs accountant= and delta=")
+        if self.query is not None:
+            self._check_query()
+            return
+        if self.clipper is None or self.noise_multiplier is None:
+            raise TypeError(
+                "Privacy needs a clipper and noise_multiplier= (or query=, a dpfl.query.DPQuery)"
+            )
+        self._check_clipper()
+        self._check_common()
+
+    def _check_query(self) -> None:
+        from dpfl.query import DPQuery  # noqa: PLC0415 - simulation config stays light
+
+        if not isinstance(self.query, DPQuery):
+            raise TypeError(
+                f"Privacy.query must be a dpfl.query.DPQuery, got {type(self.query).__name__}"
+            )
+        given = [
+            name
+            for name, value, default in (
+                ("clipper", self.clipper, None),
+                ("noise_multiplier", self.noise_multiplier, None),
+                ("noise_seed", self.noise_seed, None),
+                ("secure_noise", self.secure_noise, False),
+            )
+            if value != default
+        ]
+        if given:
+            raise ValueError(
+                f"Privacy: query= owns the clipper and the noise; do not also give {given} "
+                "(set them on the query)"
+            )
+        self._check_common()
+
+    def _check_clipper(self) -> None:
         if not isinstance(getattr(self.clipper, "sensitivity", None), float | int):
             raise TypeError(
                 "Privacy.clipper must be a GlobalClip, PerLayerClip or AdaptiveClip (with a "
@@ -208,6 +251,18 @@ class Privacy:
             "noise_multiplier",
             require_non_negative("Privacy.noise_multiplier", self.noise_multiplier),
         )
+        if self.noise_seed is not None:
+            require_int("Privacy.noise_seed", self.noise_seed, minimum=0)
+            if self.noise_seed >= 2**63:
+                raise ValueError(f"Privacy.noise_seed must be < 2**63, got {self.noise_seed}")
+        _require_bool("Privacy.secure_noise", self.secure_noise)
+        if self.secure_noise and self.noise_seed is not None:
+            raise ValueError(
+                "Privacy: secure_noise=True needs noise_seed=None (secure noise comes from the OS "
+                "CSPRNG so that nobody holding a seed can reproduce and subtract it)"
+            )
+
+    def _check_common(self) -> None:
         _require_methods(
             "Privacy.accountant",
             self.accountant,
@@ -215,17 +270,7 @@ class Privacy:
             "an RDPAccountant or PLDAccountant",
         )
         _set(self, "delta", require_probability("Privacy.delta", self.delta, high_open=True))
-        if self.noise_seed is not None:
-            require_int("Privacy.noise_seed", self.noise_seed, minimum=0)
-            if self.noise_seed >= 2**63:
-                raise ValueError(f"Privacy.noise_seed must be < 2**63, got {self.noise_seed}")
-        _require_bool("Privacy.secure_noise", self.secure_noise)
         _require_bool("Privacy.drop_nonfinite", self.drop_nonfinite)
-        if self.secure_noise and self.noise_seed is not None:
-            raise ValueError(
-                "Privacy: secure_noise=True needs noise_seed=None (secure noise comes from the OS "
-                "CSPRNG so that nobody holding a seed can reproduce and subtract it)"
-            )
 
 
 @dataclass(frozen=True)

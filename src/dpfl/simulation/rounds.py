@@ -24,13 +24,9 @@ from torch import nn
 
 from dpfl.audit.canary import CanaryAudit
 from dpfl.simulation._loop import CHECKPOINT_FILE, _RoundLoop
-from dpfl.simulation._progress import (
-    RoundRecord,
-    RunResult,
-    StopReason,
-)
 from dpfl.simulation.config import Checkpointing, Evaluation, LocalTraining, Logging, Privacy
 from dpfl.simulation.distributed import DistContext
+from dpfl.simulation.records import RoundRecord, RunResult, StopReason
 
 __all__ = ["CHECKPOINT_FILE", "RoundRecord", "RunResult", "StopReason", "run_rounds"]
 
@@ -95,6 +91,14 @@ def run_rounds(
     second charge covers). Resume refuses a checkpoint written with other privacy
     settings (noise multiplier, sensitivity, clipper configuration, sampling, adjacency,
     accountant, budget, noise mode) and a ledger with fewer rounds than the round index.
+
+    The query: every round's clipping, noise and event come from one
+    [`DPQuery`][dpfl.query.DPQuery] (``privacy.query``, or
+    [`gaussian_query`][dpfl.query.gaussian_query] of ``privacy.clipper`` and
+    ``privacy.noise_multiplier``). Steps 1 and 5 charge the event the query states before the
+    round; step 6's release returns the event of the noise it added, and a release whose event
+    differs from the charged one raises [`ReleaseEventError`][dpfl.query.ReleaseEventError] before
+    its mean is applied.
 
     Adaptive clipping: with ``privacy.clipper`` an
     [`AdaptiveClip`][dpfl.adaptive_clip.AdaptiveClip], round t clips with the bounds fixed after
@@ -195,21 +199,5 @@ def run_rounds(
     References:
         Pelikan et al., arXiv 2310.00098, algorithm 1 (DP-FedAvg with a server optimizer).
     """
-    loop = _RoundLoop(
-        model,
-        dataset,
-        loss_fn,
-        sampler=sampler,
-        server_optimizer=server_optimizer,
-        rounds=rounds,
-        local=local,
-        privacy=privacy,
-        seed=seed,
-        lr_scheduler=lr_scheduler,
-        checkpointing=checkpointing,
-        logging=logging if logging is not None else Logging(),
-        evaluation=evaluation,
-        dist=dist,
-        audit=audit,
-    )
-    return loop.run()
+    arguments = dict(locals())  # run_rounds' own signature is the one parameter list
+    return _RoundLoop(arguments).run()
