@@ -19,8 +19,8 @@ Usage::
     torchrun --nproc-per-node 2 examples/asr_librispeech.py --quick   # cohort split over ranks
 
 Measured from a fresh cache on 2 CPU cores (docs/asr.md, "The default
-run, measured"): the default run 14 min 34 s (about 400 MB of corpus and feature cache, 55 MB
-of run outputs), ``--quick`` 46 s (90 MB of cache, 4 MB per run). The DP noise is unseeded (OS
+run, measured"): the default run 13 min 43 s with the shipped seed model (about 540 MB of
+corpus and feature cache, 55 MB of run outputs), ``--quick`` 46 s (90 MB of cache, 4 MB per run). The DP noise is unseeded (OS
 entropy), so the FL + DP row varies from run to run while the seed and no-noise rows and ε do
 not; ``--noise-seed`` makes the whole table repeatable (simulations only: not private).
 
