@@ -22,23 +22,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_docs import PUBLIC_MODULES  # one list of the public modules
+
 griffe = pytest.importorskip("griffe")
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
-PUBLIC_MODULES = [
-    "dpfl",
-    "dpfl.clip",
-    "dpfl.adaptive_clip",
-    "dpfl.noise",
-    "dpfl.aggregate",
-    "dpfl.query",
-    "dpfl.optim",
-    "dpfl.accounting",
-    "dpfl.simulation",
-    "dpfl.audit",
-    "dpfl.cli",
-]
 ROLE = re.compile(r":(?:py:)?(?:class|func|meth|mod|attr|data|exc|obj|const|ref|term):`")
 # A private module: dotted (``dpfl.optim._kernel``), a file name, or the bare name of one of
 # dpfl's private modules (``_clip_kernels``).
