@@ -295,6 +295,17 @@ def test_quick_pipeline_end_to_end(tmp_path: Path) -> None:
     assert all(results[n]["vectorized"] for n in ("fl_no_noise", "fl_dp", "fl_dp_other_clip"))
     assert other["noise_multiplier"] == results["fl_dp"]["noise_multiplier"] > 0
     assert other["epsilon"] == pytest.approx(results["fl_dp"]["epsilon"])
+    # docs/asr.md names every round log and the fields of a round line: keep them in step
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "asr.md").read_text()
+    assert sorted(p.name for p in out.glob("*.jsonl")) == sorted(
+        f"{n}.jsonl" for n in ("fl_no_noise", "fl_dp", "fl_dp_other_clip"))
+    for log in out.glob("*.jsonl"):
+        assert f"`{log.name}`" in docs, log.name
+        lines = [json.loads(x) for x in log.read_text().splitlines()]
+        assert {k for r in lines if r.get("event") == "round" for k in r} == {
+            "event", "round", "epsilon", "delta", "eval"}
+    for field in ("`round`", "`epsilon`", "`delta`", "`eval`"):
+        assert field in docs
     for name in ("fl_no_noise", "fl_dp", "fl_dp_other_clip"):
         rounds = [json.loads(x) for x in (out / f"{name}.jsonl").read_text().splitlines()]
         assert sum(r.get("event") == "round" for r in rounds) == results[name]["rounds"] > 0
