@@ -77,3 +77,15 @@ def test_the_error_base_keeps_import_dpfl_torch_free() -> None:
     code = "import sys, dpfl; dpfl.DPFLError; dpfl.BudgetExceededError; assert 'torch' not in sys.modules"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_kernel_error_is_a_dpfl_error_and_an_os_error(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The opt-in fused kernel's errors (a missing compiler, a refused cache) are caught by
+    ``except DPFLError`` like every other dpfl error, and by ``except OSError`` as before."""
+    from dpfl import DPFLError
+    from dpfl.optim import _kernel
+
+    monkeypatch.setenv("CC", "/nonexistent/dpfl-test-cc")
+    for caught in (DPFLError, OSError):
+        with pytest.raises(caught, match=r"\$CC"):
+            _kernel._compiler()

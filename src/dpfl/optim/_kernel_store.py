@@ -39,6 +39,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from dpfl._errors import DPFLError
+
 __all__ = ["KernelError", "PrivateStore"]
 
 #: The largest file the store reads back (a record or a library); the kernel is ~30 KB.
@@ -50,8 +52,10 @@ _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # a FIFO planted under a file's name must not block us
 
 
-class KernelError(OSError):
-    """The fused kernel cannot be built, or the cache holding it was refused (message says why)."""
+class KernelError(DPFLError, OSError):
+    """The fused kernel cannot be built, or the cache holding it was refused (message says why).
+
+    An ``OSError`` as before, and a [`DPFLError`][dpfl.DPFLError] like every dpfl error."""
 
 
 def _check(st: os.stat_result, what: str, path: Path, *, directory: bool) -> None:
